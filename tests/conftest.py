@@ -1,0 +1,50 @@
+"""Shared fixtures. Real data is found through the DEEPEM_JAX_DATA environment variable
+(default: ../shared/data beside the repository); tests that need it skip with a clear message
+when it is absent. No test touches the network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SHARED = REPO.parent / "shared" / "data"
+if "DEEPEM_JAX_DATA" not in os.environ and DEFAULT_SHARED.is_dir():
+    os.environ["DEEPEM_JAX_DATA"] = str(DEFAULT_SHARED)
+
+# float64 is opt-in for library users; tests that need it use the `x64` fixture.
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def shared_path(*parts: str) -> Path:
+    """Path of a file under DEEPEM_JAX_DATA, skipping the test if it is absent."""
+    root = os.environ.get("DEEPEM_JAX_DATA")
+    if not root:
+        pytest.skip("DEEPEM_JAX_DATA is not set and ../shared/data does not exist")
+    p = Path(root, *parts)
+    if not p.exists():
+        pytest.skip(f"shared data file {p} is absent (set DEEPEM_JAX_DATA to the data folder)")
+    return p
+
+
+@pytest.fixture
+def genx_path():
+    return shared_path("deepem", "PaulJWright_DeepEM", "DeepEM_Data", "aia_temperature_resp.genx")
+
+
+@pytest.fixture
+def csv_path():
+    return shared_path("deepem", "RobertJaro_DeepEM", "data", "aia_temperature_response.csv")
+
+
+@pytest.fixture
+def npy_path():
+    return shared_path("deepem", "HelioML_HelioML", "book", "04", "DeepEM_Data", "AIA_Resp.npy")
