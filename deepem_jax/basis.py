@@ -63,7 +63,7 @@ def cheung_basis(
         raise ValueError("logt must be finite, 1-D, strictly increasing with >= 2 points")
     w = np.asarray(widths, dtype=np.float64)
     if w.ndim != 1 or w.size == 0 or np.any(~np.isfinite(w)) or np.any(w < 0):
-        raise ValueError(f"basis widths must be a non-empty list of finite values >= 0, got {widths}")
+        raise ValueError(f"basis widths must be non-empty, finite and >= 0, got {widths}")
     if not 0 <= cutoff < 1:
         raise ValueError(f"cutoff must be in [0, 1), got {cutoff}")
     blocks, wid, cen = [], [], []
