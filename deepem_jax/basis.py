@@ -81,11 +81,16 @@ def cheung_basis(
 
 def dictionary(response: TemperatureResponse, basis: Basis) -> np.ndarray:
     """BP dictionary ``D = scale * K @ B.T`` (n_channels x n_basis), DN s^-1 pix^-1 per unit
-    coefficient. The response must be on the basis grid (use ``response.regrid``)."""
+    coefficient. The response must be on the basis grid (use ``response.regrid``).
+
+    A numpy ``K`` gives a float64 numpy ``D``; a JAX ``K`` (e.g. traced, to differentiate with
+    respect to the response) gives a JAX array in its dtype."""
     if len(response.logt) != len(basis.logt) or not np.allclose(
         response.logt_array, basis.logt, atol=1e-6
     ):
         raise ValueError(
             "response and basis use different log T grids; call response.regrid(basis.logt)"
         )
-    return basis.scale * (jnp.asarray(response.K) @ jnp.asarray(basis.B).T)
+    if isinstance(response.K, np.ndarray):  # host constant: exact float64
+        return basis.scale * (response.K @ basis.B.T)
+    return basis.scale * (response.K @ jnp.asarray(basis.B, dtype=response.K.dtype).T)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._units import INTENSITY_UNIT, to_value
 from .response import TemperatureResponse
 from .uncertainty import V3_ERROR_TABLE, ErrorTable
 
@@ -24,9 +25,6 @@ __all__ = [
     "predict_intensities",
     "random_dems",
 ]
-
-_INTENSITY = u.DN / (u.s * u.pix)
-
 
 def forward(K: jax.Array, em: jax.Array) -> jax.Array:
     """Intensities (..., n_channels) in DN s^-1 pix^-1 of EM (..., n_T) in cm^-5 per bin.
@@ -41,13 +39,12 @@ def forward(K: jax.Array, em: jax.Array) -> jax.Array:
     return jnp.einsum("ct,...t->...c", K * 1e26, em * 1e-26)
 
 
-@u.quantity_input
 def predict_intensities(
-    response: TemperatureResponse, em: u.Quantity[u.cm**-5]
+    response: TemperatureResponse, em: u.Quantity
 ) -> u.Quantity:
     """Quantity interface to :func:`forward`: EM in cm^-5 per bin -> DN s^-1 pix^-1."""
-    y = forward(response.K, em.to_value(u.cm**-5))
-    return np.asarray(y) * _INTENSITY
+    y = forward(response.K, to_value(em, u.cm**-5, "em"))
+    return np.asarray(y) * INTENSITY_UNIT
 
 
 def gaussian_dem(

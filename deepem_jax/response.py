@@ -27,6 +27,8 @@ import astropy.units as u
 import jax
 import numpy as np
 
+from ._units import channel_list, to_value
+
 __all__ = [
     "AIA_CHANNELS",
     "DEEPEM_LOGT",
@@ -112,24 +114,16 @@ class TemperatureResponse:
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
-    @u.quantity_input
     def from_arrays(
         cls,
         K: u.Quantity,
-        channels: u.Quantity[u.AA],
+        channels: u.Quantity,
         logt: Sequence[float] | np.ndarray,
         name: str = "arrays",
     ) -> TemperatureResponse:
         """Build a response from a Quantity ``K`` (DN cm^5 s^-1 pix^-1) and channel wavelengths."""
-        if not isinstance(K, u.Quantity):
-            raise TypeError("K must be an astropy Quantity in DN cm^5 s^-1 pix^-1")
-        try:
-            k = K.to_value(RESPONSE_UNIT)
-        except u.UnitConversionError as err:
-            raise u.UnitConversionError(
-                f"response K has unit {K.unit}, not convertible to {RESPONSE_UNIT}"
-            ) from err
-        chans = tuple(int(round(c)) for c in np.atleast_1d(channels.to_value(u.AA)))
+        k = to_value(K, RESPONSE_UNIT, "response K")
+        chans = tuple(channel_list(channels))
         return cls(np.asarray(k, dtype=np.float64), chans, tuple(float(t) for t in logt), name)
 
     @classmethod
@@ -260,10 +254,9 @@ class TemperatureResponse:
         )
 
     # -- transformations ------------------------------------------------------------------
-    @u.quantity_input
-    def select(self, wavelengths: u.Quantity[u.AA]) -> TemperatureResponse:
+    def select(self, wavelengths: u.Quantity) -> TemperatureResponse:
         """Rows for ``wavelengths`` in the given order (select and/or reorder channels)."""
-        wanted = [int(round(w)) for w in np.atleast_1d(wavelengths.to_value(u.AA))]
+        wanted = channel_list(wavelengths, "wavelengths")
         if len(set(wanted)) != len(wanted):
             raise ValueError(f"duplicate channels requested: {wanted}")
         missing = [w for w in wanted if w not in self.channels]
@@ -298,19 +291,25 @@ class TemperatureResponse:
     def degrade(self, obstime, correction_table) -> TemperatureResponse:
         """Multiply each channel by aiapy's time-dependent degradation factor at ``obstime``.
 
-        ``correction_table`` is a local file or an astropy table (from
-        ``aiapy.calibrate.util.get_correction_table``); no network access is made.
+        ``obstime`` is anything `astropy.time.Time` accepts. ``correction_table`` is a local
+        file or an astropy table (from ``aiapy.calibrate.util.get_correction_table``); no network
+        access is made.
         """
         from aiapy.calibrate import degradation
         from aiapy.calibrate.util import get_correction_table
+        from astropy.time import Time
 
         if isinstance(correction_table, str | os.PathLike):
             if not os.path.exists(correction_table):
                 raise FileNotFoundError(f"correction table {correction_table} does not exist")
             correction_table = get_correction_table(str(correction_table))
+        obstime = Time(obstime)
         factors = np.array(
             [
-                float(degradation(c * u.AA, obstime, correction_table=correction_table))
+                np.ravel(
+                    u.Quantity(degradation(c * u.AA, obstime, correction_table=correction_table))
+                    .to_value(u.dimensionless_unscaled)
+                )[0]
                 for c in self.channels
             ]
         )

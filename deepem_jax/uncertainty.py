@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._units import INTENSITY_UNIT, channel_list, to_value
+
 __all__ = [
     "V3_ERROR_TABLE",
     "ErrorTable",
@@ -84,10 +86,9 @@ class ErrorTable:
             chans,
         )
 
-    @u.quantity_input
-    def select(self, wavelengths: u.Quantity[u.AA]) -> ErrorTable:
+    def select(self, wavelengths: u.Quantity) -> ErrorTable:
         """The rows for ``wavelengths``, in that order."""
-        wanted = [int(round(w)) for w in np.atleast_1d(wavelengths.to_value(u.AA))]
+        wanted = channel_list(wavelengths, "wavelengths")
         missing = [w for w in wanted if w not in self.channels]
         if missing:
             raise ValueError(f"channels {missing} Å not in error table ({list(self.channels)})")
@@ -151,11 +152,10 @@ def estimate_error(
     return jnp.sqrt(var)
 
 
-@u.quantity_input
 def aia_sigma(
-    intensity: u.Quantity[u.DN / (u.s * u.pix)],
-    exptime: u.Quantity[u.s],
-    channels: u.Quantity[u.AA],
+    intensity: u.Quantity,
+    exptime: u.Quantity,
+    channels: u.Quantity,
     table: ErrorTable = V3_ERROR_TABLE,
     n_sample: float | np.ndarray = 1,
     **kwargs,
@@ -165,12 +165,16 @@ def aia_sigma(
     Converts to counts with ``exptime`` (s, scalar or per channel), applies
     :func:`estimate_error` and divides back. Returns DN s^-1 pix^-1.
     """
-    t = np.broadcast_to(exptime.to_value(u.s), (len(np.atleast_1d(channels)),))
+    chans = channel_list(channels)
+    y = to_value(intensity, INTENSITY_UNIT, "intensity")
+    if y.shape[-1:] != (len(chans),):
+        raise ValueError(f"intensity shape {y.shape} does not end in {len(chans)} channels")
+    t = np.atleast_1d(to_value(exptime, u.s, "exptime"))
+    if t.size not in (1, len(chans)):
+        raise ValueError(f"exptime needs 1 or {len(chans)} values (one per channel), got {t.size}")
+    t = np.broadcast_to(t, (len(chans),))
     if np.any(~np.isfinite(t)) or np.any(t <= 0):
         raise ValueError(f"exposure times must be finite and positive, got {t} s")
     tab = table.select(channels)
-    y = intensity.to_value(u.DN / (u.s * u.pix))
-    if y.shape[-1:] != t.shape:
-        raise ValueError(f"intensity last axis {y.shape} does not match {t.size} channels")
     sig = estimate_error(jnp.asarray(y * t), tab, n_sample, **kwargs)
-    return (np.asarray(sig) / t) * (u.DN / (u.s * u.pix))
+    return (np.asarray(sig) / t) * INTENSITY_UNIT
