@@ -24,6 +24,7 @@ __all__ = [
     "noisy_observation",
     "predict_intensities",
     "random_dems",
+    "synthetic_scene",
 ]
 
 def forward(K: jax.Array, em: jax.Array) -> jax.Array:
@@ -123,3 +124,49 @@ def noisy_observation(
     photons = rng.poisson(np.clip(y * t, 0, None) / g)
     counts = photons * g + rng.normal(size=y.shape) * np.asarray(tab.read_noise)
     return counts / t
+
+
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], scale: float) -> np.ndarray:
+    """A smooth random field in [0, 1] with correlation length ``scale`` pixels."""
+    from scipy.ndimage import gaussian_filter
+
+    f = gaussian_filter(rng.normal(size=shape), sigma=scale, mode="wrap")
+    f -= f.min()
+    return f / max(f.max(), 1e-300)
+
+
+def synthetic_scene(
+    response: TemperatureResponse,
+    shape: tuple[int, int],
+    rng: np.random.Generator,
+    exptime: np.ndarray | float = 2.0,
+    noise: bool = True,
+    table: ErrorTable = V3_ERROR_TABLE,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic AIA observation with solar-like spatial structure.
+
+    Each pixel holds a warm coronal component (peak log T 5.8--6.5, width 0.1--0.3,
+    EM 1e26--3e28 cm^-5 from smooth random fields) plus, in patches covering about a fifth of
+    the image, a hot component (log T 6.7--7.0, 1--10% of the warm EM). Returns
+    ``(em, intensity)``: the true EM (ny, nx, n_T) in cm^-5 per bin of ``response``'s grid and
+    the intensities (ny, nx, n_channels) in DN s^-1 pix^-1 (with AIA noise if ``noise``).
+    """
+    ny, nx = shape
+    scale = max(min(ny, nx) / 12.0, 1.0)
+    field = lambda: _smooth_field(rng, (ny, nx), scale)  # noqa: E731
+    peak = 5.8 + 0.7 * field()
+    width = 0.1 + 0.2 * field()
+    em_tot = 10 ** (26.0 + 2.5 * field() ** 1.5)
+    hot_mask = field() > 0.65
+    hot_peak = 6.7 + 0.3 * field()
+    hot_frac = np.where(hot_mask, 0.01 + 0.09 * field(), 0.0)
+    em = multi_gaussian_dem(
+        response.logt_array,
+        np.stack([em_tot, em_tot * hot_frac], axis=-1),
+        np.stack([peak, hot_peak], axis=-1),
+        np.stack([width, np.full_like(width, 0.08)], axis=-1),
+    )
+    y = np.asarray(forward(np.asarray(response.K), em))
+    if noise:
+        y = noisy_observation(y, exptime, response.channels, rng, table)
+    return em, y

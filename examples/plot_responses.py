@@ -11,10 +11,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from deepem_jax.response import TemperatureResponse, default_response  # noqa: E402
+from deepem_jax.response import TemperatureResponse, default_response
 
 
 def main(out: str = "aia_responses.png") -> None:

@@ -115,3 +115,17 @@ def test_noise_statistics_match_error_model():
     np.testing.assert_allclose(obs.var(0), var, rtol=0.05)
     with pytest.raises(ValueError):
         noisy_observation(y, 0.0, [94, 171], rng)
+
+
+def test_synthetic_scene():
+    from deepem_jax.forward import synthetic_scene
+
+    r = default_response().regrid(DEEPEM_LOGT)
+    em, y = synthetic_scene(r, (24, 32), np.random.default_rng(3), noise=False)
+    assert em.shape == (24, 32, 18) and y.shape == (24, 32, 6)
+    assert np.all(em >= 0)
+    np.testing.assert_allclose(y, np.einsum("ct,yxt->yxc", np.asarray(r.K), em), rtol=1e-5)
+    tot = em.sum(-1)
+    assert 1e26 <= tot.min() and tot.max() <= 3.5e28
+    _, y_noisy = synthetic_scene(r, (24, 32), np.random.default_rng(3), noise=True)
+    assert not np.allclose(y_noisy, y)
