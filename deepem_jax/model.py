@@ -1,0 +1,526 @@
+"""The DeepEM per-pixel network (Wright et al. 2019) in Flax linen, and its inference wrapper.
+
+The original is a PyTorch stack of 1x1 convolutions,
+``Conv2d(6->300) -> LeakyReLU(0.01) -> Conv2d(300->300) -> LeakyReLU -> Conv2d(300->18)``,
+with no output activation. A 1x1 convolution is a dense layer on the channel axis, so here the
+network is an MLP on the last axis of a channels-last array (pixels are the batch).
+
+Transforms (the original's, and the defaults here):
+
+* input:  ``x = sqrt(max(y, 0))``, ``y`` the intensity in DN s^-1 pix^-1
+  (:func:`encode_intensities`);
+* target: ``t = sqrt(EM / 1e25)`` with ``EM`` in cm^-5 per temperature bin (:func:`encode_em`);
+* output: ``EM = 1e25 * out**2`` (:func:`decode_em`; ``"relu_square"`` clips ``out`` at 0 first).
+
+:class:`Predictor` bundles the module, its parameters, the log T grid and the channel order,
+and runs jit-compiled, tiled inference on images of any size. :func:`load_pytorch_deepem`
+imports the original ``.pth`` weights without executing pickle code.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import itertools
+import math
+import os
+import pickle
+import struct
+import zipfile
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import astropy.units as u
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .response import AIA_CHANNELS, DEEPEM_LOGT
+
+__all__ = [
+    "CONFIGS",
+    "DeepEMNet",
+    "ModelConfig",
+    "Predictor",
+    "decode_em",
+    "encode_em",
+    "encode_intensities",
+    "get_config",
+    "load_pytorch_deepem",
+    "read_torch_state_dict",
+]
+
+_INTENSITY = u.DN / (u.s * u.pix)
+_ACTIVATIONS: dict[str, Callable[..., jax.Array]] = {
+    "leaky_relu": nn.leaky_relu,
+    "relu": nn.relu,
+    "gelu": nn.gelu,
+    "silu": nn.silu,
+    "tanh": jnp.tanh,
+}
+_OUTPUTS = ("square", "relu_square")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and transforms of the per-pixel network.
+
+    Attributes
+    ----------
+    hidden : tuple of int
+        Widths of the hidden layers (the original: ``(300, 300)``).
+    n_channels : int
+        Input channels (AIA passbands).
+    n_temperatures : int
+        Output temperature bins.
+    activation : str
+        Hidden activation: one of ``leaky_relu`` (the original), ``relu``, ``gelu``, ``silu``,
+        ``tanh``.
+    negative_slope : float
+        Slope of ``leaky_relu`` for negative inputs (the original: 0.01).
+    output : str
+        ``"square"`` (the original: ``EM = em_scale * out**2``) or ``"relu_square"``
+        (``EM = em_scale * max(out, 0)**2``, so negative outputs mean zero EM, not positive EM).
+    em_scale : float
+        EM unit of the network in cm^-5 (the original: 1e25).
+    """
+
+    hidden: tuple[int, ...] = (300, 300)
+    n_channels: int = 6
+    n_temperatures: int = 18
+    activation: str = "leaky_relu"
+    negative_slope: float = 0.01
+    output: str = "square"
+    em_scale: float = 1e25
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        if any(h < 1 for h in self.hidden) or self.n_channels < 1 or self.n_temperatures < 1:
+            raise ValueError(f"layer widths must be positive: {self}")
+        if self.activation not in _ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {self.activation!r}; choose from {sorted(_ACTIVATIONS)}"
+            )
+        if self.output not in _OUTPUTS:
+            raise ValueError(f"unknown output transform {self.output!r}; choose from {_OUTPUTS}")
+        if not (math.isfinite(self.em_scale) and self.em_scale > 0):
+            raise ValueError(f"em_scale must be finite and positive, got {self.em_scale}")
+
+    @property
+    def n_params(self) -> int:
+        """Number of trainable parameters."""
+        widths = (self.n_channels, *self.hidden, self.n_temperatures)
+        return sum(a * b + b for a, b in itertools.pairwise(widths))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python form (lists, numbers, strings) for serialisation."""
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}")
+        return cls(**d)
+
+
+#: Named configurations: the original network and a small one for quick experiments.
+CONFIGS: dict[str, ModelConfig] = {
+    "deepem": ModelConfig(),
+    "small": ModelConfig(hidden=(64, 64)),
+}
+
+
+def get_config(name: str) -> ModelConfig:
+    """The named :class:`ModelConfig` (``"deepem"`` or ``"small"``)."""
+    try:
+        return CONFIGS[name]
+    except KeyError:
+        raise ValueError(f"unknown model config {name!r}; choose from {sorted(CONFIGS)}") from None
+
+
+class DeepEMNet(nn.Module):
+    """Per-pixel MLP (= stack of 1x1 convolutions): (..., n_channels) -> (..., n_temperatures).
+
+    Takes *encoded* intensities (:func:`encode_intensities`) and returns the raw output in the
+    sqrt-scaled EM space (:func:`decode_em` turns it into cm^-5). Parameters are float32;
+    ``dtype`` is the computation dtype (e.g. ``jnp.bfloat16``). Layers are named
+    ``dense_0 .. dense_{n_hidden}`` with a ``kernel`` of shape (in, out) and a ``bias``.
+    """
+
+    config: ModelConfig = CONFIGS["deepem"]
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        act = _ACTIVATIONS[cfg.activation]
+        if cfg.activation == "leaky_relu":
+            act = partial(nn.leaky_relu, negative_slope=cfg.negative_slope)
+        for i, width in enumerate((*cfg.hidden, cfg.n_temperatures)):
+            if i > 0:
+                x = act(x)
+            x = nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32, name=f"dense_{i}")(x)
+        return x
+
+
+def encode_intensities(y: jax.Array) -> jax.Array:
+    """Network input ``sqrt(max(y, 0))`` of intensities ``y`` in DN s^-1 pix^-1."""
+    return jnp.sqrt(jnp.maximum(y, 0.0))
+
+
+def encode_em(em: jax.Array, config: ModelConfig = CONFIGS["deepem"]) -> jax.Array:
+    """Training target ``sqrt(EM / em_scale)`` of EM in cm^-5 per bin (negative EM -> 0)."""
+    return jnp.sqrt(jnp.maximum(em, 0.0) / config.em_scale)
+
+
+def decode_em(out: jax.Array, config: ModelConfig = CONFIGS["deepem"]) -> jax.Array:
+    """EM in cm^-5 per bin from raw network output: ``em_scale * out**2`` (``"square"``) or
+    ``em_scale * max(out, 0)**2`` (``"relu_square"``)."""
+    if config.output == "relu_square":
+        out = jnp.maximum(out, 0.0)
+    return config.em_scale * jnp.square(out)
+
+
+@partial(jax.jit, static_argnames=("config", "dtype"))
+def _predict_tile(
+    params: Any, y: jax.Array, config: ModelConfig, dtype: Any
+) -> tuple[jax.Array, jax.Array]:
+    """EM (n, n_T) float32 and validity (n,) of one tile of intensities (n, C)."""
+    valid = jnp.all(jnp.isfinite(y), axis=-1)
+    x = encode_intensities(jnp.where(valid[:, None], y, 0.0)).astype(dtype)
+    out = DeepEMNet(config, dtype=dtype).apply({"params": params}, x).astype(jnp.float32)
+    em = decode_em(out, config)
+    return jnp.where(valid[:, None], em, jnp.nan), valid
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Predictor:
+    """A trained DeepEM network ready for inference (a pytree: ``params`` are its leaves).
+
+    Attributes
+    ----------
+    params : dict
+        Flax parameters of :class:`DeepEMNet` (``{"dense_0": {"kernel", "bias"}, ...}``).
+    config : ModelConfig
+        Architecture and transforms (static).
+    logt : tuple of float
+        log10(T / K) of the output bins (static).
+    channels : tuple of int
+        AIA channels of the input, in Å and in input order (static).
+    """
+
+    params: Any
+    config: ModelConfig = dataclasses.field(metadata=dict(static=True))
+    logt: tuple[float, ...] = dataclasses.field(metadata=dict(static=True))
+    channels: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "logt", tuple(float(t) for t in self.logt))
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        if len(self.logt) != self.config.n_temperatures:
+            raise ValueError(
+                f"log T grid has {len(self.logt)} bins but the network outputs "
+                f"{self.config.n_temperatures}"
+            )
+        if len(self.channels) != self.config.n_channels:
+            raise ValueError(
+                f"{len(self.channels)} channels given but the network takes "
+                f"{self.config.n_channels}"
+            )
+
+    @property
+    def module(self) -> DeepEMNet:
+        """The Flax module (float32 computation)."""
+        return DeepEMNet(self.config)
+
+    @property
+    def logt_array(self) -> np.ndarray:
+        """The output log T grid as a numpy array."""
+        return np.asarray(self.logt, dtype=np.float64)
+
+    @classmethod
+    def init(
+        cls,
+        rng: jax.Array,
+        config: ModelConfig | str = "deepem",
+        logt: tuple[float, ...] | np.ndarray = tuple(DEEPEM_LOGT),
+        channels: tuple[int, ...] = tuple(int(c) for c in AIA_CHANNELS.to_value(u.AA)),
+    ) -> Predictor:
+        """A freshly initialised (untrained) network with Flax's default initialisers."""
+        cfg = get_config(config) if isinstance(config, str) else config
+        x = jnp.zeros((1, cfg.n_channels), jnp.float32)
+        params = DeepEMNet(cfg).init(rng, x)["params"]
+        return cls(params, cfg, tuple(logt), tuple(channels))
+
+    def predict(
+        self,
+        intensities: np.ndarray | jax.Array | u.Quantity,
+        *,
+        dtype: Any = jnp.float32,
+        tile_size: int = 65536,
+        return_valid: bool = False,
+    ) -> np.ndarray | u.Quantity | tuple[np.ndarray | u.Quantity, np.ndarray]:
+        """EM (..., n_T) in cm^-5 per bin of intensities (..., n_channels) in DN s^-1 pix^-1.
+
+        Works on any leading shape: ``(N, C)`` pixel lists, ``(H, W, C)`` images, ``(B, H, W, C)``
+        batches. Pixels are run through a jit-compiled function in tiles of ``tile_size``
+        pixels (the last tile padded), so device memory stays bounded for 4096^2 images and
+        one compilation serves every image; inputs smaller than a tile use the next power of
+        two instead. ``dtype`` is the computation dtype (``jnp.float32`` or ``jnp.bfloat16``);
+        the result is float32.
+
+        A pixel with any non-finite channel (NaN, Inf) gets NaN in every bin, never zero.
+        With ``return_valid=True`` the boolean mask (...,) of pixels with finite input is
+        returned as well: ``(em, valid)``.
+
+        A Quantity input gives a Quantity in cm^-5; a plain array gives a numpy array.
+        """
+        is_quantity = isinstance(intensities, u.Quantity)
+        if is_quantity:
+            try:
+                y = intensities.to_value(_INTENSITY)
+            except u.UnitConversionError as err:
+                raise u.UnitConversionError(
+                    f"intensities have unit {intensities.unit}, not convertible to {_INTENSITY}"
+                ) from err
+        else:
+            y = intensities
+        y = np.asarray(y, dtype=np.float32)
+        n_chan = self.config.n_channels
+        if y.ndim < 1 or y.shape[-1] != n_chan:
+            raise ValueError(
+                f"intensities must have shape (..., {n_chan}) with channels {list(self.channels)} "
+                f"Å last; got shape {y.shape}"
+            )
+        if tile_size < 1:
+            raise ValueError(f"tile_size must be positive, got {tile_size}")
+        lead = y.shape[:-1]
+        flat = y.reshape(-1, n_chan)
+        n = flat.shape[0]
+        tile = min(tile_size, 1 << max(n - 1, 0).bit_length())
+        em = np.empty((n, self.config.n_temperatures), np.float32)
+        valid = np.empty(n, bool)
+        for start in range(0, n, tile):
+            chunk = flat[start : start + tile]
+            m = chunk.shape[0]
+            if m < tile:
+                chunk = np.concatenate([chunk, np.zeros((tile - m, n_chan), np.float32)])
+            e, v = _predict_tile(self.params, chunk, self.config, jnp.dtype(dtype))
+            em[start : start + m] = np.asarray(e)[:m]
+            valid[start : start + m] = np.asarray(v)[:m]
+        em = em.reshape(*lead, self.config.n_temperatures)
+        out = em * u.cm**-5 if is_quantity else em
+        return (out, valid.reshape(lead)) if return_valid else out
+
+
+# -- import of the original PyTorch weights ------------------------------------------------
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
+
+
+@dataclasses.dataclass
+class _StorageRef:
+    """Stand-in for a torch storage: a key into the raw float32 data that follows the pickle."""
+
+    key: str
+    numel: int
+    data: np.ndarray | None = None
+
+
+@dataclasses.dataclass
+class _TensorRef:
+    """Stand-in for ``torch._utils._rebuild_tensor_v2``'s result."""
+
+    storage: _StorageRef
+    offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    def to_numpy(self) -> np.ndarray:
+        data = self.storage.data
+        if data is None:
+            raise ValueError(f"storage {self.storage.key} has no data")
+        if self.size and any(s < 0 for s in self.stride):
+            raise ValueError("negative tensor strides are not supported")
+        last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride, strict=True))
+        if self.offset < 0 or (all(self.size) and last >= data.size):
+            raise ValueError(f"tensor view of {self.size} runs past its storage ({data.size})")
+        base = data[self.offset :]
+        strides = tuple(s * data.itemsize for s in self.stride)
+        return np.lib.stride_tricks.as_strided(base, self.size, strides).copy()
+
+
+class _FloatStorage:
+    """Marker for ``torch.FloatStorage`` (float32)."""
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, *_rest):
+    if not isinstance(storage, _StorageRef):
+        raise pickle.UnpicklingError("tensor rebuilt from something that is not a storage")
+    return _TensorRef(storage, int(storage_offset), tuple(size), tuple(stride))
+
+
+_SAFE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch", "FloatStorage"): _FloatStorage,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only the three globals a float32 state dict needs and maps
+    them to local stand-ins; anything else (``os.system``, ``builtins.eval``...) is refused
+    before it could run."""
+
+    def __init__(self, fh: io.BufferedIOBase, storages: dict[str, _StorageRef]):
+        super().__init__(fh)
+        self._storages = storages
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _SAFE_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refusing to load global {module}.{name} from a weights file "
+                "(only OrderedDict, torch._utils._rebuild_tensor_v2 and torch.FloatStorage "
+                "are allowed)"
+            ) from None
+
+    def persistent_load(self, pid: Any) -> _StorageRef:
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
+        _, storage_type, key, _location, numel, *view = pid
+        if storage_type is not _FloatStorage:
+            raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r}")
+        if view and view[0] is not None:
+            raise pickle.UnpicklingError("legacy storage views are not supported")
+        key = str(key)
+        ref = self._storages.setdefault(key, _StorageRef(key, int(numel)))
+        if ref.numel != int(numel):
+            raise pickle.UnpicklingError(f"storage {key} declared with two sizes")
+        return ref
+
+
+def _restricted_load(fh: io.BufferedIOBase, storages: dict[str, _StorageRef]) -> Any:
+    return _RestrictedUnpickler(fh, storages).load()
+
+
+def _read_legacy(fh: io.BufferedIOBase) -> tuple[Any, dict[str, _StorageRef]]:
+    """torch.save before 1.6: magic, protocol, sys_info, object and key-list pickles, then for
+    each key an int64 element count followed by the raw little-endian float32 data."""
+    if _restricted_load(fh, {}) != _LEGACY_MAGIC:
+        raise ValueError("not a PyTorch file (bad magic number)")
+    if _restricted_load(fh, {}) != _LEGACY_PROTOCOL:
+        raise ValueError("unsupported legacy PyTorch protocol version")
+    sys_info = _restricted_load(fh, {})
+    if not (isinstance(sys_info, dict) and sys_info.get("little_endian", False)):
+        raise ValueError("only little-endian PyTorch files are supported")
+    storages: dict[str, _StorageRef] = {}
+    obj = _restricted_load(fh, storages)
+    keys = _restricted_load(fh, {})
+    if not isinstance(keys, list) or set(map(str, keys)) != set(storages):
+        raise ValueError("storage key list does not match the storages used by the tensors")
+    for key in map(str, keys):
+        header = fh.read(8)
+        if len(header) != 8:
+            raise ValueError(f"file truncated before storage {key}")
+        (numel,) = struct.unpack("<q", header)
+        ref = storages[key]
+        if numel != ref.numel:
+            raise ValueError(f"storage {key} holds {numel} values, the pickle says {ref.numel}")
+        raw = fh.read(4 * numel)
+        if len(raw) != 4 * numel:
+            raise ValueError(f"file truncated inside storage {key}")
+        ref.data = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    return obj, storages
+
+
+def _read_zip(path: str | os.PathLike) -> tuple[Any, dict[str, _StorageRef]]:
+    """torch.save from 1.6 on: a zip with ``<root>/data.pkl`` and ``<root>/data/<key>``."""
+    with zipfile.ZipFile(path) as zf:
+        pkl = [n for n in zf.namelist() if n.endswith("/data.pkl")]
+        if len(pkl) != 1:
+            raise ValueError(f"{path}: zip file without a single */data.pkl: not a torch file")
+        root = pkl[0][: -len("data.pkl")]
+        storages: dict[str, _StorageRef] = {}
+        with zf.open(pkl[0]) as fh:
+            obj = _restricted_load(fh, storages)
+        for key, ref in storages.items():
+            raw = zf.read(f"{root}data/{key}")
+            if len(raw) != 4 * ref.numel:
+                raise ValueError(f"storage {key} has {len(raw)} bytes, expected {4 * ref.numel}")
+            ref.data = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    return obj, storages
+
+
+def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a PyTorch state dict of float32 tensors into numpy arrays, executing no pickle code.
+
+    Handles the legacy (before torch 1.6) stream format and the zip format. The unpickler
+    accepts only ``collections.OrderedDict``, ``torch._utils._rebuild_tensor_v2`` and
+    ``torch.FloatStorage``; any other global raises :class:`pickle.UnpicklingError` without
+    being imported or called.
+    """
+    if zipfile.is_zipfile(path):
+        obj, _ = _read_zip(path)
+    else:
+        with open(path, "rb") as fh:
+            obj, _ = _read_legacy(fh)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} does not hold a state dict (got {type(obj).__name__})")
+    out = {}
+    for name, value in obj.items():
+        if not isinstance(value, _TensorRef):
+            raise ValueError(f"{path}: entry {name!r} is not a tensor")
+        out[str(name)] = value.to_numpy()
+    return out
+
+
+def load_pytorch_deepem(
+    path: str | os.PathLike,
+    *,
+    logt: tuple[float, ...] | np.ndarray = tuple(DEEPEM_LOGT),
+    channels: tuple[int, ...] = tuple(int(c) for c in AIA_CHANNELS.to_value(u.AA)),
+    negative_slope: float = 0.01,
+) -> Predictor:
+    """Import an original DeepEM ``.pth`` (``nn.Sequential`` of 1x1 ``Conv2d`` and LeakyReLU)
+    as a :class:`Predictor`, without torch and without executing pickle code.
+
+    Conv weights (out, in, 1, 1) become dense kernels (in, out). The layer widths come from
+    the file; the grid defaults to :data:`~deepem_jax.response.DEEPEM_LOGT` (log T 5.5--7.2)
+    and the channels to 94, 131, 171, 193, 211, 335 Å, as in the original.
+    """
+    state = read_torch_state_dict(path)
+    layer_ids = sorted({int(k.split(".")[0]) for k in state if k.split(".")[0].isdigit()})
+    expected = {f"{i}.{p}" for i in layer_ids for p in ("weight", "bias")}
+    if not layer_ids or set(state) != expected:
+        raise ValueError(
+            f"{path}: keys {sorted(state)} are not those of a Sequential of convolutions"
+        )
+    params = {}
+    widths = []
+    for j, i in enumerate(layer_ids):
+        w, b = state[f"{i}.weight"], state[f"{i}.bias"]
+        if w.ndim != 4 or w.shape[2:] != (1, 1) or b.shape != (w.shape[0],):
+            raise ValueError(f"{path}: layer {i} is not a 1x1 convolution ({w.shape}, {b.shape})")
+        if widths and w.shape[1] != widths[-1]:
+            raise ValueError(f"{path}: layer {i} takes {w.shape[1]} inputs, not {widths[-1]}")
+        widths = [*widths, w.shape[0]] if widths else [w.shape[1], w.shape[0]]
+        params[f"dense_{j}"] = {"kernel": jnp.asarray(w[:, :, 0, 0].T), "bias": jnp.asarray(b)}
+    config = ModelConfig(
+        hidden=tuple(widths[1:-1]),
+        n_channels=widths[0],
+        n_temperatures=widths[-1],
+        negative_slope=negative_slope,
+    )
+    return Predictor(params, config, tuple(logt), tuple(channels))
