@@ -74,7 +74,7 @@ class ResponseId:
         )
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Checkpoint:
     """Everything a checkpoint holds.
 

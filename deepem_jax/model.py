@@ -202,7 +202,7 @@ def _predict_tile(
 
 
 @jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Predictor:
     """A trained DeepEM network ready for inference (a pytree: ``params`` are its leaves).
 

@@ -183,7 +183,7 @@ def test_original_weights_reproduce_numpy_forward(parts):
     pred = load_pytorch_deepem(path)
     assert pred.config == get_config("deepem")
     assert sum(x.size for x in jax.tree.leaves(pred.params)) == 97_818
-    np.testing.assert_allclose(pred.logt, DEEPEM_LOGT)
+    np.testing.assert_array_equal(pred.logt_array, DEEPEM_LOGT)
     assert pred.channels == (94, 131, 171, 193, 211, 335)
 
     rng = np.random.default_rng(1)
@@ -333,6 +333,12 @@ def test_predict_bad_input(small_predictor):
     np.testing.assert_array_equal(valid, expected)
     assert np.all(np.isnan(em[~expected])) and np.all(np.isfinite(em[expected]))
     np.testing.assert_allclose(em[expected], small_predictor.predict(y[expected]), rtol=1e-6)
+
+
+def test_predict_under_x64_is_float32(small_predictor, x64):
+    y = _intensities((10,)).astype(np.float64)
+    em = small_predictor.predict(y)
+    assert em.dtype == np.float32 and np.all(np.isfinite(em))
 
 
 def test_predict_bfloat16_close_to_float32(small_predictor):
