@@ -6,6 +6,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import astropy.units as u
 import numpy as np
@@ -140,6 +141,10 @@ class AIAStack:
         return sunpy.map.Map(self.data[..., channel], meta)
 
 
+#: What :func:`load_aia` accepts: a path (file or directory), a sunpy Map, or a sequence of them.
+AIAInput = str | os.PathLike | Any | Sequence[str | os.PathLike | Any]
+
+
 # -- reading single inputs ----------------------------------------------------------------
 
 
@@ -187,14 +192,17 @@ def _read_data(path: Path) -> np.ndarray:
 
 @dataclasses.dataclass
 class _Source:
+    """One input image: a file (data read on demand) or a Map (data given)."""
+
     label: str
     header: fits.Header | dict
     path: Path | None = None
     data: np.ndarray | None = None
+    #: Found by scanning a directory: skipped, not an error, when its channel is not requested.
+    scanned: bool = False
 
     def load(self) -> np.ndarray:
         if self.data is None:
-            assert self.path is not None
             self.data = _read_data(self.path)
         return self.data
 
@@ -203,13 +211,12 @@ def _is_fits_name(name: str) -> bool:
     return name.lower().endswith(_FITS_SUFFIXES)
 
 
-def _sources(inputs) -> tuple[list[_Source], bool]:
-    """Normalise inputs; the flag says whether they came from a directory scan."""
+def _sources(inputs) -> list[_Source]:
+    """Normalise inputs to a flat list of sources, reading only the FITS headers."""
     from sunpy.map import GenericMap
 
     if isinstance(inputs, str | os.PathLike | GenericMap):
         inputs = [inputs]
-    from_dir = False
     out: list[_Source] = []
     for i, item in enumerate(inputs):
         if isinstance(item, GenericMap):
@@ -219,18 +226,17 @@ def _sources(inputs) -> tuple[list[_Source], bool]:
             raise TypeError(f"expected FITS paths, a directory or sunpy Maps, got {type(item)}")
         p = Path(item)
         if p.is_dir():
-            from_dir = True
             files = sorted(f for f in p.iterdir() if f.is_file() and _is_fits_name(f.name))
             if not files:
                 raise FileNotFoundError(f"directory {p} holds no FITS files")
-            out.extend(_Source(str(f), _read_header(f), path=f) for f in files)
+            out.extend(_Source(str(f), _read_header(f), path=f, scanned=True) for f in files)
         elif p.is_file():
             out.append(_Source(str(p), _read_header(p), path=p))
         else:
             raise FileNotFoundError(f"AIA input {p} does not exist")
     if not out:
         raise ValueError("no AIA inputs given")
-    return out, from_dir
+    return out
 
 
 def _channel_of(src: _Source) -> int:
@@ -275,12 +281,13 @@ def _per_second(src: _Source) -> bool:
     raise AIAFileError(f"{src.label}: BUNIT {text!r} is neither DN nor DN/s (per pixel)")
 
 
-def _select(sources: list[_Source], wanted: list[int], from_dir: bool) -> list[tuple[_Source, int]]:
+def _select(sources: list[_Source], wanted: list[int]) -> list[_Source]:
+    """The source of each wanted channel, in the order of ``wanted``."""
     by_chan: dict[int, _Source] = {}
     for src in sources:
         chan = _channel_of(src)
         if chan not in wanted:
-            if from_dir:
+            if src.scanned:
                 continue  # a directory may hold other channels; they are simply not used
             raise ValueError(f"{src.label}: channel {chan} Å was not requested ({wanted} Å)")
         if chan in by_chan:
@@ -290,7 +297,7 @@ def _select(sources: list[_Source], wanted: list[int], from_dir: bool) -> list[t
     if missing:
         found = sorted(by_chan)
         raise ValueError(f"AIA channel(s) {missing} Å missing from the inputs (found {found} Å)")
-    return [(by_chan[c], c) for c in wanted]
+    return [by_chan[c] for c in wanted]
 
 
 def _obstime(src: _Source) -> Time:
@@ -360,13 +367,14 @@ def _cutout_bounds(ref, cutout) -> tuple[slice, slice]:
 
 
 def _block_reduce(a: np.ndarray, n: int, op) -> np.ndarray:
+    """Reduce (ny, nx, ...) over n x n blocks with ``op``; ny and nx are multiples of n."""
     ny, nx = a.shape[0] // n, a.shape[1] // n
-    return op(a[: ny * n, : nx * n].reshape(ny, n, nx, n, *a.shape[2:]), axis=(1, 3))
+    return op(a.reshape(ny, n, nx, n, *a.shape[2:]), axis=(1, 3))
 
 
 @u.quantity_input
 def load_aia(
-    inputs,
+    inputs: AIAInput,
     channels: u.Quantity[u.AA] = AIA_CHANNELS,
     *,
     time_tolerance: u.Quantity[u.s] = 60 * u.s,
@@ -426,9 +434,7 @@ def load_aia(
         raise ValueError(f"rebin must be a positive integer, got {rebin!r}")
     rebin = int(rebin)
 
-    sources, from_dir = _sources(inputs)
-    chosen = _select(sources, wanted, from_dir)
-    srcs = [s for s, _ in chosen]
+    srcs = _select(_sources(inputs), wanted)
     labels = [s.label for s in srcs]
     exptime = np.array([_exptime_of(s) for s in srcs])
     per_second = [_per_second(s) for s in srcs]
