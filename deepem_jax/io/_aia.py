@@ -179,7 +179,9 @@ def _read_data(path: Path) -> np.ndarray:
         except AIAFileError:
             raise
         except Exception as err:  # cfitsio/numpy raise assorted types on corrupt data
-            raise AIAFileError(f"{path}: image data cannot be decoded ({err})") from err
+            raise AIAFileError(
+                f"{path}: image data cannot be decoded, the file is corrupt ({err})"
+            ) from err
     for w in caught:
         text = str(w.message)
         if "truncated" in text or "not multiple of 2880" in text:
