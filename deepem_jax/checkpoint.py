@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ import jax
 import numpy as np
 from flax import serialization
 
+from ._atomic import atomic_write
 from .model import ModelConfig, Predictor
 from .response import TemperatureResponse
 
@@ -183,16 +183,8 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> Path:
     }
     data = serialization.msgpack_serialize(payload)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(path) as fh:
+        fh.write(data)
     return path
 
 

@@ -13,7 +13,6 @@ Layout of a file written by :func:`write_dem_cube`:
 import dataclasses
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -21,6 +20,8 @@ import astropy.units as u
 import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS
+
+from .._atomic import atomic_write
 
 __all__ = ["DEMCube", "read_dem_cube", "write_dem_cube"]
 
@@ -166,16 +167,8 @@ def write_dem_cube(
     hdus = [fits.PrimaryHDU(np.ascontiguousarray(data), header=header)]
     hdus += [_extra_hdu(k, v, (ny, nx), cel) for k, v in (extras or {}).items()]
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fits.HDUList(hdus).writeto(fh, output_verify="exception")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(path) as fh:
+        fits.HDUList(hdus).writeto(fh, output_verify="exception")
     return path
 
 
