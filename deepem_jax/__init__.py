@@ -1,13 +1,38 @@
-"""deepem_jax: differential emission measure inversion of SDO/AIA images in JAX."""
+"""deepem_jax: differential emission measure inversion of SDO/AIA images in JAX.
 
+Submodules: ``response``, ``basis``, ``forward``, ``uncertainty`` (instrument physics);
+``bp`` (Basis Pursuit); ``model``, ``train``, ``checkpoint``, ``metrics``, ``pretrained``
+(the DeepEM network); ``io``, ``data``, ``products`` (files, registry, maps and figures).
+"""
+
+from . import data as data
 from .basis import Basis as Basis
 from .basis import cheung_basis as cheung_basis
 from .basis import dictionary as dictionary
+from .checkpoint import Checkpoint as Checkpoint
+from .checkpoint import CheckpointError as CheckpointError
+from .checkpoint import load_checkpoint as load_checkpoint
+from .checkpoint import load_predictor as load_predictor
+from .checkpoint import save_checkpoint as save_checkpoint
 from .forward import forward as forward
 from .forward import predict_intensities as predict_intensities
+from .forward import synthetic_scene as synthetic_scene
+from .io import AIAFileError as AIAFileError
+from .io import AIAStack as AIAStack
+from .io import DEMCube as DEMCube
+from .io import load_aia as load_aia
+from .io import read_dem_cube as read_dem_cube
+from .io import write_dem_cube as write_dem_cube
+from .metrics import evaluate_fidelity as evaluate_fidelity
+from .metrics import format_metrics_table as format_metrics_table
+from .model import ModelConfig as ModelConfig
+from .model import Predictor as Predictor
+from .model import load_pytorch_deepem as load_pytorch_deepem
 from .response import AIA_CHANNELS as AIA_CHANNELS
+from .response import DEEPEM_LOGT as DEEPEM_LOGT
 from .response import TemperatureResponse as TemperatureResponse
 from .response import default_response as default_response
+from .uncertainty import V3_ERROR_TABLE as V3_ERROR_TABLE
 from .uncertainty import ErrorTable as ErrorTable
 from .uncertainty import aia_sigma as aia_sigma
 from .uncertainty import estimate_error as estimate_error
