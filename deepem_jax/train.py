@@ -82,18 +82,22 @@ class TrainConfig:
 @dataclasses.dataclass(frozen=True)
 class Dataset:
     """Training pixels: ``intensity`` (N, C) DN s^-1 pix^-1, ``sigma`` (N, C) DN s^-1 pix^-1,
-    BP target ``em`` (N, n_T) cm^-5 per bin, BP ``status`` (N,), and ``group`` (N,) the index of
-    the observation each pixel came from (for whole-image steps)."""
+    BP target ``em`` (N, n_T) cm^-5 per bin, BP ``status`` (N,), ``group`` (N,) the index of
+    the observation each pixel came from (for whole-image steps), and ``tolfac`` (N,) the BP
+    tolerance factor each pixel was solved with (NaN if unknown)."""
 
     intensity: np.ndarray
     sigma: np.ndarray
     em: np.ndarray
     status: np.ndarray
     group: np.ndarray
+    tolfac: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = self.intensity.shape[0]
-        for name in ("sigma", "em", "status", "group"):
+        if self.tolfac is None:
+            object.__setattr__(self, "tolfac", np.full(n, np.nan))
+        for name in ("sigma", "em", "status", "group", "tolfac"):
             if getattr(self, name).shape[0] != n:
                 raise ValueError(f"dataset field {name} has {getattr(self, name).shape[0]} rows, "
                                  f"intensity has {n}")
@@ -138,7 +142,7 @@ def build_dataset(
     from .basis import cheung_basis
 
     basis = bp_options.pop("basis", None) or cheung_basis(response.logt)
-    rows: dict[str, list[np.ndarray]] = {k: [] for k in ("y", "s", "em", "st", "g")}
+    rows: dict[str, list[np.ndarray]] = {k: [] for k in ("y", "s", "em", "st", "g", "tf")}
     for i, (y, s) in enumerate(observations):
         y = np.asarray(y, dtype=np.float64)
         s = np.asarray(s, dtype=np.float64)
@@ -154,8 +158,9 @@ def build_dataset(
         rows["em"].append(np.asarray(res.em, dtype=np.float64).reshape(-1, response.n_temperatures))
         rows["st"].append(np.asarray(res.status).reshape(-1))
         rows["g"].append(np.full(rows["st"][-1].shape, i, dtype=np.int32))
+        rows["tf"].append(np.asarray(res.tolfac, dtype=np.float64).reshape(-1))
     cat = {k: np.concatenate(v) for k, v in rows.items()}
-    return Dataset(cat["y"], cat["s"], cat["em"], cat["st"], cat["g"])
+    return Dataset(cat["y"], cat["s"], cat["em"], cat["st"], cat["g"], cat["tf"])
 
 
 def _sigma(y: np.ndarray, exptime: np.ndarray, channels, n_sample: float = 1.0) -> np.ndarray:
