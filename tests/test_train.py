@@ -86,9 +86,11 @@ def test_bp_targets_dataset(response):
     # BP targets reproduce the data within tolerance where solved (checked against the forward
     # model with numpy, independently of the solver's own resynthesis)
     y_bp = data.em[data.solved] @ np.asarray(response.K).T
-    s = data.sigma[data.solved]
+    tol = data.tolfac[data.solved, None] * data.sigma[data.solved]
     y = np.maximum(data.intensity[data.solved], 0)
-    assert np.all(y_bp <= y + 1.4 * s * (1 + 1e-4) + 1e-6)
+    assert np.all(np.isin(np.round(data.tolfac[data.solved], 4), [1.4, 2.1, 3.15]))
+    assert np.all(y_bp <= (y + tol) * (1 + 1e-4) + 1e-6)
+    assert np.all(y_bp >= np.maximum(y - tol, 0) * (1 - 1e-4) - 1e-6)
 
 
 def test_bad_inputs(tmp_path, response):
