@@ -117,17 +117,16 @@ def figure1(
     fig.colorbar(im0, ax=axes[0], label="AIA 171 Å [DN s$^{-1}$ pix$^{-1}$]", shrink=0.8)
     cmap = plt.get_cmap("inferno").copy()
     cmap.set_bad("black")
-    bp_show = np.ma.masked_where(failed | ~(bp > 0), bp)
+    # zero EM is drawn at the bottom of the colour scale; only BP failures are black
+    bp_show = np.ma.masked_where(failed | ~np.isfinite(bp), np.clip(bp, norm.vmin, None))
     im1 = axes[1].imshow(bp_show, cmap=cmap, norm=norm, origin="lower")
-    net_show = np.ma.masked_where(~(net > 0), net)
+    net_show = np.ma.masked_where(~np.isfinite(net), np.clip(net, norm.vmin, None))
     im2 = axes[2].imshow(net_show, cmap=cmap, norm=norm, origin="lower")
-    for ax, im, name in ((axes[1], im1, "Basis Pursuit"), (axes[2], im2, "DeepEM network")):
+    for ax, im in ((axes[1], im1), (axes[2], im2)):
         fig.colorbar(im, ax=ax, label=f"EM(log T={at_logt:.1f}) [cm$^{{-5}}$]", shrink=0.8)
-        ax.set_title(f"{name}, log T = {at_logt:.1f}")
     axes[0].set_title("AIA 171 Å")
-    axes[1].set_title(
-        f"Basis Pursuit, log T = {at_logt:.1f} ({failed.mean() * 100:.2f}% failed, black)"
-    )
+    axes[1].set_title(f"BP, log T = {at_logt:.1f} (failed {failed.mean() * 100:.2f}%: black)")
+    axes[2].set_title(f"DeepEM network, log T = {at_logt:.1f}")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
