@@ -1,0 +1,91 @@
+"""Result pytrees and the status enumeration of the Basis Pursuit solvers."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import jax
+import numpy as np
+
+__all__ = ["BPResult", "BPStatus", "LPResult"]
+
+
+class BPStatus(enum.IntEnum):
+    """Per-pixel outcome of a Basis Pursuit / LP solve (stored as small integers)."""
+
+    SOLVED = 0
+    INFEASIBLE = 1
+    MAX_ITER = 2
+    LOW_SIGNAL = 3
+    INVALID_INPUT = 4
+
+    @property
+    def message(self) -> str:
+        """Human-readable meaning of the code."""
+        return _MESSAGES[self]
+
+
+_MESSAGES = {
+    BPStatus.SOLVED: "optimal solution found",
+    BPStatus.INFEASIBLE: (
+        "no non-negative EM reproduces the data within the tolerance (after all retries); "
+        "coefficients are 0"
+    ),
+    BPStatus.MAX_ITER: "pivot limit reached before optimality; coefficients are 0",
+    BPStatus.LOW_SIGNAL: "summed signal below min_signal; not solved, coefficients are 0",
+    BPStatus.INVALID_INPUT: (
+        "NaN/Inf intensity or sigma, or sigma <= 0; not solved, coefficients are NaN"
+    ),
+}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LPResult:
+    """Solution of ``min sum(x) s.t. lower <= D x <= upper, x >= 0`` for a batch of problems.
+
+    Attributes
+    ----------
+    x : (..., n) optimal point (0 where ``status != SOLVED``), units of the columns of ``D``.
+    objective : (...) ``sum(x)``.
+    status : (...) int32 :class:`BPStatus` code (SOLVED, INFEASIBLE, MAX_ITER or INVALID_INPUT).
+    iterations : (...) int32 dual-simplex pivots taken.
+    basis : (..., C) int32 final basis; index ``j < n`` is column ``j`` of ``D``, ``n + i`` the
+        slack ``s_i = (D x)_i`` of row ``i``.
+    at_upper : (..., C) bool, for each non-basic slack ``s_i``: True if at ``upper_i``, False if
+        at ``lower_i`` (meaningless for basic slacks).
+    """
+
+    x: jax.Array
+    objective: jax.Array
+    status: jax.Array
+    iterations: jax.Array
+    basis: jax.Array
+    at_upper: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BPResult:
+    """Basis Pursuit DEM of a set of pixels (numpy arrays, leading axes as the input).
+
+    Attributes
+    ----------
+    coeffs : (..., n_basis) BP coefficients in units of ``basis.scale`` cm^-5.
+    em : (..., n_T) emission measure per temperature bin, cm^-5.
+    status : (...) int8 :class:`BPStatus` code.
+    tolfac : (...) tolerance factor used (``tolfac`` times the retry factor that succeeded;
+        the last factor tried for INFEASIBLE pixels, NaN for LOW_SIGNAL / INVALID_INPUT).
+    iterations : (...) dual-simplex pivots of the accepted solve (summed over precisions).
+    synthetic : (..., C) resynthesised intensities ``D @ coeffs``, DN s^-1 pix^-1.
+    objective : (...) ``sum(coeffs)`` (units of ``basis.scale`` cm^-5).
+    """
+
+    coeffs: np.ndarray
+    em: np.ndarray
+    status: np.ndarray
+    tolfac: np.ndarray
+    iterations: np.ndarray
+    synthetic: np.ndarray
+    objective: np.ndarray
