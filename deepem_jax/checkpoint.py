@@ -288,7 +288,9 @@ def load_checkpoint(
             extra=payload["extra"],
         )
         predictor = ckpt.predictor()
-        template = jax.eval_shape(lambda: Predictor.init(jax.random.key(0), config).params)
+        template = jax.eval_shape(
+            lambda: Predictor.init(jax.random.key(0), config, ckpt.logt, ckpt.channels).params
+        )
         leaves, got = jax.tree.leaves(template), jax.tree.leaves(predictor.params)
         if jax.tree.structure(template) != jax.tree.structure(predictor.params) or any(
             a.shape != np.shape(b) for a, b in zip(leaves, got, strict=True)

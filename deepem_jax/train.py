@@ -366,15 +366,15 @@ def train_and_evaluate(
     per-epoch history (``epoch``, ``loss``, ``val_loss``, ``pixels_per_s``).
     ``stop_after_epochs`` ends this call after that many epochs (used to test resuming).
     """
-    mcfg = get_config(config.model)
-    if response.n_temperatures != mcfg.n_temperatures or response.n_channels != mcfg.n_channels:
-        raise ValueError(
-            f"response has {response.n_channels} channels x {response.n_temperatures} bins; "
-            f"model {config.model!r} needs {mcfg.n_channels} x {mcfg.n_temperatures}"
-        )
+    # the named architecture, with input/output sizes taken from the response
+    mcfg = dataclasses.replace(get_config(config.model), n_channels=response.n_channels,
+                               n_temperatures=response.n_temperatures)
     for name, d in (("train", train), ("val", val)):
         if d.intensity.shape[-1] != mcfg.n_channels or d.em.shape[-1] != mcfg.n_temperatures:
-            raise ValueError(f"{name} dataset shape does not match the model")
+            raise ValueError(
+                f"{name} dataset has {d.intensity.shape[-1]} channels x {d.em.shape[-1]} bins "
+                f"but the response has {mcfg.n_channels} channels x {mcfg.n_temperatures} bins"
+            )
         if not d.solved.any():
             raise ValueError(f"{name} dataset has no BP-solved pixel to learn from")
     workdir = Path(workdir)

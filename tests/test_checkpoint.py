@@ -219,3 +219,19 @@ def test_response_mismatch(tmp_path, predictor, response):
     assert load_checkpoint(path, response=scaled).epoch == 0  # same grid: accepted by default
     with pytest.raises(CheckpointError, match="trained with response 'test-response'"):
         load_checkpoint(path, response=scaled, strict_response=True)
+
+
+def test_five_channel_network_round_trip(tmp_path):
+    """A network without 94 Å (5 inputs) saves and loads with its own channel list."""
+    import dataclasses
+
+    from deepem_jax.checkpoint import Checkpoint, load_predictor, save_checkpoint
+
+    cfg = dataclasses.replace(get_config("small"), n_channels=5)
+    chans = (131, 171, 193, 211, 335)
+    pred = Predictor.init(jax.random.PRNGKey(0), cfg, tuple(DEEPEM_LOGT), chans)
+    path = save_checkpoint(tmp_path / "five.msgpack", Checkpoint.from_predictor(pred))
+    back = load_predictor(path)
+    assert back.channels == chans and back.config.n_channels == 5
+    y = np.full((3, 5), 50.0, np.float32)
+    np.testing.assert_array_equal(back.predict(y), pred.predict(y))
