@@ -243,9 +243,9 @@ def _solve_flat(D, lower, upper, max_pivots, first_pivots=16, gather=None):
     ok = code == 0
     # Failed problems solve a trivial system (all-slack basis, zero bounds) so gradients are 0.
     n = D.shape[1]
-    basis = jnp.where(ok[:, None], basis, jnp.arange(n, n + D.shape[0], dtype=basis.dtype))
+    slack_basis = jnp.where(ok[:, None], basis, jnp.arange(n, n + D.shape[0], dtype=basis.dtype))
     x = jax.vmap(basic_solution, (None, 0, 0, 0, 0))(
-        Dc, jnp.where(ok[:, None], lo, 0.0), jnp.where(ok[:, None], hi, 0.0), basis, at_upper
+        Dc, jnp.where(ok[:, None], lo, 0.0), jnp.where(ok[:, None], hi, 0.0), slack_basis, at_upper
     )
     x = jnp.maximum(x, 0.0)
     return LPResult(x, jnp.sum(x, -1), code.astype(jnp.int32), it, basis, at_upper)
