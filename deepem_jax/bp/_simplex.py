@@ -27,7 +27,7 @@ import numpy as np
 
 from ._types import BPStatus, LPResult
 
-__all__ = ["basic_solution", "certify", "solve_lp"]
+__all__ = ["basic_solution", "certify_infeasible", "certify_optimal", "solve_lp"]
 
 #: Default pivot cap: measured mean ~5, max ~20 pivots on 54-63 column AIA dictionaries.
 MAX_PIVOTS = 64
@@ -89,10 +89,9 @@ def _step(D, p, state):
     tol_p, tol_d, tol_a = _TOLS[jnp.dtype(D.dtype).itemsize]
     r, S, c, lo, hi = p["r"], p["S"], p["c"], p["lo"], p["hi"]
     Binv, basis, stat, code, it = state
-    z_n = jnp.where(stat == 1, lo, jnp.where(stat == 2, p["hi_fin"], 0.0))
-    x_b = -Binv @ (r * (D @ (S * z_n[:n])) - z_n[n:])
-    y = c[basis] @ Binv
-    d = c - jnp.concatenate([((y * r) @ D) * S, -y])
+    # non-basic x sit at 0, so only the non-basic slacks enter x_B = -B^-1 [D', -I] z_N
+    z_s = jnp.where(stat[n:] == 1, lo[n:], jnp.where(stat[n:] == 2, p["hi_fin"][n:], 0.0))
+    x_b = Binv @ z_s
     below = lo[basis] - x_b
     above = x_b - hi[basis]
     infeas = jnp.maximum(jnp.maximum(below, above), 0.0)
@@ -100,7 +99,11 @@ def _step(D, p, state):
     optimal = infeas[row] <= tol_p
     go_low = below[row] > 0
     rho = Binv[row]
-    alpha = jnp.concatenate([((rho * r) @ D) * S, -rho])
+    y = c[basis] @ Binv
+    # one product with the shared D for the duals and the pivot row
+    yd, rd = ((jnp.stack([y, rho]) * r) @ D) * S
+    d = c - jnp.concatenate([yd, -y])
+    alpha = jnp.concatenate([rd, -rho])
     t = jnp.where(go_low, -alpha, alpha)
     cand = ((stat == 1) & (t > tol_a)) | ((stat == 2) & (t < -tol_a))
     abs_d = jnp.where(stat == 2, jnp.maximum(-d, 0.0), jnp.maximum(d, 0.0))
@@ -188,41 +191,65 @@ def basic_solution(
     return S * jnp.zeros(n + D.shape[0], D.dtype).at[basis].set(z_b)[:n]
 
 
-def certify(
-    D: jax.Array, lower: jax.Array, upper: jax.Array, basis: jax.Array, at_upper: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Check a final basis of one problem in the dtype of the inputs (run in float64 to
-    certify a float32 solve). Returns ``(x, optimal, infeasible)``: the vertex (n,), whether
-    it is primal and dual feasible (optimal) within 1e-7 in scaled units, and whether some
-    basic row is violated by more than 1e-7 with no entering column (|pivot| > 1e-9) that could
-    reduce the violation (a proof of infeasibility). D (C, n); lower, upper (C,); basis (C,)."""
+#: Certificate tolerances (scaled units): feasibility / reduced costs, and pivot magnitude.
+_CERT_TOL, _CERT_EPS = 1e-7, 1e-9
+
+
+def _bound_checks(D, lower, upper, basis, at_upper):
+    """Shared part of the certificates: vertex, scaled matrices and bound violations."""
     C, n = D.shape
     dt = D.dtype
-    tol, eps = 1e-7, 1e-9
     z_b, B, r, S, c_x = _vertex(D, lower, upper, basis, at_upper)
     in_basis = jnp.zeros(n + C, bool).at[basis].set(True)
     lo = jnp.concatenate([jnp.zeros(n, dt), r * lower])[basis]
     hi = jnp.concatenate([jnp.full(n, jnp.inf, dt), r * upper])[basis]
-    below = lo - z_b > tol
-    above = z_b - hi > tol
-    c = jnp.concatenate([c_x, jnp.zeros(C, dt)])
-    binv = jnp.linalg.inv(B)
     A = jnp.concatenate([r[:, None] * D * S[None, :], -jnp.eye(C, dtype=dt)], axis=1)
-    d = c - (c[basis] @ binv) @ A
     upper_nb = jnp.concatenate([jnp.zeros(n, bool), at_upper]) & ~in_basis
-    lower_nb = ~upper_nb & ~in_basis
-    wrong = jnp.where(upper_nb, d, -d)
-    optimal = ~jnp.any(below | above) & jnp.all(in_basis | (wrong <= tol))
-    alpha = binv @ A
-    raise_ok = jnp.any((lower_nb & (alpha < -eps)) | (upper_nb & (alpha > eps)), axis=1)
-    lower_ok = jnp.any((lower_nb & (alpha > eps)) | (upper_nb & (alpha < -eps)), axis=1)
-    infeasible = jnp.any((below & ~raise_ok) | (above & ~lower_ok))
     x = S * jnp.zeros(n + C, dt).at[basis].set(z_b)[:n]
-    return jnp.maximum(x, 0.0), optimal, infeasible
+    return dict(
+        x=jnp.maximum(x, 0.0),
+        B=B,
+        A=A,
+        c=jnp.concatenate([c_x, jnp.zeros(C, dt)]),
+        basis=basis,
+        in_basis=in_basis,
+        upper_nb=upper_nb,
+        lower_nb=~upper_nb & ~in_basis,
+        below=lo - z_b > _CERT_TOL,
+        above=z_b - hi > _CERT_TOL,
+    )
+
+
+def certify_optimal(
+    D: jax.Array, lower: jax.Array, upper: jax.Array, basis: jax.Array, at_upper: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Vertex (n,) of a final basis of one problem and whether it is optimal (primal and dual
+    feasible within 1e-7 in scaled units), in the dtype of the inputs: run in float64 to
+    certify a float32 solve. D (C, n); lower, upper (C,); basis (C,) int; at_upper (C,)."""
+    k = _bound_checks(D, lower, upper, basis, at_upper)
+    y = jnp.linalg.solve(k["B"].T, k["c"][basis])
+    d = k["c"] - y @ k["A"]
+    wrong = jnp.where(k["upper_nb"], d, -d)
+    optimal = ~jnp.any(k["below"] | k["above"]) & jnp.all(k["in_basis"] | (wrong <= _CERT_TOL))
+    return k["x"], optimal
+
+
+def certify_infeasible(
+    D: jax.Array, lower: jax.Array, upper: jax.Array, basis: jax.Array, at_upper: jax.Array
+) -> jax.Array:
+    """Whether a final basis of one problem proves infeasibility: some basic row is violated
+    by more than 1e-7 (scaled) and no non-basic column (|pivot| > 1e-9) can reduce the
+    violation. Arguments as :func:`certify_optimal`."""
+    k = _bound_checks(D, lower, upper, basis, at_upper)
+    alpha = jnp.linalg.solve(k["B"], k["A"])
+    lower_nb, upper_nb = k["lower_nb"], k["upper_nb"]
+    can_raise = jnp.any((lower_nb & (alpha < -_CERT_EPS)) | (upper_nb & (alpha > _CERT_EPS)), 1)
+    can_lower = jnp.any((lower_nb & (alpha > _CERT_EPS)) | (upper_nb & (alpha < -_CERT_EPS)), 1)
+    return jnp.any((k["below"] & ~can_raise) | (k["above"] & ~can_lower))
 
 
 @partial(jax.jit, static_argnames=("max_pivots", "first_pivots", "gather"))
-def _solve_flat(D, lower, upper, max_pivots, first_pivots=16, gather=None):
+def _solve_flat(D, lower, upper, max_pivots, first_pivots=12, gather=None):
     invalid = ~(
         jnp.all(jnp.isfinite(lower), -1)
         & jnp.all(jnp.isfinite(upper), -1)

@@ -14,7 +14,7 @@ import numpy as np
 from ..basis import Basis, dictionary
 from ..response import TemperatureResponse
 from ._highs import highs_lp
-from ._simplex import MAX_PIVOTS, certify, solve_lp
+from ._simplex import MAX_PIVOTS, certify_infeasible, certify_optimal, solve_lp
 from ._types import BPResult, BPStatus, LPResult
 
 __all__ = ["bounds", "solve", "solve_jax"]
@@ -87,9 +87,8 @@ def _as_intensity(a, name: str) -> np.ndarray:
     return arr.astype(np.float64)
 
 
-@jax.jit
-def _certify_chunk(D, lower, upper, basis, at_upper):
-    return jax.vmap(certify, (None, 0, 0, 0, 0))(D, lower, upper, basis, at_upper)
+_certify_optimal = jax.jit(jax.vmap(certify_optimal, (None, 0, 0, 0, 0)))
+_certify_infeasible = jax.jit(jax.vmap(certify_infeasible, (None, 0, 0, 0, 0)))
 
 
 def _head(tree, m: int):
@@ -141,16 +140,18 @@ def _jax_backend(D, lower, upper, precision, chunk_size, max_pivots, bar):
         return res.x, res.status, res.iterations
     res = _lp_chunks(D, lower, upper, np.float32, chunk_size, max_pivots, bar)
     x, status, its = res.x.astype(np.float64), res.status.copy(), res.iterations.copy()
-    N = lower.shape[0]
     with jax.enable_x64(True):
-        for start in range(0, N, _CERT_CHUNK):
-            sl = slice(start, min(start + _CERT_CHUNK, N))
-            args = (lower[sl], upper[sl], res.basis[sl], res.at_upper[sl])
-            out = _certify_chunk(D, *(_pad(a, _CERT_CHUNK) for a in args))
-            cx, opt, inf = _head(out, sl.stop - sl.start)
-            st = status[sl]
-            x[sl] = np.where((st == 0)[:, None], cx, x[sl])
-            status[sl] = np.where(((st == 0) & opt) | ((st == 1) & inf), st, -1)
+        for check, code in ((_certify_optimal, 0), (_certify_infeasible, 1)):
+            idx = np.flatnonzero(status == code)
+            size = _bucket(idx.size, _CERT_CHUNK)
+            for start in range(0, idx.size, size):
+                sel = idx[start : start + size]
+                args = (lower[sel], upper[sel], res.basis[sel], res.at_upper[sel])
+                out = _head(check(D, *(_pad(a, size) for a in args)), sel.size)
+                if code == 0:
+                    x[sel] = out[0]
+                    out = out[1]
+                status[sel[~out]] = -1  # no float64 certificate: re-solve below
     redo = np.flatnonzero(status < 0)
     if redo.size:
         r64 = _lp_chunks(D, lower[redo], upper[redo], np.float64, chunk_size, max_pivots)
