@@ -165,6 +165,8 @@ def test_solve_lp_flags_nonfinite_and_crossed_bounds():
     assert np.all(res.x[1:3] == 0)
     with pytest.raises(ValueError, match="x64"):
         bp.solve_lp(D, lower, upper, dtype=np.float64)
+    capped = bp.solve_lp(D, lower[:1] * 5, upper[:1] * 5, max_pivots=1)
+    assert capped.status[0] == bp.BPStatus.MAX_ITER and np.all(capped.x == 0)
 
 
 def test_errors_on_mismatch_and_units():

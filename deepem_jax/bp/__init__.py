@@ -15,8 +15,18 @@ Why a bounded dual simplex: on 10^5 BP-shaped pixels on 2 CPU cores
 response) with HiGHS's answers and identical infeasibility verdicts; first-order methods
 (PDHG, MPAX r2HPDHG, ADMM/OSQP) were 17--660 px/s and missed 2.7--22% of infeasible pixels. The
 all-slack basis of ``[D, -I][x; s] = 0`` is dual feasible (all costs >= 0), so no phase 1 is
-needed and infeasibility is proven exactly. Measured here on the real response (demregpy
-table on DeepEM's 18-bin grid, 54 basis functions), see ``benchmarks/bench_bp.py``.
+needed and infeasibility is proven exactly. Measured here (``python benchmarks/bench_bp.py
+--pixels 20000 --highs-pixels 500``; SolarSoft GENX response on DeepEM's 18-bin grid, 54 basis
+functions, 2 CPU cores shared with other jobs): full driver ``solve`` incl. retries ~49k px/s
+float32 (float64-certified) and ~46k px/s float64, HiGHS per pixel ~450 px/s (100--108x),
+identical statuses, objectives within 6e-8 (float32) / 7e-14 (float64) of HiGHS. The bare
+float32 ``solve_lp`` runs ~70--80k px/s; measured mean 9--10 pivots, max ~40.
+
+float32 pivots alone are not guaranteed exact on the real response (the notes measured
+0.2--1.6% of pixels off without scaling safeguards; here 1 pixel in 4096 had no float64
+certificate), so ``solve(precision="float32")`` re-evaluates every final basis in
+float64, certifies optimality (primal and dual feasibility) or infeasibility (a violated row
+no column can repair), and re-solves in float64 the few without a certificate.
 
 Gradients: the returned ``x`` is recomputed from the optimal basis with one linear solve
 ``x_B = B^-1 rhs(lower, upper)``; autodiff of that solve is implicit differentiation through
