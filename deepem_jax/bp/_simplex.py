@@ -65,7 +65,6 @@ def _setup(D, lower, upper):
         S=S,
         c=jnp.concatenate([c_x, jnp.zeros(C, dt)]),
         lo=jnp.concatenate([jnp.zeros(n, dt), r * lower]),
-        hi_fin=jnp.concatenate([jnp.zeros(n, dt), r * upper]),
         hi=jnp.concatenate([jnp.full(n, jnp.inf, dt), r * upper]),
     )
 
@@ -90,7 +89,7 @@ def _step(D, p, state):
     r, S, c, lo, hi = p["r"], p["S"], p["c"], p["lo"], p["hi"]
     Binv, basis, stat, code, it = state
     # non-basic x sit at 0, so only the non-basic slacks enter x_B = -B^-1 [D', -I] z_N
-    z_s = jnp.where(stat[n:] == 1, lo[n:], jnp.where(stat[n:] == 2, p["hi_fin"][n:], 0.0))
+    z_s = jnp.where(stat[n:] == 1, lo[n:], jnp.where(stat[n:] == 2, hi[n:], 0.0))
     x_b = Binv @ z_s
     below = lo[basis] - x_b
     above = x_b - hi[basis]
