@@ -5,10 +5,15 @@ Submodules: ``response``, ``basis``, ``forward``, ``uncertainty`` (instrument ph
 (the DeepEM network); ``io``, ``data``, ``products`` (files, registry, maps and figures).
 """
 
+from . import bp as bp
 from . import data as data
 from .basis import Basis as Basis
 from .basis import cheung_basis as cheung_basis
 from .basis import dictionary as dictionary
+from .bp import BPResult as BPResult
+from .bp import BPStatus as BPStatus
+from .bp import LPResult as LPResult
+from .bp import solve_lp as solve_lp
 from .checkpoint import Checkpoint as Checkpoint
 from .checkpoint import CheckpointError as CheckpointError
 from .checkpoint import load_checkpoint as load_checkpoint
