@@ -9,9 +9,11 @@ Shape of the pipeline (after the flax examples)::
 Targets are the BP EM on the same response and grid the network is trained for; pixels whose
 BP status is not ``SOLVED`` are masked out of the loss (the original trained on them too).
 The loss is the original's MSE on ``sqrt(EM / 1e25)`` plus, optionally, ``physics_weight``
-times the mean chi^2 of the resynthesised intensities ``forward(K, EM_pred)`` against the data
-with the AIA uncertainty. Every epoch ends with a validation pass, a progress line (loss,
-validation loss, pixels/s) and an atomic checkpoint; training resumes from the latest
+times a physics term on the resynthesised intensities ``forward(K, EM_pred)``: ``"chi2"``, the
+mean chi^2 against the data with the AIA uncertainty, or ``"band"``, the mean squared distance
+(in sigma) by which they leave BP's tolerance band (zero inside it). Every epoch ends with a
+validation pass, a progress line (MSE, validation MSE and total loss, pixels/s) and an atomic
+checkpoint; early stopping watches the total validation loss; training resumes from the latest
 checkpoint in ``workdir`` and, because each epoch's shuffling is derived from ``(seed, epoch)``,
 reaches the same parameters as an uninterrupted run.
 """
@@ -31,7 +33,15 @@ import numpy as np
 import optax
 
 from .forward import forward
-from .model import DeepEMNet, ModelConfig, Predictor, encode_em, encode_intensities, get_config
+from .model import (
+    DeepEMNet,
+    ModelConfig,
+    Predictor,
+    decode_em,
+    encode_em,
+    encode_intensities,
+    get_config,
+)
 from .response import TemperatureResponse
 
 __all__ = [
@@ -52,6 +62,8 @@ class TrainConfig:
     ``batch_size=None`` takes whole observations per step (the original: one 512^2 image per
     step); an integer draws random pixel mini-batches of that size.
     ``schedule`` is ``"constant"`` or ``"cosine"`` (cosine decay over all steps).
+    ``physics`` is ``"chi2"`` or ``"band"`` (see the module docstring), used when
+    ``physics_weight > 0``.
     """
 
     model: str = "deepem"
@@ -62,6 +74,7 @@ class TrainConfig:
     schedule: str = "constant"
     patience: int | None = 10
     physics_weight: float = 0.0
+    physics: str = "chi2"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -70,6 +83,8 @@ class TrainConfig:
             raise ValueError("epochs must be >= 1")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError("batch_size must be positive or None (whole observations)")
+        if self.physics not in ("chi2", "band"):
+            raise ValueError(f"physics must be 'chi2' or 'band', got {self.physics!r}")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         if not (self.learning_rate > 0 and self.weight_decay >= 0 and self.physics_weight >= 0):
@@ -212,9 +227,10 @@ def observations_from_dirs(
 # -- the step -------------------------------------------------------------------------------
 
 
-def _loss_fn(params, batch, w, K, config: ModelConfig, physics_weight: float):
-    """Weighted MSE on sqrt-scaled EM (+ physics chi^2); ``w`` (n,) is 1 for used pixels."""
-    y, sigma, em = batch
+def _loss_fn(params, batch, w, K, config: ModelConfig, physics_weight: float, physics: str):
+    """(total, mse): weighted MSE on sqrt-scaled EM plus ``physics_weight`` times the physics
+    term; ``w`` (n,) is 1 for pixels used, 0 for padding."""
+    y, sigma, em, tolfac = batch
     out = DeepEMNet(config).apply({"params": params}, encode_intensities(y))
     target = encode_em(em, config)
     per_pixel = jnp.mean(jnp.square(out - target), axis=-1)
@@ -222,25 +238,30 @@ def _loss_fn(params, batch, w, K, config: ModelConfig, physics_weight: float):
     mse = jnp.sum(w * per_pixel) / wsum
     if physics_weight == 0.0:
         return mse, mse
-    from .model import decode_em
-
     resynth = forward(K, decode_em(out, config))
-    chi2 = jnp.mean(jnp.square((resynth - y) / sigma), axis=-1)
-    return mse + physics_weight * jnp.sum(w * chi2) / wsum, mse
+    if physics == "chi2":
+        term = jnp.mean(jnp.square((resynth - y) / sigma), axis=-1)
+    else:  # "band": squared distance (in sigma) outside BP's tolerance band, 0 inside it
+        yc = jnp.maximum(y, 0.0)
+        tol = tolfac[:, None] * sigma
+        excess = jax.nn.relu(resynth - (yc + tol)) + jax.nn.relu(jnp.maximum(yc - tol, 0) - resynth)
+        term = jnp.mean(jnp.square(excess / sigma), axis=-1)
+    return mse + physics_weight * jnp.sum(w * term) / wsum, mse
 
 
-def _make_steps(config: ModelConfig, tx: optax.GradientTransformation, physics_weight: float):
+def _make_steps(config: ModelConfig, tx: optax.GradientTransformation, physics_weight: float,
+                physics: str):
     @jax.jit
     def train_step(params, opt_state, batch, w, K):
         (_, mse), grads = jax.value_and_grad(_loss_fn, has_aux=True)(
-            params, batch, w, K, config, physics_weight
+            params, batch, w, K, config, physics_weight, physics
         )
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, mse
 
     @jax.jit
     def eval_step(params, batch, w, K):
-        return _loss_fn(params, batch, w, K, config, physics_weight)[1]
+        return _loss_fn(params, batch, w, K, config, physics_weight, physics)
 
     return train_step, eval_step
 
@@ -268,17 +289,21 @@ def _batches(data: Dataset, batch_size: int | None, rng: np.random.Generator | N
             data.intensity[take].astype(np.float32),
             data.sigma[take].astype(np.float32),
             data.em[take].astype(np.float32),
+            np.where(np.isfinite(data.tolfac[take]), data.tolfac[take], 1.4).astype(np.float32),
         )
         yield batch, w
 
 
-def _evaluate(eval_step, params, data: Dataset, K, batch_size: int) -> float:
-    tot, n = 0.0, 0
+def _evaluate(eval_step, params, data: Dataset, K, batch_size: int) -> tuple[float, float]:
+    """(total loss, MSE on sqrt-scaled EM) over the solved pixels of ``data``."""
+    tot, mse, n = 0.0, 0.0, 0.0
     for batch, w in _batches(data, batch_size, None):
         k = float(w.sum())
-        tot += float(eval_step(params, batch, w, K)) * k
+        t, m = eval_step(params, batch, w, K)
+        tot += float(t) * k
+        mse += float(m) * k
         n += k
-    return tot / max(n, 1)
+    return tot / max(n, 1), mse / max(n, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,7 +317,7 @@ class _State:
     history: list[dict[str, float]]
 
 
-_HISTORY_KEYS = ("epoch", "loss", "val_loss", "pixels_per_s")
+_HISTORY_KEYS = ("epoch", "loss", "val_loss", "val_mse", "pixels_per_s")
 
 
 def _save(workdir: Path, state: _State, config: TrainConfig, mcfg: ModelConfig,
@@ -392,7 +417,7 @@ def train_and_evaluate(
     )
     tx = optax.adamw(lr, weight_decay=config.weight_decay)
     K = jnp.asarray(response.K, jnp.float32)
-    train_step, eval_step = _make_steps(mcfg, tx, config.physics_weight)
+    train_step, eval_step = _make_steps(mcfg, tx, config.physics_weight, config.physics)
     eval_bs = config.batch_size or 65536
 
     init = Predictor.init(jax.random.PRNGKey(config.seed), mcfg, response.logt, response.channels)
@@ -419,9 +444,9 @@ def train_and_evaluate(
             tot += float(mse) * k
             n += k
         dt = time.perf_counter() - t0
-        val_loss = _evaluate(eval_step, params, val, K, eval_bs)
+        val_loss, val_mse = _evaluate(eval_step, params, val, K, eval_bs)
         rec = {"epoch": state.epoch + 1, "loss": tot / max(n, 1), "val_loss": val_loss,
-               "pixels_per_s": n / dt}
+               "val_mse": val_mse, "pixels_per_s": n / dt}
         improved = val_loss < state.best_val
         state = _State(
             params, opt_state, state.epoch + 1,
@@ -433,8 +458,8 @@ def train_and_evaluate(
         _save(workdir, state, config, mcfg, response)
         done_now += 1
         if log:
-            log(f"epoch {rec['epoch']:4d}/{config.epochs}  loss {rec['loss']:.4f}  "
-                f"val {val_loss:.4f}{' *' if improved else '  '}  "
+            log(f"epoch {rec['epoch']:4d}/{config.epochs}  mse {rec['loss']:.4f}  "
+                f"val mse {val_mse:.4f}  val loss {val_loss:.4f}{' *' if improved else '  '}  "
                 f"{rec['pixels_per_s']:,.0f} px/s")
     best = Predictor(state.best_params, mcfg, response.logt, response.channels)
     return best, list(state.history)

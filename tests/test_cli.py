@@ -1,0 +1,156 @@
+"""The deepem-jax command through click's test runner: every subcommand, --help, bad paths,
+missing channels, existing outputs and a corrupt input file."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _synth import write_aia_set
+from click.testing import CliRunner
+from conftest import shared_path
+
+from deepem_jax.cli import EXIT_EXISTS, EXIT_INPUT, main
+from deepem_jax.io import read_dem_cube
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+@pytest.fixture(scope="module")
+def aia_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("aia6")
+    write_aia_set(d)
+    return d
+
+
+@pytest.mark.parametrize("cmd", [[], ["invert"], ["train"], ["bench"], ["demo"]])
+def test_help(runner, cmd):
+    r = runner.invoke(main, [*cmd, "--help"])
+    assert r.exit_code == 0, r.output
+    assert "Usage:" in r.output
+    if cmd in (["invert"], ["train"], ["bench"]):
+        assert "Example" in r.output
+
+
+def test_invert_bp_writes_cube_and_refuses_overwrite(runner, aia_dir, tmp_path):
+    out = tmp_path / "out"
+    r = runner.invoke(main, ["invert", str(aia_dir), "--method", "bp", "--out", str(out),
+                             "--png"])
+    assert r.exit_code == 0, r.output
+    fits_files = sorted(out.glob("dem_bp_*.fits"))
+    assert len(fits_files) == 1 and fits_files[0].with_suffix(".png").exists()
+    cube = read_dem_cube(fits_files[0])
+    assert cube.em.shape[-1] == 18
+    status = cube.extras["status"]
+    assert status.shape == cube.em.shape[:2] and (status == 0).mean() > 0.9
+    assert np.all(np.isfinite(cube.extras["chi2"][status == 0]))
+    before = fits_files[0].stat().st_mtime_ns
+    r = runner.invoke(main, ["invert", str(aia_dir), "--method", "bp", "--out", str(out)])
+    assert r.exit_code == EXIT_EXISTS
+    assert "--overwrite" in r.output
+    assert fits_files[0].stat().st_mtime_ns == before
+    r = runner.invoke(main, ["invert", str(aia_dir), "--method", "bp", "--out", str(out),
+                             "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_invert_net(runner, aia_dir, tmp_path):
+    r = runner.invoke(main, ["invert", str(aia_dir), "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    (path,) = tmp_path.glob("dem_net_*.fits")
+    cube = read_dem_cube(path)
+    assert np.all(np.isfinite(cube.em.value))
+
+
+def test_invert_bad_path(runner, tmp_path):
+    r = runner.invoke(main, ["invert", str(tmp_path / "nope.fits"), "--out", str(tmp_path)])
+    assert r.exit_code == EXIT_INPUT
+    assert "nope.fits" in r.output
+
+
+def test_invert_missing_channel(runner, tmp_path):
+    d = tmp_path / "five"
+    d.mkdir()
+    write_aia_set(d, channels=(131, 171, 193, 211, 335))
+    out = tmp_path / "out"
+    r = runner.invoke(main, ["invert", str(d), "--method", "bp", "--out", str(out)])
+    assert r.exit_code == EXIT_INPUT
+    assert "94" in r.output
+    assert not list(out.glob("*.fits"))
+    # the same five channels are fine for BP when asked for explicitly
+    r = runner.invoke(main, ["invert", str(d), "--method", "bp", "--channels",
+                             "131,171,193,211,335", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+
+
+def test_invert_corrupt_real_file(runner, tmp_path):
+    d = shared_path("aia", "synoptic_2024-10-04")
+    out = tmp_path / "out"
+    r = runner.invoke(main, ["invert", str(d), "--method", "bp", "--out", str(out)])
+    assert r.exit_code == EXIT_INPUT
+    assert "AIAsynoptic0094_CORRUPT.fits" in r.output and "corrupt" in r.output
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_invert_truncated_file(runner, aia_dir, tmp_path):
+    files = sorted(Path(aia_dir).glob("*.fits"))
+    bad = tmp_path / "in"
+    bad.mkdir()
+    for f in files:
+        (bad / f.name).write_bytes(f.read_bytes())
+    victim = bad / files[0].name
+    victim.write_bytes(victim.read_bytes()[: 2880 * 3 + 100])
+    r = runner.invoke(main, ["invert", str(bad), "--out", str(tmp_path / "out")])
+    assert r.exit_code == EXIT_INPUT
+    assert victim.name in r.output
+
+
+def test_invert_bad_options(runner, aia_dir, tmp_path):
+    r = runner.invoke(main, ["invert", str(aia_dir), "--out", str(tmp_path), "--channels", "x"])
+    assert r.exit_code == 2
+    r = runner.invoke(main, ["invert", str(aia_dir), "--out", str(tmp_path), "--method", "nn"])
+    assert r.exit_code == 2
+
+
+def test_train_and_resume(runner, tmp_path):
+    args = ["train", "--out", str(tmp_path), "--synthetic", "1", "--synthetic-size", "48",
+            "--epochs", "2", "--batch-size", "512"]
+    r = runner.invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "epoch    2/2" in r.output
+    assert list(tmp_path.glob("checkpoint_*.msgpack"))
+    r = runner.invoke(main, [*args[:-4], "--epochs", "3", "--batch-size", "512"])
+    assert r.exit_code == 0, r.output
+    assert "resuming after epoch 2" in r.output and "epoch    3/3" in r.output
+
+
+def test_bench_small(runner, tmp_path):
+    r = runner.invoke(main, ["bench", "--sizes", "16", "--tiled", "0", "--highs-pixels", "5",
+                             "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.md").exists()
+    assert "bp_jax_f32" in r.output and "net_deepem_f32" in r.output
+
+
+def test_demo(runner, tmp_path, monkeypatch):
+    if not os.environ.get("DEEPEM_JAX_DATA"):
+        pytest.skip("DEEPEM_JAX_DATA not set: the synthetic demo path is tested below")
+    out = tmp_path / "demo"
+    r = runner.invoke(main, ["demo", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert (out / "demo_figure1.png").stat().st_size > 10_000
+    assert "real AIA synoptic" in (out / "demo_report.md").read_text()
+    r = runner.invoke(main, ["demo", "--out", str(out)])
+    assert r.exit_code == EXIT_EXISTS
+
+
+def test_demo_synthetic(runner, tmp_path, monkeypatch):
+    monkeypatch.delenv("DEEPEM_JAX_DATA", raising=False)
+    out = tmp_path / "demo"
+    r = runner.invoke(main, ["demo", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "synthetic" in (out / "demo_report.md").read_text()
