@@ -8,13 +8,14 @@ corrupt or inconsistent AIA files, missing channels); 4 output already exists (u
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 from pathlib import Path
 
 import click
 import numpy as np
 
-from ._atomic import atomic_write
+from ._atomic import save_figure
 
 EXIT_INPUT = 3
 EXIT_EXISTS = 4
@@ -56,23 +57,15 @@ def main() -> None:
     """DEM inversion of SDO/AIA images: exact Basis Pursuit and the DeepEM network in JAX."""
 
 
-def _atomic_png(fig, path: Path) -> None:
-    with atomic_write(path, suffix=".png") as fh:
-        fig.savefig(fh, format="png", dpi=100)
-
-
 def _png_maps(path: Path, em, logt, status, wcs) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
 
     from .products import mean_logt, total_em
 
     tot = total_em(em).value
     mt = mean_logt(em, logt)
-    fig = plt.figure(figsize=(11, 4.6))
+    fig = Figure(figsize=(11, 4.6))
     ax1 = fig.add_subplot(1, 2, 1, projection=wcs)
     ax2 = fig.add_subplot(1, 2, 2, projection=wcs)
     bad = (status != 0) | ~(tot > 0)
@@ -86,47 +79,51 @@ def _png_maps(path: Path, em, logt, status, wcs) -> None:
     ax1.set_title("Total EM (flagged pixels masked)")
     ax2.set_title("EM-weighted mean log T")
     fig.tight_layout()
-    _atomic_png(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-def _invert_one(inputs, method, channels, rebin, weights, tolfac, response_path, progress):
-    """Load one observation and invert it; returns (stack, em, logt, status, chi2)."""
+def _load_one(inputs, method, channels, rebin, weights, response_path):
+    """Read one observation, the network (``net``) and the response; every failure here is
+    bad input (exit 3). Returns (stack, predictor or None, response on the grid, logt)."""
     import astropy.units as u
 
+    from .io import AIAFileError, load_aia
+    from .pretrained import load_default_predictor
+    from .response import AIA_CHANNELS, DEEPEM_LOGT, default_response
+
+    predictor = None
+    try:
+        if method == "net":
+            predictor = (
+                load_default_predictor(channels) if weights is None else _load_weights(weights)
+            )
+            want = np.array(predictor.channels) * u.AA
+            if channels is not None and list(channels.to_value(u.AA)) != list(predictor.channels):
+                raise click.BadParameter(
+                    f"the network takes channels {list(predictor.channels)} Å; got "
+                    f"{list(channels.to_value(u.AA).astype(int))}", param_hint="--channels")
+            logt = predictor.logt_array
+        else:
+            want = AIA_CHANNELS if channels is None else channels
+            logt = DEEPEM_LOGT
+        stack = load_aia(inputs, want, rebin=rebin)
+        response = default_response() if response_path is None else _load_response(response_path)
+        response = response.regrid(logt).select(stack.channels)
+    except (AIAFileError, FileNotFoundError) as err:
+        raise _InputError(str(err)) from err
+    except (ValueError, pickle.UnpicklingError) as err:  # bad files, channels, weights, tables
+        raise _InputError(f"{inputs}: {err}") from err
+    return stack, predictor, response, logt
+
+
+def _invert_one(stack, predictor, response, logt, method, tolfac, progress):
+    """Invert a loaded stack; returns (em, status, chi2)."""
     from . import bp
     from .basis import cheung_basis
     from .forward import forward
-    from .io import load_aia
-    from .pretrained import load_default_predictor
-    from .response import AIA_CHANNELS, DEEPEM_LOGT, default_response
-    from .uncertainty import V3_ERROR_TABLE, estimate_error
 
-    predictor = None
-    if method == "net":
-        predictor = (
-            load_default_predictor(channels) if weights is None else _load_weights(weights)
-        )
-        want = np.array(predictor.channels) * u.AA
-        if channels is not None and list(channels.to_value(u.AA)) != list(predictor.channels):
-            raise click.BadParameter(
-                f"the network takes channels {list(predictor.channels)} Å; got "
-                f"{list(channels.to_value(u.AA).astype(int))}", param_hint="--channels")
-        logt = predictor.logt_array
-    else:
-        want = AIA_CHANNELS if channels is None else channels
-        logt = DEEPEM_LOGT
-    stack = load_aia(inputs, want, rebin=rebin)
-    if response_path is None:
-        response = default_response()
-    else:
-        response = _load_response(response_path)
-    response = response.regrid(logt).select(stack.channels)
-    table = V3_ERROR_TABLE.select(stack.channels)
-    exptime = stack.exptime.to_value(u.s)
-    y = stack.data
-    sigma = np.asarray(estimate_error(np.nan_to_num(stack.counts), table, stack.n_sample))
-    sigma = sigma / exptime
+    y = stack.masked_data  # NaN/saturated pixels -> INVALID_INPUT, NaN EM (never fitted)
+    sigma = stack.sigma()
     if method == "bp":
         res = bp.solve(y, sigma, response, cheung_basis(logt), tolfac=tolfac, progress=progress)
         em = np.asarray(res.em, dtype=np.float64)
@@ -137,12 +134,10 @@ def _invert_one(inputs, method, channels, rebin, weights, tolfac, response_path,
         em = np.asarray(em, dtype=np.float64)
         status = np.where(valid, 0, int(bp.BPStatus.INVALID_INPUT)).astype(np.int16)
         synth = np.asarray(forward(np.asarray(response.K), np.nan_to_num(em)))
-    # pixels the data layer flagged (NaN/Inf or saturated) are invalid whatever the solver says
-    status = np.where(stack.mask, int(bp.BPStatus.INVALID_INPUT), status).astype(np.int16)
     with np.errstate(invalid="ignore"):
         chi2 = np.mean(((synth - y) / sigma) ** 2, axis=-1)
     chi2 = np.where(status == 0, chi2, np.nan)
-    return stack, em, logt, status, chi2
+    return em, status, chi2
 
 
 def _load_response(path: str):
@@ -195,14 +190,17 @@ def _observations(files: tuple[str, ...]) -> list:
 @click.option("--response", "response_path", default=None,
               type=click.Path(exists=True, dir_okay=False),
               help="Temperature response table (.genx, .csv, .npy, IDL save); default: embedded.")
-@click.option("--tolfac", default=1.4, show_default=True, help="BP tolerance factor.")
+@click.option("--tolfac", default=1.4, show_default=True,
+              type=click.FloatRange(min=0, min_open=True), help="BP tolerance factor.")
 @click.option("--png/--no-png", default=False, help="Also write PNG maps.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 def invert(files, method, out_dir, channels, rebin, weights, response_path, tolfac, png,
            overwrite):
     """Invert AIA images (six channel FITS files, or one directory per observation) to DEM
     cubes: FITS (T x y x with WCS, cm^-5 per log T bin) plus STATUS and CHI2 maps."""
-    from .io import AIAFileError, write_dem_cube
+    import astropy.units as u
+
+    from .io import write_dem_cube
 
     chans = _channels(channels)
     observations = _observations(files)
@@ -211,24 +209,18 @@ def invert(files, method, out_dir, channels, rebin, weights, response_path, tolf
     with click.progressbar(observations, label="observations", file=sys.stderr,
                            show_pos=True) as bar:
         for obs in bar:
-            try:
-                stack, em, logt, status, chi2 = _invert_one(
-                    obs, method, chans, rebin, weights, tolfac, response_path, progress=True
-                )
-            except (AIAFileError, FileNotFoundError) as err:
-                raise _InputError(str(err)) from err
-            except ValueError as err:
-                raise _InputError(f"{obs}: {err}") from err
+            stack, predictor, response, logt = _load_one(
+                obs, method, chans, rebin, weights, response_path
+            )
             stamp = stack.obstime.min().strftime("%Y%m%dT%H%M%S")
             fits_path = out / f"dem_{method}_{stamp}.fits"
             png_path = out / f"dem_{method}_{stamp}.png"
             existing = [p for p in (fits_path, png_path if png else None) if p and p.exists()]
             if existing and not overwrite:
-                raise _ExistsError(
-                    f"{existing[0]} exists; pass --overwrite to replace it (nothing was written)"
-                )
-            import astropy.units as u
-
+                raise _ExistsError(f"{existing[0]} exists; pass --overwrite to replace it "
+                                   "(nothing was written for this observation)")
+            em, status, chi2 = _invert_one(stack, predictor, response, logt, method, tolfac,
+                                           progress=True)
             write_dem_cube(
                 fits_path, em * u.cm**-5, logt, stack.wcs,
                 extras={"status": status, "chi2": chi2},
@@ -286,7 +278,12 @@ def train(workdir, data_dirs, n_synthetic, synthetic_size, model, epochs, batch_
     tr, va = data.split(0.1, seed=seed)
     cfg = TrainConfig(model=model, epochs=epochs, batch_size=batch_size,
                       physics_weight=physics_weight, seed=seed)
-    _, hist = train_and_evaluate(cfg, tr, va, response, workdir, log=click.echo)
+    from .checkpoint import CheckpointError
+
+    try:
+        _, hist = train_and_evaluate(cfg, tr, va, response, workdir, log=click.echo)
+    except CheckpointError as err:
+        raise click.UsageError(str(err)) from err
     if hist:
         click.echo(f"best val loss {min(h['val_loss'] for h in hist):.4f}; "
                    f"checkpoints in {workdir}")

@@ -1,10 +1,11 @@
 """Fidelity of DeepEM predictions against Basis Pursuit (BP), split by BP's own status.
 
 Every metric is computed three times: on all pixels, on pixels where BP solved
-(``status == 0``) and on pixels where BP failed (any other status). Pixels whose predicted EM
-is not finite (invalid input, see :meth:`deepem_jax.model.Predictor.predict`) are left out of
-every group and counted in ``n_invalid``. Arrays are channels-last: EM (..., n_T) in cm^-5 per
-bin, intensities and sigma (..., n_channels) in DN s^-1 pix^-1, status (...,).
+(``status == 0``) and on pixels where BP failed (any other status). Pixels whose predicted or
+BP EM is not finite (invalid input: :meth:`deepem_jax.model.Predictor.predict`,
+``BPStatus.INVALID_INPUT``) are left out of every group and counted in ``n_invalid``.
+Arrays are channels-last: EM (..., n_T) in cm^-5 per bin, intensities and sigma
+(..., n_channels) in DN s^-1 pix^-1, status (...,).
 
 Definitions (means are over the pixels of a group):
 
@@ -166,7 +167,7 @@ def evaluate_fidelity(
         raise ValueError("sigma must be positive")
     em_pred, em_bp = em_pred.reshape(-1, n_t), em_bp.reshape(-1, n_t)
     y, sig, status = y.reshape(-1, n_c), sig.reshape(-1, n_c), status.reshape(-1)
-    valid = np.all(np.isfinite(em_pred), axis=-1)
+    valid = np.all(np.isfinite(em_pred), axis=-1) & np.all(np.isfinite(em_bp), axis=-1)
     y_pred = np.full_like(y, np.nan)
     y_pred[valid] = np.asarray(forward(K, em_pred[valid]), dtype=np.float64)
     y_bp = np.asarray(forward(K, em_bp), dtype=np.float64)

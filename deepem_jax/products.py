@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import astropy.units as u
 import numpy as np
 
+from ._atomic import save_figure
 from ._units import to_value
 
 __all__ = ["em_at_logt", "em_in_range", "figure1", "mean_logt", "total_em"]
@@ -81,15 +82,13 @@ def figure1(
 
     ``aia171`` is (ny, nx) in DN s^-1 pix^-1; ``bp_em`` and ``net_em`` are (ny, nx, n_T) in
     cm^-5; ``bp_status`` is (ny, nx), 0 where BP solved. With ``wcs`` (a 2-D astropy WCS)
-    the axes are helioprojective. Returns the matplotlib Figure; saves a PNG if ``path``.
+    the axes are helioprojective. Returns a matplotlib ``Figure`` (not registered with pyplot);
+    saves a PNG atomically if ``path``.
     """
     import matplotlib
-
-    if path is not None:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import sunpy.visualization.colormaps  # noqa: F401  (registers the sdoaia colormaps)
     from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
     img = to_value(aia171, u.DN / (u.s * u.pix), "aia171", allow_plain=True)
     bp = em_at_logt(bp_em, logt, at_logt).to_value(_EM)
@@ -105,7 +104,7 @@ def figure1(
     vmin, vmax = (np.percentile(good, [1, 99.5]) if good.size else (1e24, 1e28))
     norm = LogNorm(vmin=max(vmin, 1e20), vmax=max(vmax, vmin * 10))
     kw = {"projection": wcs} if wcs is not None else {}
-    fig = plt.figure(figsize=(14, 4.8))
+    fig = Figure(figsize=(14, 4.8))
     axes = [fig.add_subplot(1, 3, i + 1, **kw) for i in range(3)]
     pos = img[np.isfinite(img) & (img > 0)]
     im0 = axes[0].imshow(
@@ -115,7 +114,7 @@ def figure1(
         origin="lower",
     )
     fig.colorbar(im0, ax=axes[0], label="AIA 171 Å [DN s$^{-1}$ pix$^{-1}$]", shrink=0.8)
-    cmap = plt.get_cmap("inferno").copy()
+    cmap = matplotlib.colormaps["inferno"].copy()
     cmap.set_bad("black")
     # zero EM is drawn at the bottom of the colour scale; only BP failures are black
     bp_show = np.ma.masked_where(failed | ~np.isfinite(bp), np.clip(bp, norm.vmin, None))
@@ -131,5 +130,5 @@ def figure1(
         fig.suptitle(title)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=100)
+        save_figure(fig, path)
     return fig

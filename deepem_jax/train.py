@@ -43,6 +43,7 @@ from .model import (
     get_config,
 )
 from .response import TemperatureResponse
+from .uncertainty import sigma_values
 
 __all__ = [
     "Dataset",
@@ -127,6 +128,15 @@ class Dataset:
         """Boolean mask of pixels BP solved (the ones the loss uses)."""
         return self.status == 0
 
+    def band(self) -> tuple[np.ndarray, np.ndarray]:
+        """BP's tolerance band (lower, upper), (N, C) in DN s^-1 pix^-1, with each pixel's own
+        tolerance factor (1.4 where unknown)."""
+        from .bp import bounds
+
+        tf = np.where(np.isfinite(self.tolfac), self.tolfac, 1.4)[:, None]
+        lo, hi = bounds(self.intensity, self.sigma, tf)
+        return np.asarray(lo), np.asarray(hi)
+
     def take(self, idx: np.ndarray) -> Dataset:
         return Dataset(*(getattr(self, f.name)[idx] for f in dataclasses.fields(self)))
 
@@ -178,17 +188,6 @@ def build_dataset(
     return Dataset(cat["y"], cat["s"], cat["em"], cat["st"], cat["g"], cat["tf"])
 
 
-def _sigma(y: np.ndarray, exptime: np.ndarray, channels, n_sample: float = 1.0) -> np.ndarray:
-    """AIA 1-sigma uncertainty (DN s^-1 pix^-1) of intensities y (DN s^-1 pix^-1)."""
-    import astropy.units as u
-
-    from .uncertainty import V3_ERROR_TABLE, estimate_error
-
-    table = V3_ERROR_TABLE.select(np.asarray(channels) * u.AA)
-    counts = np.nan_to_num(y) * exptime
-    return np.asarray(estimate_error(counts, table, n_sample), dtype=np.float64) / exptime
-
-
 def synthetic_observations(
     response: TemperatureResponse,
     n: int,
@@ -204,7 +203,7 @@ def synthetic_observations(
     out = []
     for _ in range(n):
         _, y = synthetic_scene(response, shape, rng, exptime)
-        out.append((y, _sigma(y, np.full(response.n_channels, exptime), response.channels)))
+        out.append((y, sigma_values(y, exptime, response.wavelength)))
     return out
 
 
@@ -219,8 +218,7 @@ def observations_from_dirs(
     out = []
     for d in dirs:
         stack = load_aia(d, response.wavelength, rebin=rebin)
-        y = np.where(stack.mask[..., None], np.nan, stack.data)
-        out.append((y, _sigma(y, stack.exptime.value, response.channels, stack.n_sample)))
+        out.append((stack.masked_data, stack.sigma()))
     return out
 
 
@@ -242,9 +240,10 @@ def _loss_fn(params, batch, w, K, config: ModelConfig, physics_weight: float, ph
     if physics == "chi2":
         term = jnp.mean(jnp.square((resynth - y) / sigma), axis=-1)
     else:  # "band": squared distance (in sigma) outside BP's tolerance band, 0 inside it
-        yc = jnp.maximum(y, 0.0)
-        tol = tolfac[:, None] * sigma
-        excess = jax.nn.relu(resynth - (yc + tol)) + jax.nn.relu(jnp.maximum(yc - tol, 0) - resynth)
+        from .bp import bounds
+
+        lower, upper = bounds(y, sigma, tolfac[:, None])
+        excess = jax.nn.relu(resynth - upper) + jax.nn.relu(lower - resynth)
         term = jnp.mean(jnp.square(excess / sigma), axis=-1)
     return mse + physics_weight * jnp.sum(w * term) / wsum, mse
 

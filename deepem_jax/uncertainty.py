@@ -32,6 +32,7 @@ __all__ = [
     "ErrorTable",
     "aia_sigma",
     "estimate_error",
+    "sigma_values",
 ]
 
 _DARK = 0.18
@@ -165,16 +166,35 @@ def aia_sigma(
     Converts to counts with ``exptime`` (s, scalar or per channel), applies
     :func:`estimate_error` and divides back. Returns DN s^-1 pix^-1.
     """
-    chans = channel_list(channels)
     y = to_value(intensity, INTENSITY_UNIT, "intensity")
+    t = to_value(exptime, u.s, "exptime")
+    return sigma_values(y, t, channel_list(channels), n_sample, table, **kwargs) * INTENSITY_UNIT
+
+
+def sigma_values(
+    intensity: np.ndarray,
+    exptime: np.ndarray | float,
+    channels,
+    n_sample: float | np.ndarray = 1,
+    table: ErrorTable = V3_ERROR_TABLE,
+    **kwargs,
+) -> np.ndarray:
+    """Plain-array form of :func:`aia_sigma`: ``intensity`` (..., C) in DN s^-1 pix^-1,
+    ``exptime`` in s (scalar or per channel), ``channels`` in Å (ints or Quantity); returns
+    sigma in DN s^-1 pix^-1 (float64). Non-finite intensities count as zero signal (the caller
+    flags those pixels)."""
+    chans = channels if isinstance(channels, list) else channel_list(
+        channels if isinstance(channels, u.Quantity) else np.asarray(channels) * u.AA)
+    y = np.asarray(intensity, dtype=np.float64)
     if y.shape[-1:] != (len(chans),):
         raise ValueError(f"intensity shape {y.shape} does not end in {len(chans)} channels")
-    t = np.atleast_1d(to_value(exptime, u.s, "exptime"))
+    t = np.atleast_1d(np.asarray(exptime, dtype=np.float64))
     if t.size not in (1, len(chans)):
         raise ValueError(f"exptime needs 1 or {len(chans)} values (one per channel), got {t.size}")
     t = np.broadcast_to(t, (len(chans),))
     if np.any(~np.isfinite(t)) or np.any(t <= 0):
         raise ValueError(f"exposure times must be finite and positive, got {t} s")
-    tab = table.select(channels)
-    sig = estimate_error(jnp.asarray(y * t), tab, n_sample, **kwargs)
-    return (np.asarray(sig) / t) * INTENSITY_UNIT
+    tab = table.select(np.asarray(chans) * u.AA)
+    counts = np.where(np.isfinite(y), y, 0.0) * t
+    return np.asarray(estimate_error(jnp.asarray(counts), tab, n_sample, **kwargs),
+                      dtype=np.float64) / t

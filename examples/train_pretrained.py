@@ -31,7 +31,7 @@ from deepem_jax.forward import forward, noisy_observation, random_dems
 from deepem_jax.metrics import evaluate_fidelity, format_metrics_table
 from deepem_jax.response import DEEPEM_LOGT, default_response
 from deepem_jax.train import TrainConfig, build_dataset, train_and_evaluate
-from deepem_jax.uncertainty import V3_ERROR_TABLE, estimate_error
+from deepem_jax.uncertainty import sigma_values
 
 EXPTIME = {94: 2.9, 131: 2.9, 171: 2.0, 193: 2.0, 211: 2.9, 335: 2.9}
 CHANNELS = {6: [94, 131, 171, 193, 211, 335], 5: [131, 171, 193, 211, 335]}
@@ -43,8 +43,7 @@ def synthetic_pixels(response, n, seed):
     t = np.array([EXPTIME[c] for c in response.channels])
     y_true = np.asarray(forward(np.asarray(response.K), random_dems(DEEPEM_LOGT, n, rng)))
     y = noisy_observation(y_true, t, response.channels, rng)
-    table = V3_ERROR_TABLE.select(response.wavelength)
-    return y, np.asarray(estimate_error(y * t, table)) / t
+    return y, sigma_values(y, t, response.wavelength)
 
 
 def real_pixels(response):
@@ -56,10 +55,8 @@ def real_pixels(response):
         return None
     stack = load_aia([d / f"AIAsynoptic{c:04d}.fits" for c in response.channels],
                      response.wavelength)
-    t = stack.exptime.to_value(u.s)
-    y = np.where(stack.mask[..., None], np.nan, stack.data).reshape(-1, len(t))
-    table = V3_ERROR_TABLE.select(response.wavelength)
-    return y, np.asarray(estimate_error(np.nan_to_num(y) * t, table)) / t
+    n = response.n_channels
+    return stack.masked_data.reshape(-1, n), stack.sigma().reshape(-1, n)
 
 
 def main() -> None:
@@ -71,6 +68,7 @@ def main() -> None:
     ap.add_argument("--model", default="deepem")
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--patience", type=int, default=20)
     ap.add_argument("--workdir", default=None, help="checkpoint dir (default: a temp dir)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--figure", default=None, help="write a Figure-1-style PNG here")
@@ -95,17 +93,15 @@ def main() -> None:
     rest, test = data.split(0.1, seed=args.seed)
     train, val = rest.split(0.1 / 0.9, seed=args.seed + 1)
     cfg = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size,
-                      learning_rate=args.lr, schedule="cosine", patience=8, seed=args.seed,
+                      learning_rate=args.lr, schedule="cosine", patience=args.patience,
+                      seed=args.seed,
                       physics_weight=args.physics_weight, physics=args.physics)
     workdir = args.workdir or os.path.join("/tmp", f"deepem_pretrain_{args.channels}")
     pred, hist = train_and_evaluate(cfg, train, val, response, workdir)
 
     em = pred.predict(test.intensity)
-    yc = np.maximum(test.intensity, 0.0)
-    tol = np.where(np.isfinite(test.tolfac), test.tolfac, 1.4)[:, None] * test.sigma
     fid = evaluate_fidelity(em, test.em, test.status, test.intensity, test.sigma,
-                            np.asarray(response.K), DEEPEM_LOGT, np.maximum(yc - tol, 0),
-                            yc + tol)
+                            np.asarray(response.K), DEEPEM_LOGT, *test.band())
     table = format_metrics_table(fid)
     print(table)
     metrics = {f"{g}.{k}": float(v) for g, m in fid.items() for k, v in m.scalars().items()}
@@ -136,8 +132,7 @@ def figure(path, data, pred, response, real_shape: bool) -> None:
         _, y = synthetic_scene(response, (256, 256), np.random.default_rng(123), 2.0)
         shape = y.shape[:2]
         t = np.array([EXPTIME[c] for c in response.channels])
-        table = V3_ERROR_TABLE.select(response.wavelength)
-        sig = np.asarray(estimate_error(np.maximum(y, 0) * t, table)) / t
+        sig = sigma_values(y, t, response.wavelength)
         d = build_dataset([(y, sig)], response)
         y, em_bp, status = d.intensity, d.em, d.status
         title = "synthetic scene (not seen in training)"

@@ -153,7 +153,7 @@ def _jax_backend(D, lower, upper, precision, chunk_size, max_pivots, bar):
                     x[sel] = out[0]
                     out = out[1]
                 status[sel[~out]] = -1  # no float64 certificate: re-solve below
-    redo = np.flatnonzero(status < 0)
+    redo = np.flatnonzero((status < 0) | (status == int(BPStatus.MAX_ITER)))
     if redo.size:
         r64 = _lp_chunks(D, lower[redo], upper[redo], np.float64, chunk_size, max_pivots)
         x[redo], status[redo] = r64.x, r64.status
@@ -194,7 +194,7 @@ def solve(
         function no channel sees) is kept and gets coefficient 0 (it can only add cost).
     min_signal : pixels with ``sum(y) < min_signal`` (DN s^-1 pix^-1) are LOW_SIGNAL, not solved.
     method : ``"jax"`` (batched dual simplex) or ``"highs"`` (``scipy.optimize.linprog``, one
-        call per pixel; the reference, ~750 pixels/s).
+        call per pixel; the reference, ~450 pixels/s on the 2-core CPU here).
     precision : ``"float32"`` (float32 pivots, every result certified in float64 and the
         uncertified re-solved in float64) or ``"float64"``. Only used by ``method="jax"``;
         the outputs have this dtype.

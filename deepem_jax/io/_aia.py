@@ -109,6 +109,21 @@ class AIAStack:
         bad = PixelFlag.NONFINITE | PixelFlag.SATURATED
         return np.any(self.flags & bad, axis=-1)
 
+    @property
+    def masked_data(self) -> np.ndarray:
+        """``data`` with NaN in every channel of the pixels in :attr:`mask` (NaN/Inf or
+        saturated), so solvers flag them as invalid input rather than fit them."""
+        return np.where(self.mask[..., None], np.nan, self.data)
+
+    def sigma(self, **kwargs) -> np.ndarray:
+        """AIA 1-sigma uncertainty of :attr:`data` (DN s^-1 pix^-1), from the error model with
+        this stack's exposure times and ``n_sample`` (keywords go to
+        :func:`deepem_jax.uncertainty.sigma_values`)."""
+        from ..uncertainty import sigma_values
+
+        return sigma_values(self.data, self.exptime.to_value(u.s), self.channels,
+                            self.n_sample, **kwargs)
+
     def flag_count(self, flag: PixelFlag) -> np.ndarray:
         """Number of output pixels carrying ``flag``, per channel (shape (n_channels,))."""
         return np.count_nonzero(self.flags & flag, axis=(0, 1))
