@@ -284,8 +284,10 @@ class TemperatureResponse:
         inside = (new >= old[0] - 1e-9) & (new <= old[-1] + 1e-9)
         for c in range(K.shape[0]):
             finite = np.isfinite(logk[c])
-            lk = np.interp(new[inside], old, np.where(finite, logk[c], -1e3))
-            out[c, inside] = np.where(lk < -500, 0.0, 10.0**lk)
+            lk = np.interp(new[inside], old, np.where(finite, logk[c], 0.0))
+            # zero wherever a bracketing table point is zero (the indicator interpolates > 0)
+            touches_zero = np.interp(new[inside], old, (~finite).astype(float)) > 0
+            out[c, inside] = np.where(touches_zero, 0.0, 10.0**lk)
         return TemperatureResponse(out, self.channels, tuple(float(t) for t in new), self.name)
 
     def degrade(self, obstime, correction_table) -> TemperatureResponse:

@@ -48,6 +48,7 @@ from .uncertainty import sigma_values
 __all__ = [
     "Dataset",
     "TrainConfig",
+    "band_excess",
     "build_dataset",
     "observations_from_dirs",
     "synthetic_observations",
@@ -225,6 +226,18 @@ def observations_from_dirs(
 # -- the step -------------------------------------------------------------------------------
 
 
+def band_excess(resynth: jax.Array, y: jax.Array, sigma: jax.Array,
+                tolfac: jax.Array) -> jax.Array:
+    """Per pixel, the mean over channels of the squared distance (in units of sigma) by which
+    ``resynth`` lies outside BP's tolerance band ``bp.bounds(y, sigma, tolfac)``; 0 inside it.
+    Shapes: (n, C) arrays, ``tolfac`` (n,); intensities in DN s^-1 pix^-1."""
+    from .bp import bounds
+
+    lower, upper = bounds(y, sigma, tolfac[:, None])
+    excess = jax.nn.relu(resynth - upper) + jax.nn.relu(lower - resynth)
+    return jnp.mean(jnp.square(excess / sigma), axis=-1)
+
+
 def _loss_fn(params, batch, w, K, config: ModelConfig, physics_weight: float, physics: str):
     """(total, mse): weighted MSE on sqrt-scaled EM plus ``physics_weight`` times the physics
     term; ``w`` (n,) is 1 for pixels used, 0 for padding."""
@@ -239,12 +252,8 @@ def _loss_fn(params, batch, w, K, config: ModelConfig, physics_weight: float, ph
     resynth = forward(K, decode_em(out, config))
     if physics == "chi2":
         term = jnp.mean(jnp.square((resynth - y) / sigma), axis=-1)
-    else:  # "band": squared distance (in sigma) outside BP's tolerance band, 0 inside it
-        from .bp import bounds
-
-        lower, upper = bounds(y, sigma, tolfac[:, None])
-        excess = jax.nn.relu(resynth - upper) + jax.nn.relu(lower - resynth)
-        term = jnp.mean(jnp.square(excess / sigma), axis=-1)
+    else:
+        term = band_excess(resynth, y, sigma, tolfac)
     return mse + physics_weight * jnp.sum(w * term) / wsum, mse
 
 

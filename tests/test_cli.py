@@ -154,3 +154,14 @@ def test_demo_synthetic(runner, tmp_path, monkeypatch):
     r = runner.invoke(main, ["demo", "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert "synthetic" in (out / "demo_report.md").read_text()
+
+
+def test_invert_bad_tolfac_and_resume_mismatch(runner, aia_dir, tmp_path):
+    r = runner.invoke(main, ["invert", str(aia_dir), "--method", "bp", "--tolfac", "0",
+                             "--out", str(tmp_path)])
+    assert r.exit_code == 2
+    args = ["train", "--out", str(tmp_path / "w"), "--synthetic", "1", "--synthetic-size", "16",
+            "--epochs", "1", "--model", "small"]
+    assert runner.invoke(main, args).exit_code == 0
+    r = runner.invoke(main, [*args, "--physics-weight", "0.5"])
+    assert r.exit_code == 2 and "different training config" in r.output

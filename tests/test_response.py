@@ -70,11 +70,11 @@ def test_regrid_genx_onto_deepem_grid_matches_deepem_shape(genx_path, npy_path):
 def test_regrid_is_log_linear_and_zero_outside():
     K = np.array([[1e-26, 1e-24, 0.0], [2e-25, 2e-25, 2e-25]])
     r = TemperatureResponse(K, (171, 193), (6.0, 6.2, 6.4), "toy")
-    out = np.asarray(r.regrid([5.9, 6.0, 6.1, 6.3, 6.5]).K)
+    out = np.asarray(r.regrid([5.9, 6.0, 6.1, 6.2, 6.25, 6.3, 6.5]).K)
     # geometric mean half-way between 1e-26 and 1e-24; outside the table -> 0;
-    # next to a tabulated zero -> 0 (not an interpolated tiny number).
-    np.testing.assert_allclose(out[0], [0.0, 1e-26, 1e-25, 0.0, 0.0], rtol=1e-10)
-    np.testing.assert_allclose(out[1], [0.0, 2e-25, 2e-25, 2e-25, 0.0], rtol=1e-10)
+    # anywhere next to a tabulated zero -> 0 (not an interpolated tiny number).
+    np.testing.assert_allclose(out[0], [0.0, 1e-26, 1e-25, 1e-24, 0.0, 0.0, 0.0], rtol=1e-10)
+    np.testing.assert_allclose(out[1], [0.0, *[2e-25] * 5, 0.0], rtol=1e-10)
 
 
 def test_select_reorders_and_rejects():

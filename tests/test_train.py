@@ -105,3 +105,17 @@ def test_bad_inputs(tmp_path, response):
         TrainConfig(model="huge")
     with pytest.raises(ValueError, match="rows"):
         Dataset(train.intensity, train.sigma, train.em[:10], train.status, train.group)
+
+
+def test_band_excess_by_hand():
+    from deepem_jax.train import band_excess
+
+    y = np.array([[10.0, 100.0], [10.0, 100.0]])
+    sigma = np.array([[1.0, 10.0], [1.0, 10.0]])
+    # band with tolfac 1.4: [8.6, 11.4] and [86, 114]
+    inside = np.array([[11.0, 90.0], [8.7, 113.0]])
+    np.testing.assert_allclose(np.asarray(band_excess(inside, y, sigma, np.array([1.4, 1.4]))),
+                               [0.0, 0.0], atol=1e-12)
+    outside = np.array([[12.4, 100.0], [10.0, 66.0]])  # 1 sigma above; 2 sigma below
+    np.testing.assert_allclose(np.asarray(band_excess(outside, y, sigma, np.array([1.4, 1.4]))),
+                               [0.5, 2.0], rtol=1e-5)
