@@ -158,8 +158,9 @@ def run_suite(
     if tiled_size:
         say(f"tiled {tiled_size}x{tiled_size} (network only; BP extrapolates from its rate)")
         _, y = synthetic_scene(response, (256, 256), rng, exptime)
-        reps = tiled_size // 256
+        reps = max(tiled_size // 256, 1)
         big = np.tile(y, (reps, reps, 1))
+        tiled_size = big.shape[0]  # record the size actually run (a multiple of 256)
         for name, net in nets.items():
             net.predict(big[:256])  # 65536 pixels: compiles the tile shape the big run uses
             m = _measure(lambda net=net: net.predict(big), big.shape[0] * big.shape[1],

@@ -8,7 +8,6 @@ synthetic observation from the embedded response and inverts that. It writes
 ``demo_report.md`` (timings, BP status counts, network-vs-BP fidelity table).
 """
 
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,13 +22,15 @@ FIVE = [131, 171, 193, 211, 335] * u.AA
 
 
 def _real_observation_dir() -> Path | None:
-    root = os.environ.get("DEEPEM_JAX_DATA")
-    if not root:
+    """The folder of the five real synoptic files if the data registry finds all of them
+    (``$DEEPEM_JAX_DATA`` or the user cache; sha256-checked, never downloaded here)."""
+    from .data import fetch
+
+    try:
+        paths = [fetch(f"{SYNOPTIC}/AIAsynoptic{int(c):04d}.fits") for c in FIVE.value]
+    except FileNotFoundError:
         return None
-    d = Path(root, SYNOPTIC)
-    if all((d / f"AIAsynoptic{int(c):04d}.fits").is_file() for c in FIVE.value):
-        return d
-    return None
+    return paths[0].parent
 
 
 def run_demo(out: Path, log: Callable[[str], None] = print, rebin: int = 1) -> str:

@@ -146,7 +146,7 @@ class TemperatureResponse:
             if "TRESP" not in val or "LOGTE" not in val:
                 continue
             unit = str(val.get("UNITS", "")).strip()
-            if unit and u.Unit(unit.replace("^", "").replace("pix", "pix")) != RESPONSE_UNIT:
+            if unit and u.Unit(unit.replace("^", "")) != RESPONSE_UNIT:
                 raise ValueError(f"GENX tag {key} has units {unit!r}, expected {RESPONSE_UNIT}")
             lt = np.asarray(val["LOGTE"], dtype=np.float64)
             if logt is None:

@@ -365,7 +365,8 @@ def _restore(workdir: Path, config: TrainConfig, response: TemperatureResponse,
                          opt_state_target=opt_template)
     saved = dict(ck.extra.get("train_config", {}))
     now = config.to_dict()
-    differ = sorted(k for k in now if k != "epochs" and saved.get(k) != now[k])
+    defaults = TrainConfig().to_dict()  # keys added since a checkpoint was written
+    differ = sorted(k for k in now if k != "epochs" and saved.get(k, defaults[k]) != now[k])
     if differ:
         raise CheckpointError(
             f"{path} was written with a different training config ({differ}); use a new "
