@@ -130,7 +130,7 @@ def _invert_one(stack, predictor, response, logt, method, tolfac, progress):
         status = np.asarray(res.status).astype(np.int16)
         synth = np.asarray(res.synthetic, dtype=np.float64)
     else:
-        em, valid = predictor.predict(y, return_valid=True)
+        em, valid = predictor.predict(y, return_valid=True, progress=progress)
         em = np.asarray(em, dtype=np.float64)
         status = np.where(valid, 0, int(bp.BPStatus.INVALID_INPUT)).astype(np.int16)
         synth = np.asarray(forward(np.asarray(response.K), np.nan_to_num(em)))

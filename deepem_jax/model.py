@@ -268,6 +268,7 @@ class Predictor:
         dtype: Any = jnp.float32,
         tile_size: int = 65536,
         return_valid: bool = False,
+        progress: bool = False,
     ) -> np.ndarray | u.Quantity | tuple[np.ndarray | u.Quantity, np.ndarray]:
         """EM (..., n_T) in cm^-5 per bin of intensities (..., n_channels) in DN s^-1 pix^-1.
 
@@ -283,6 +284,7 @@ class Predictor:
         returned as well: ``(em, valid)``.
 
         A Quantity input gives a Quantity in cm^-5; a plain array gives a numpy array.
+        ``progress=True`` shows a tqdm bar over tiles.
         """
         is_quantity = isinstance(intensities, u.Quantity)
         if is_quantity:
@@ -309,7 +311,12 @@ class Predictor:
         tile = min(tile_size, 1 << max(n - 1, 0).bit_length())
         em = np.empty((n, self.config.n_temperatures), np.float32)
         valid = np.empty(n, bool)
-        for start in range(0, n, tile):
+        starts = range(0, n, tile)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, unit="tile", desc="network")
+        for start in starts:
             chunk = flat[start : start + tile]
             m = chunk.shape[0]
             if m < tile:
