@@ -290,3 +290,21 @@ def test_gradient_zero_and_finite_on_failed_pixels(x64):
     g = jax.grad(lambda yy: jnp.sum(jnp.nan_to_num(bp.solve_jax(yy, sig, D).x)))(y)
     assert np.all(np.isfinite(g))
     assert np.all(g[:3] == 0) and np.any(g[3] != 0)
+
+
+def test_host_blocks_match_highs(monkeypatch):
+    """solve() in small host blocks (bounded memory) gives HiGHS's verdicts and objectives,
+    with invalid pixels inside a block still flagged."""
+    import deepem_jax.bp._solve as S
+
+    resp = default_response().regrid(DEEPEM_LOGT)
+    y, sig = _observe(resp, 300, seed=11)
+    y[5, 0] = np.nan
+    monkeypatch.setattr(S, "_BLOCK", 64)
+    res = bp.solve(y, sig, resp, BASIS, precision="float64")
+    ref = bp.solve(y, sig, resp, BASIS, method="highs")
+    np.testing.assert_array_equal(res.status, ref.status)
+    assert res.status[5] == bp.BPStatus.INVALID_INPUT
+    ok = ref.status == 0
+    np.testing.assert_allclose(res.objective[ok], ref.objective[ok], rtol=1e-6)
+    np.testing.assert_array_equal(res.tolfac[ok], ref.tolfac[ok])

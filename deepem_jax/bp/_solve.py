@@ -23,6 +23,8 @@ _INTENSITY = u.DN / (u.s * u.pix)
 #: Pixels per float64 certificate call. With jax 0.10.2 on CPU the vmapped certificate hung
 #: (no progress in minutes) at 10^4 pixels per call while 8000 took 0.6 s; 4096 is safe.
 _CERT_CHUNK = 4096
+#: Pixels per host-side block of :func:`solve` (bounds the float64 temporaries).
+_BLOCK = 1 << 20
 
 
 def bounds(
@@ -246,6 +248,48 @@ def solve(
     shape, C = y.shape[:-1], y.shape[-1]
     yf = y.reshape(-1, C)
     sf = sig.reshape(-1, C)
+    N, n = yf.shape[0], D.shape[1]
+    out_dt = np.float32 if (method == "jax" and precision == "float32") else np.float64
+    B = np.asarray(basis.B, np.float64)
+    coeffs = np.empty((N, n), out_dt)
+    em = np.empty((N, B.shape[1]), out_dt)
+    synth = np.empty((N, C), out_dt)
+    status = np.empty(N, np.int8)
+    used = np.empty(N)
+    its = np.empty(N, np.int32)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=N, unit="px", desc="BP")
+    opts = dict(tolfac=tolfac, symmbuff=symmbuff, retry_factors=retry_factors,
+                min_signal=min_signal, method=method, precision=precision,
+                chunk_size=chunk_size, max_pivots=max_pivots, sqrt_sigma=sqrt_sigma, bar=bar)
+    # Host memory stays bounded: each block of pixels is solved (with its retries) and written
+    # into the outputs, which are allocated once in the output dtype.
+    for b0 in range(0, N, _BLOCK):
+        sl = slice(b0, min(b0 + _BLOCK, N))
+        x, status[sl], used[sl], its[sl] = _solve_block(yf[sl], sf[sl], D, **opts)
+        coeffs[sl] = x
+        synth[sl] = x @ D.T
+        em[sl] = basis.scale * (x @ B)
+    if bar is not None:
+        bar.close()
+    return BPResult(
+        coeffs=coeffs.reshape(*shape, n),
+        em=em.reshape(*shape, em.shape[-1]),
+        status=status.reshape(shape),
+        tolfac=used.reshape(shape),
+        iterations=its.reshape(shape),
+        synthetic=synth.reshape(*shape, C),
+        objective=coeffs.sum(-1, dtype=np.float64).reshape(shape).astype(out_dt),
+    )
+
+
+def _solve_block(yf, sf, D, *, tolfac, symmbuff, retry_factors, min_signal, method, precision,
+                 chunk_size, max_pivots, sqrt_sigma, bar):
+    """BP of (N, C) pixels with adaptive tolerance; returns float64 coefficients (N, n),
+    status, the tolerance factor used and pivot counts."""
     invalid = ~(np.all(np.isfinite(yf), -1) & np.all(np.isfinite(sf), -1))
     if not sqrt_sigma:
         invalid |= np.any(~(sf > 0), -1)
@@ -260,11 +304,8 @@ def solve(
     status[invalid] = BPStatus.INVALID_INPUT
     used = np.full(N, np.nan)
     its = np.zeros(N, np.int32)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=int((~(low | invalid)).sum()), unit="px", desc="BP")
+    if bar is not None:
+        bar.update(int((low | invalid).sum()))  # flagged, not solved
     for f in (1.0, *retry_factors):
         todo = np.flatnonzero(status == BPStatus.INFEASIBLE)
         if todo.size == 0:
@@ -278,22 +319,8 @@ def solve(
             xs, st, it = _jax_backend(D, lo, hi, precision, chunk_size, max_pivots, bar)
         x[todo], status[todo], used[todo] = xs, st, tolfac * f
         its[todo] += it
-    if bar is not None:
-        bar.close()
-
-    out_dt = np.float32 if (method == "jax" and precision == "float32") else np.float64
     x[invalid] = np.nan
-    synth = x @ D.T
-    em = basis.scale * (x @ np.asarray(basis.B, np.float64))
-    return BPResult(
-        coeffs=x.reshape(*shape, n).astype(out_dt),
-        em=em.reshape(*shape, em.shape[-1]).astype(out_dt),
-        status=status.reshape(shape).astype(np.int8),
-        tolfac=used.reshape(shape),
-        iterations=its.reshape(shape),
-        synthetic=synth.reshape(*shape, C).astype(out_dt),
-        objective=x.sum(-1).reshape(shape).astype(out_dt),
-    )
+    return x, status, used, its
 
 
 def _ticking(bar, n: int):
