@@ -24,7 +24,7 @@ def to_value(q, unit: u.UnitBase, name: str, allow_plain: bool = False) -> np.nd
         return np.asarray(q.to_value(unit), dtype=float)
     except u.UnitConversionError as err:
         raise u.UnitConversionError(
-            f"{name} has unit {q.unit!s}, which does not convert to {unit!s}"
+            f"{name} has unit {q.unit!s}, not convertible to {unit!s}"
         ) from err
 
 

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._units import INTENSITY_UNIT, to_value
 from .response import AIA_CHANNELS, DEEPEM_LOGT
 
 __all__ = [
@@ -53,7 +54,6 @@ __all__ = [
     "read_torch_state_dict",
 ]
 
-_INTENSITY = u.DN / (u.s * u.pix)
 _ACTIVATIONS: dict[str, Callable[..., jax.Array]] = {
     "leaky_relu": nn.leaky_relu,
     "relu": nn.relu,
@@ -287,16 +287,8 @@ class Predictor:
         ``progress=True`` shows a tqdm bar over tiles.
         """
         is_quantity = isinstance(intensities, u.Quantity)
-        if is_quantity:
-            try:
-                y = intensities.to_value(_INTENSITY)
-            except u.UnitConversionError as err:
-                raise u.UnitConversionError(
-                    f"intensities have unit {intensities.unit}, not convertible to {_INTENSITY}"
-                ) from err
-        else:
-            y = intensities
-        y = np.asarray(y, dtype=np.float32)
+        y = np.asarray(to_value(intensities, INTENSITY_UNIT, "intensities", allow_plain=True),
+                       dtype=np.float32)
         n_chan = self.config.n_channels
         if y.ndim < 1 or y.shape[-1] != n_chan:
             raise ValueError(

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._units import INTENSITY_UNIT, to_value
 from ..basis import Basis, dictionary
 from ..response import TemperatureResponse
 from ._highs import highs_lp
@@ -19,7 +20,6 @@ from ._types import BPResult, BPStatus, LPResult
 
 __all__ = ["bounds", "solve", "solve_jax"]
 
-_INTENSITY = u.DN / (u.s * u.pix)
 #: Pixels per float64 certificate call. With jax 0.10.2 on CPU the vmapped certificate hung
 #: (no progress in minutes) at 10^4 pixels per call while 8000 took 0.6 s; 4096 is safe.
 _CERT_CHUNK = 4096
@@ -78,12 +78,7 @@ def solve_jax(
 
 def _as_intensity(a, name: str) -> np.ndarray:
     if isinstance(a, u.Quantity):
-        try:
-            return np.asarray(a.to_value(_INTENSITY), dtype=np.float64)
-        except u.UnitConversionError as err:
-            raise u.UnitConversionError(
-                f"{name} has unit {a.unit}, not convertible to DN s^-1 pix^-1"
-            ) from err
+        return to_value(a, INTENSITY_UNIT, name)
     arr = np.asarray(a)
     if not np.issubdtype(arr.dtype, np.number):
         raise TypeError(f"{name} must be a numeric array or Quantity, got dtype {arr.dtype}")

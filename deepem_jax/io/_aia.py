@@ -15,6 +15,7 @@ from astropy.io import fits
 from astropy.time import Time
 from astropy.wcs import WCS
 
+from .._units import INTENSITY_UNIT
 from ..response import AIA_CHANNELS
 
 __all__ = [
@@ -27,7 +28,6 @@ __all__ = [
 
 #: Every AIA EUV channel a file may hold (Å); deepem_jax solves with the six coronal ones.
 AIA_EUV_CHANNELS: tuple[int, ...] = (94, 131, 171, 193, 211, 304, 335)
-_INTENSITY = u.DN / (u.s * u.pix)
 _FITS_SUFFIXES = (".fits", ".fts", ".fit", ".fits.gz", ".fts.gz")
 # 14-bit ADC: raw AIA pixels saturate at 16383 DN; level-1 processing (dark subtraction,
 # flat field) leaves saturated pixels a little below that.
@@ -91,7 +91,7 @@ class AIAStack:
     @property
     def intensity(self) -> u.Quantity:
         """``data`` as a Quantity in DN s^-1 pix^-1."""
-        return self.data * _INTENSITY
+        return self.data * INTENSITY_UNIT
 
     @property
     def counts(self) -> np.ndarray:
@@ -151,7 +151,7 @@ class AIAStack:
         meta.update(
             wavelnth=float(self.channels[channel].to_value(u.AA)),
             exptime=float(self.exptime[channel].to_value(u.s)),
-            bunit=_INTENSITY.to_string(),
+            bunit=INTENSITY_UNIT.to_string(),
         )
         return sunpy.map.Map(self.data[..., channel], meta)
 
@@ -293,7 +293,7 @@ def _per_second(src: _Source) -> bool:
         raise AIAFileError(f"{src.label}: cannot parse BUNIT {text!r}") from None
     if unit.is_equivalent(u.DN) or unit.is_equivalent(u.DN / u.pix):
         return False
-    if unit.is_equivalent(u.DN / u.s) or unit.is_equivalent(_INTENSITY):
+    if unit.is_equivalent(u.DN / u.s) or unit.is_equivalent(INTENSITY_UNIT):
         return True
     raise AIAFileError(f"{src.label}: BUNIT {text!r} is neither DN nor DN/s (per pixel)")
 
