@@ -1,8 +1,9 @@
 """deepem_jax: differential emission measure inversion of SDO/AIA images in JAX.
 
 Submodules: ``response``, ``basis``, ``forward``, ``uncertainty`` (instrument physics);
-``bp`` (Basis Pursuit); ``model``, ``train``, ``checkpoint``, ``metrics``, ``pretrained``
-(the DeepEM network); ``io``, ``data``, ``products`` (files, registry, maps and figures).
+``bp`` (Basis Pursuit); ``consistency`` (EM moved into BP's tolerance band); ``model``,
+``train``, ``checkpoint``, ``metrics``, ``pretrained`` (the DeepEM network); ``io``, ``data``,
+``products`` (files, registry, maps and figures).
 """
 
 from . import bp as bp
@@ -19,6 +20,8 @@ from .checkpoint import CheckpointError as CheckpointError
 from .checkpoint import load_checkpoint as load_checkpoint
 from .checkpoint import load_predictor as load_predictor
 from .checkpoint import save_checkpoint as save_checkpoint
+from .consistency import ConsistencyResult as ConsistencyResult
+from .consistency import project_to_band as project_to_band
 from .forward import forward as forward
 from .forward import predict_intensities as predict_intensities
 from .forward import synthetic_scene as synthetic_scene
