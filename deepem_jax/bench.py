@@ -204,6 +204,8 @@ def _bench_size(size, y, sigma, response, basis, nets, rng, record, highs_pixels
             gflops = m["pixels_per_s"] * fpp / 1e9
             record(f"net_{name}_{dt_name}", size, m, gflops=gflops,
                    fraction_of_peak=gflops * 1e9 / peak)
+        record(f"net_{name}_consistent_f32", size, _measure(
+            lambda net=net: net.predict(y, sigma=sigma, response=response), n))
     if demreg_pixels and _has_demregpy():
         k = min(demreg_pixels, n)
         try:
@@ -270,6 +272,8 @@ def _ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"size": size}
         for num, den in (("net_deepem_f32", "bp_jax_f32"), ("net_small_f32", "bp_jax_f32"),
                          ("net_deepem_f32", "bp_highs"), ("net_small_f32", "bp_highs"),
+                         ("net_deepem_consistent_f32", "bp_jax_f32"),
+                         ("net_small_consistent_f32", "bp_jax_f32"),
                          ("bp_jax_f32", "bp_highs"), ("bp_jax_f64", "bp_highs")):
             if g(num) and g(den):
                 row[f"{num}/{den}"] = g(num) / g(den)

@@ -130,9 +130,14 @@ def _invert_one(stack, predictor, response, logt, method, tolfac, progress):
         status = np.asarray(res.status).astype(np.int16)
         synth = np.asarray(res.synthetic, dtype=np.float64)
     else:
-        em, valid = predictor.predict(y, return_valid=True, progress=progress)
+        # the network's EM moved into BP's tolerance band (the consistency step); pixels it
+        # cannot bring inside keep that EM and are flagged INFEASIBLE
+        em, valid, in_band = predictor.predict(y, sigma=sigma, response=response, tolfac=tolfac,
+                                               return_valid=True, return_in_band=True,
+                                               progress=progress)
         em = np.asarray(em, dtype=np.float64)
-        status = np.where(valid, 0, int(bp.BPStatus.INVALID_INPUT)).astype(np.int16)
+        status = np.where(in_band, 0, int(bp.BPStatus.INFEASIBLE))
+        status = np.where(valid, status, int(bp.BPStatus.INVALID_INPUT)).astype(np.int16)
         synth = np.asarray(forward(np.asarray(response.K), np.nan_to_num(em)))
     with np.errstate(invalid="ignore"):
         chi2 = np.mean(((synth - y) / sigma) ** 2, axis=-1)
@@ -191,7 +196,9 @@ def _observations(files: tuple[str, ...]) -> list:
               type=click.Path(exists=True, dir_okay=False),
               help="Temperature response table (.genx, .csv, .npy, IDL save); default: embedded.")
 @click.option("--tolfac", default=1.4, show_default=True,
-              type=click.FloatRange(min=0, min_open=True), help="BP tolerance factor.")
+              type=click.FloatRange(min=0, min_open=True),
+              help="Tolerance factor of the band |K EM - y| <= tolfac sigma (BP; for the "
+                   "network, the band its EM is moved into; outside it: STATUS 1).")
 @click.option("--png/--no-png", default=False, help="Also write PNG maps.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 def invert(files, method, out_dir, channels, rebin, weights, response_path, tolfac, png,

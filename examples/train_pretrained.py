@@ -26,7 +26,7 @@ from pathlib import Path
 import astropy.units as u
 import numpy as np
 
-from deepem_jax.checkpoint import Checkpoint, save_checkpoint
+from deepem_jax.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from deepem_jax.forward import forward, noisy_observation, random_dems
 from deepem_jax.metrics import evaluate_fidelity, format_metrics_table
 from deepem_jax.response import DEEPEM_LOGT, default_response
@@ -76,6 +76,8 @@ def main() -> None:
                     help="physics term on the resynthesised intensities (see deepem_jax.train)")
     ap.add_argument("--physics-weight", type=float, default=1.0,
                     help="weight of the physics term in the loss")
+    ap.add_argument("--evaluate", action="store_true",
+                    help="do not train: evaluate the weights in --out on the same held-out split")
     args = ap.parse_args()
 
     response = default_response().regrid(DEEPEM_LOGT).select(CHANNELS[args.channels] * u.AA)
@@ -92,26 +94,40 @@ def main() -> None:
     print(f"BP solved {data.solved.mean():.4f} of {len(data):,} pixels")
     rest, test = data.split(0.1, seed=args.seed)
     train, val = rest.split(0.1 / 0.9, seed=args.seed + 1)
-    cfg = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size,
-                      learning_rate=args.lr, schedule="cosine", patience=args.patience,
-                      seed=args.seed,
-                      physics_weight=args.physics_weight, physics=args.physics)
-    workdir = args.workdir or os.path.join("/tmp", f"deepem_pretrain_{args.channels}")
-    pred, hist = train_and_evaluate(cfg, train, val, response, workdir)
-
-    em = pred.predict(test.intensity)
-    fid = evaluate_fidelity(em, test.em, test.status, test.intensity, test.sigma,
-                            np.asarray(response.K), DEEPEM_LOGT, *test.band())
-    table = format_metrics_table(fid)
-    print(table)
-    metrics = {f"{g}.{k}": float(v) for g, m in fid.items() for k, v in m.scalars().items()}
-    metrics["epochs_run"] = float(len(hist))
-    metrics["best_val_loss"] = float(min(h["val_loss"] for h in hist))
     out = Path(args.out) / NAMES[args.channels]
-    save_checkpoint(out, Checkpoint.from_predictor(pred, response, metrics))
+    if args.evaluate:
+        ckpt = load_checkpoint(out, response=response, strict_response=True)
+        pred, cfg_text, metrics = ckpt.predictor(), "(evaluated, not trained)", {}
+    else:
+        cfg = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size,
+                          learning_rate=args.lr, schedule="cosine", patience=args.patience,
+                          seed=args.seed,
+                          physics_weight=args.physics_weight, physics=args.physics)
+        workdir = args.workdir or os.path.join("/tmp", f"deepem_pretrain_{args.channels}")
+        pred, hist = train_and_evaluate(cfg, train, val, response, workdir)
+        cfg_text = json.dumps(cfg.to_dict())
+        metrics = {"epochs_run": float(len(hist)),
+                   "best_val_loss": float(min(h["val_loss"] for h in hist))}
+
+    tables = []
+    for name, em in [
+        ("network alone", pred.predict(test.intensity)),
+        ("network + consistency step (tolfac 1.4)",
+         pred.predict(test.intensity, sigma=test.sigma, response=response)),
+    ]:
+        fid = evaluate_fidelity(em, test.em, test.status, test.intensity, test.sigma,
+                                np.asarray(response.K), DEEPEM_LOGT, *test.band())
+        tables.append(f"### {name}\n\n{format_metrics_table(fid)}")
+        prefix = "" if name == "network alone" else "consistent."
+        metrics |= {f"{prefix}{g}.{k}": float(v) for g, m in fid.items()
+                    for k, v in m.scalars().items()}
+    table = "\n\n".join(tables)
+    print(table)
+    if not args.evaluate:
+        save_checkpoint(out, Checkpoint.from_predictor(pred, response, metrics))
+        print(f"wrote {out} ({out.stat().st_size:,} bytes)")
     (Path(args.out) / f"{out.stem}.metrics.md").write_text(
-        f"Data: {'; '.join(sources)}\n\nConfig: {json.dumps(cfg.to_dict())}\n\n{table}\n")
-    print(f"wrote {out} ({out.stat().st_size:,} bytes)")
+        f"Data: {'; '.join(sources)}\n\nConfig: {cfg_text}\n\n{table}\n")
     if args.figure:
         figure(args.figure, data, pred, response, real_shape=len(observations) > 1)
 
@@ -126,7 +142,8 @@ def figure(path, data, pred, response, real_shape: bool) -> None:
         sel = data.group == data.group.max()
         side = int(round(np.sqrt(sel.sum())))
         shape = (side, side)
-        y, em_bp, status = data.intensity[sel], data.em[sel], data.status[sel]
+        y, sig = data.intensity[sel], data.sigma[sel]
+        em_bp, status = data.em[sel], data.status[sel]
         title = "real AIA synoptic 2024-10-04 (pixels partly seen in training)"
     else:
         _, y = synthetic_scene(response, (256, 256), np.random.default_rng(123), 2.0)
@@ -134,11 +151,12 @@ def figure(path, data, pred, response, real_shape: bool) -> None:
         t = np.array([EXPTIME[c] for c in response.channels])
         sig = sigma_values(y, t, response.wavelength)
         d = build_dataset([(y, sig)], response)
-        y, em_bp, status = d.intensity, d.em, d.status
+        y, sig, em_bp, status = d.intensity, d.sigma, d.em, d.status
         title = "synthetic scene (not seen in training)"
     i171 = list(response.channels).index(171)
     figure1(y[:, i171].reshape(shape), em_bp.reshape(*shape, -1), status.reshape(shape),
-            pred.predict(y).reshape(*shape, -1), DEEPEM_LOGT, at_logt=5.9, path=path, title=title)
+            pred.predict(y, sigma=sig, response=response).reshape(*shape, -1), DEEPEM_LOGT,
+            at_logt=5.9, path=path, title=title)
     print(f"wrote {path}")
 
 

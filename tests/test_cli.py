@@ -62,7 +62,13 @@ def test_invert_net(runner, aia_dir, tmp_path):
     assert r.exit_code == 0, r.output
     (path,) = tmp_path.glob("dem_net_*.fits")
     cube = read_dem_cube(path)
-    assert np.all(np.isfinite(cube.em.value))
+    assert np.all(np.isfinite(cube.em.value))  # flagged pixels keep their EM
+    status = cube.extras["status"]
+    assert set(np.unique(status)) <= {0, 1}  # in BP's band, or flagged INFEASIBLE
+    assert (status == 0).mean() > 0.8, (status == 0).mean()
+    # the default band is |K EM - y| <= 1.4 sigma (no negative pixels in these images): the
+    # reduced chi^2 of consistent pixels cannot exceed 1.4^2
+    assert np.nanmax(cube.extras["chi2"][status == 0]) <= 1.4**2 * (1 + 1e-4)
 
 
 def test_invert_bad_path(runner, tmp_path):
