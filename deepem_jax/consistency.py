@@ -120,8 +120,9 @@ def project_to_band(
     inv = jnp.where(ok[:, None], 1.0 / jnp.where(hi > 0, hi, 1.0), 1.0)  # channel scales
     Ks = jnp.asarray(K, dtype) * _EM_UNIT
     KK = (Ks[:, None, :] * Ks[None, :, :]).reshape(C * C, n_t).T  # (n_T, C*C)
-    w = hi - lo
-    t = jnp.clip(x0 @ Ks.T, lo + margin * w, hi - margin * w) * inv
+    lo_m, hi_m = lo + margin * (hi - lo), hi - margin * (hi - lo)  # the targets' band
+    r0 = x0 @ Ks.T
+    t = jnp.clip(r0, lo_m, hi_m) * inv
     eye = jnp.eye(C, dtype=dtype)
 
     def step(_, nu):
@@ -142,8 +143,7 @@ def project_to_band(
 
     nu = jax.lax.fori_loop(0, n_iter, step, jnp.zeros_like(t))
     x = x0 * jnp.maximum(1.0 + (nu * inv) @ Ks, 0.0)
-    r0 = x0 @ Ks.T
-    changed = ok & jnp.any((r0 < lo + margin * w) | (r0 > hi - margin * w), -1)
+    changed = ok & jnp.any((r0 < lo_m) | (r0 > hi_m), -1)
     r = x @ Ks.T
     in_band = ok & jnp.all((r >= lo) & (r <= hi), -1)
     out = jnp.where(changed[:, None], x * _EM_UNIT, em.reshape(-1, n_t))  # exact if unmoved
