@@ -77,8 +77,13 @@ def _measure(fn: Callable[[], Any], n_pixels: int, warm: bool = True) -> dict[st
         t0 = time.perf_counter()
         fn()
         dt = time.perf_counter() - t0
-    return {"seconds": dt, "pixels": n_pixels, "pixels_per_s": n_pixels / dt,
-            "peak_rss_mb": mem.peak_mb, "first_call_seconds": first}
+    return {
+        "seconds": dt,
+        "pixels": n_pixels,
+        "pixels_per_s": n_pixels / dt,
+        "peak_rss_mb": mem.peak_mb,
+        "first_call_seconds": first,
+    }
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
@@ -133,12 +138,13 @@ def run_suite(
         "response": response.name,
         "n_basis": basis.n_basis,
     }
-    say(f"device {meta['device']} ({meta['platform']}), jax {meta['jax_version']}, "
-        f"{meta['cpu_count']} cores, matmul peak {peak / 1e9:.1f} GFLOP/s")
+    say(
+        f"device {meta['device']} ({meta['platform']}), jax {meta['jax_version']}, "
+        f"{meta['cpu_count']} cores, matmul peak {peak / 1e9:.1f} GFLOP/s"
+    )
 
     def sigma_of(y):
         return sigma_values(y, exptime, response.wavelength)
-
 
     results: list[dict[str, Any]] = []
     errors: dict[str, str] = {}
@@ -146,14 +152,29 @@ def run_suite(
     def record(method: str, size: int, m: dict[str, float], **extra) -> None:
         row = {"method": method, "size": size, **m, **extra}
         results.append(row)
-        say(f"  {method:<18s} {size:>5d}^2  {m['pixels_per_s']:>12,.0f} px/s  "
-            f"peak +{m['peak_rss_mb']:.0f} MB" + (f"  {extra}" if extra else ""))
+        say(
+            f"  {method:<18s} {size:>5d}^2  {m['pixels_per_s']:>12,.0f} px/s  "
+            f"peak +{m['peak_rss_mb']:.0f} MB" + (f"  {extra}" if extra else "")
+        )
 
     for size in sizes:
         say(f"size {size}x{size}")
         _, y = synthetic_scene(response, (size, size), rng, exptime)
-        _bench_size(size, y, sigma_of(y), response, basis, nets, rng, record, highs_pixels,
-                    demreg_pixels, size <= f64_max_size, peak, errors)
+        _bench_size(
+            size,
+            y,
+            sigma_of(y),
+            response,
+            basis,
+            nets,
+            rng,
+            record,
+            highs_pixels,
+            demreg_pixels,
+            size <= f64_max_size,
+            peak,
+            errors,
+        )
 
     if tiled_size:
         say(f"tiled {tiled_size}x{tiled_size} (network only; BP extrapolates from its rate)")
@@ -163,10 +184,13 @@ def run_suite(
         tiled_size = big.shape[0]  # record the size actually run (a multiple of 256)
         for name, net in nets.items():
             net.predict(big[:256])  # 65536 pixels: compiles the tile shape the big run uses
-            m = _measure(lambda net=net: net.predict(big), big.shape[0] * big.shape[1],
-                         warm=False)
-            record(f"net_{name}_f32", tiled_size, m,
-                   gflops=m["pixels_per_s"] * _net_flops_per_pixel(net.config) / 1e9)
+            m = _measure(lambda net=net: net.predict(big), big.shape[0] * big.shape[1], warm=False)
+            record(
+                f"net_{name}_f32",
+                tiled_size,
+                m,
+                gflops=m["pixels_per_s"] * _net_flops_per_pixel(net.config) / 1e9,
+            )
         del big
 
     for key, msg in errors.items():
@@ -175,37 +199,66 @@ def run_suite(
     return {"meta": meta, "results": results, "ratios": _ratios(results)}
 
 
-def _bench_size(size, y, sigma, response, basis, nets, rng, record, highs_pixels,
-                demreg_pixels, with_f64, peak, errors) -> None:
+def _bench_size(
+    size,
+    y,
+    sigma,
+    response,
+    basis,
+    nets,
+    rng,
+    record,
+    highs_pixels,
+    demreg_pixels,
+    with_f64,
+    peak,
+    errors,
+) -> None:
     """All methods on one ``size`` x ``size`` scene ``y`` (same pixels for every method)."""
     from . import bp
 
     n = size * size
     flat_y, flat_s = y.reshape(-1, 6), sigma.reshape(-1, 6)
     sub = rng.choice(n, size=min(highs_pixels, n), replace=False)
-    record("bp_highs", size, _measure(
-        lambda: bp.solve(flat_y[sub], flat_s[sub], response, basis, method="highs"), len(sub),
-        warm=False))
+    record(
+        "bp_highs",
+        size,
+        _measure(
+            lambda: bp.solve(flat_y[sub], flat_s[sub], response, basis, method="highs"),
+            len(sub),
+            warm=False,
+        ),
+    )
     out: dict[str, Any] = {}
 
     def run32():
         out["r"] = bp.solve(y, sigma, response, basis, precision="float32")
 
     m = _measure(run32, n)
-    record("bp_jax_f32", size, m,
-           solved_fraction=float((np.asarray(out["r"].status) == 0).mean()))
+    record("bp_jax_f32", size, m, solved_fraction=float((np.asarray(out["r"].status) == 0).mean()))
     if with_f64:
-        record("bp_jax_f64", size, _measure(
-            lambda: bp.solve(y, sigma, response, basis, precision="float64"), n))
+        record(
+            "bp_jax_f64",
+            size,
+            _measure(lambda: bp.solve(y, sigma, response, basis, precision="float64"), n),
+        )
     for name, net in nets.items():
         fpp = _net_flops_per_pixel(net.config)
         for dt_name, dt in (("f32", jnp.float32), ("bf16", jnp.bfloat16)):
             m = _measure(lambda net=net, dt=dt: net.predict(y, dtype=dt), n)
             gflops = m["pixels_per_s"] * fpp / 1e9
-            record(f"net_{name}_{dt_name}", size, m, gflops=gflops,
-                   fraction_of_peak=gflops * 1e9 / peak)
-        record(f"net_{name}_consistent_f32", size, _measure(
-            lambda net=net: net.predict(y, sigma=sigma, response=response), n))
+            record(
+                f"net_{name}_{dt_name}",
+                size,
+                m,
+                gflops=gflops,
+                fraction_of_peak=gflops * 1e9 / peak,
+            )
+        record(
+            f"net_{name}_consistent_f32",
+            size,
+            _measure(lambda net=net: net.predict(y, sigma=sigma, response=response), n),
+        )
     if demreg_pixels and _has_demregpy():
         k = min(demreg_pixels, n)
         try:
@@ -250,10 +303,20 @@ def _run_demregpy(y: np.ndarray, sigma: np.ndarray, response) -> dict[str, float
     full = default_response().select(response.wavelength)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "in.npz")
-        np.savez(path, y=np.maximum(y, 0.0), s=sigma, K=np.asarray(full.K).T,
-                 logt=full.logt_array, edges=10 ** np.arange(5.45, 7.2501, 0.1))
-        proc = subprocess.run([sys.executable, "-c", _DEMREG_SCRIPT, path],
-                              capture_output=True, text=True, timeout=600)
+        np.savez(
+            path,
+            y=np.maximum(y, 0.0),
+            s=sigma,
+            K=np.asarray(full.K).T,
+            logt=full.logt_array,
+            edges=10 ** np.arange(5.45, 7.2501, 0.1),
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", _DEMREG_SCRIPT, path],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"demregpy failed: {last}")
@@ -266,15 +329,21 @@ def _ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rate = {(r["method"], r["size"]): r["pixels_per_s"] for r in results}
     out = []
     for size in sorted({r["size"] for r in results}):
+
         def g(m, size=size):
             return rate.get((m, size))
 
         row: dict[str, Any] = {"size": size}
-        for num, den in (("net_deepem_f32", "bp_jax_f32"), ("net_small_f32", "bp_jax_f32"),
-                         ("net_deepem_f32", "bp_highs"), ("net_small_f32", "bp_highs"),
-                         ("net_deepem_consistent_f32", "bp_jax_f32"),
-                         ("net_small_consistent_f32", "bp_jax_f32"),
-                         ("bp_jax_f32", "bp_highs"), ("bp_jax_f64", "bp_highs")):
+        for num, den in (
+            ("net_deepem_f32", "bp_jax_f32"),
+            ("net_small_f32", "bp_jax_f32"),
+            ("net_deepem_f32", "bp_highs"),
+            ("net_small_f32", "bp_highs"),
+            ("net_deepem_consistent_f32", "bp_jax_f32"),
+            ("net_small_consistent_f32", "bp_jax_f32"),
+            ("bp_jax_f32", "bp_highs"),
+            ("bp_jax_f64", "bp_highs"),
+        ):
             if g(num) and g(den):
                 row[f"{num}/{den}"] = g(num) / g(den)
         if len(row) > 1:
@@ -295,8 +364,10 @@ def to_markdown(report: dict[str, Any]) -> str:
     ]
     for r in report["results"]:
         gf = f"{r['gflops']:.1f}" if "gflops" in r else ""
-        lines.append(f"| {r['method']} | {r['size']}² | {r['pixels_per_s']:,.0f} | "
-                     f"{r['peak_rss_mb']:.0f} | {gf} |")
+        lines.append(
+            f"| {r['method']} | {r['size']}² | {r['pixels_per_s']:,.0f} | "
+            f"{r['peak_rss_mb']:.0f} | {gf} |"
+        )
     if report["ratios"]:
         keys = sorted({k for row in report["ratios"] for k in row if k != "size"})
         lines += ["", "| size | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]

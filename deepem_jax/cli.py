@@ -73,8 +73,13 @@ def _png_maps(path: Path, em, logt, status, wcs) -> None:
     norm = LogNorm(*np.percentile(pos, [1, 99.5])) if pos.size else None
     im1 = ax1.imshow(np.ma.masked_where(bad, tot), norm=norm, cmap="inferno", origin="lower")
     fig.colorbar(im1, ax=ax1, label="total EM [cm$^{-5}$]", shrink=0.8)
-    im2 = ax2.imshow(np.ma.masked_where(bad, mt), cmap="viridis", origin="lower",
-                     vmin=float(logt[0]), vmax=float(logt[-1]))
+    im2 = ax2.imshow(
+        np.ma.masked_where(bad, mt),
+        cmap="viridis",
+        origin="lower",
+        vmin=float(logt[0]),
+        vmax=float(logt[-1]),
+    )
     fig.colorbar(im2, ax=ax2, label="EM-weighted log T [K]", shrink=0.8)
     ax1.set_title("Total EM (flagged pixels masked)")
     ax2.set_title("EM-weighted mean log T")
@@ -101,7 +106,9 @@ def _load_one(inputs, method, channels, rebin, weights, response_path):
             if channels is not None and list(channels.to_value(u.AA)) != list(predictor.channels):
                 raise click.BadParameter(
                     f"the network takes channels {list(predictor.channels)} Å; got "
-                    f"{list(channels.to_value(u.AA).astype(int))}", param_hint="--channels")
+                    f"{list(channels.to_value(u.AA).astype(int))}",
+                    param_hint="--channels",
+                )
             logt = predictor.logt_array
         else:
             want = AIA_CHANNELS if channels is None else channels
@@ -132,9 +139,15 @@ def _invert_one(stack, predictor, response, logt, method, tolfac, progress):
     else:
         # the network's EM moved into BP's tolerance band (the consistency step); pixels it
         # cannot bring inside keep that EM and are flagged INFEASIBLE
-        em, valid, in_band = predictor.predict(y, sigma=sigma, response=response, tolfac=tolfac,
-                                               return_valid=True, return_in_band=True,
-                                               progress=progress)
+        em, valid, in_band = predictor.predict(
+            y,
+            sigma=sigma,
+            response=response,
+            tolfac=tolfac,
+            return_valid=True,
+            return_in_band=True,
+            progress=progress,
+        )
         em = np.asarray(em, dtype=np.float64)
         status = np.where(in_band, 0, int(bp.BPStatus.INFEASIBLE))
         status = np.where(valid, status, int(bp.BPStatus.INVALID_INPUT)).astype(np.int16)
@@ -182,27 +195,56 @@ def _observations(files: tuple[str, ...]) -> list:
 
 @main.command(epilog=_EXAMPLES_INVERT)
 @click.argument("files", nargs=-1, required=True)
-@click.option("--method", type=click.Choice(["net", "bp"]), default="net", show_default=True,
-              help="DeepEM network or exact Basis Pursuit.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Output directory (created if needed).")
-@click.option("--channels", default=None,
-              help="Comma-separated channels in Å (default: all six; BP accepts a subset).")
-@click.option("--rebin", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Average n x n pixel blocks before inverting.")
-@click.option("--weights", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="Network weights (.msgpack checkpoint or original .pth); default: shipped.")
-@click.option("--response", "response_path", default=None,
-              type=click.Path(exists=True, dir_okay=False),
-              help="Temperature response table (.genx, .csv, .npy, IDL save); default: embedded.")
-@click.option("--tolfac", default=1.4, show_default=True,
-              type=click.FloatRange(min=0, min_open=True),
-              help="Tolerance factor of the band |K EM - y| <= tolfac sigma (BP; for the "
-                   "network, the band its EM is moved into; outside it: STATUS 1).")
+@click.option(
+    "--method",
+    type=click.Choice(["net", "bp"]),
+    default="net",
+    show_default=True,
+    help="DeepEM network or exact Basis Pursuit.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Output directory (created if needed).",
+)
+@click.option(
+    "--channels",
+    default=None,
+    help="Comma-separated channels in Å (default: all six; BP accepts a subset).",
+)
+@click.option(
+    "--rebin",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Average n x n pixel blocks before inverting.",
+)
+@click.option(
+    "--weights",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Network weights (.msgpack checkpoint or original .pth); default: shipped.",
+)
+@click.option(
+    "--response",
+    "response_path",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Temperature response table (.genx, .csv, .npy, IDL save); default: embedded.",
+)
+@click.option(
+    "--tolfac",
+    default=1.4,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Tolerance factor of the band |K EM - y| <= tolfac sigma (BP; for the "
+    "network, the band its EM is moved into; outside it: STATUS 1).",
+)
 @click.option("--png/--no-png", default=False, help="Also write PNG maps.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
-def invert(files, method, out_dir, channels, rebin, weights, response_path, tolfac, png,
-           overwrite):
+def invert(files, method, out_dir, channels, rebin, weights, response_path, tolfac, png, overwrite):
     """Invert AIA images (six channel FITS files, or one directory per observation) to DEM
     cubes: FITS (T x y x with WCS, cm^-5 per log T bin) plus STATUS and CHI2 maps."""
     import astropy.units as u
@@ -213,8 +255,9 @@ def invert(files, method, out_dir, channels, rebin, weights, response_path, tolf
     observations = _observations(files)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with click.progressbar(observations, label="observations", file=sys.stderr,
-                           show_pos=True) as bar:
+    with click.progressbar(
+        observations, label="observations", file=sys.stderr, show_pos=True
+    ) as bar:
         for obs in bar:
             stack, predictor, response, logt = _load_one(
                 obs, method, chans, rebin, weights, response_path
@@ -224,41 +267,71 @@ def invert(files, method, out_dir, channels, rebin, weights, response_path, tolf
             png_path = out / f"dem_{method}_{stamp}.png"
             existing = [p for p in (fits_path, png_path if png else None) if p and p.exists()]
             if existing and not overwrite:
-                raise _ExistsError(f"{existing[0]} exists; pass --overwrite to replace it "
-                                   "(nothing was written for this observation)")
-            em, status, chi2 = _invert_one(stack, predictor, response, logt, method, tolfac,
-                                           progress=True)
+                raise _ExistsError(
+                    f"{existing[0]} exists; pass --overwrite to replace it "
+                    "(nothing was written for this observation)"
+                )
+            em, status, chi2 = _invert_one(
+                stack, predictor, response, logt, method, tolfac, progress=True
+            )
             write_dem_cube(
-                fits_path, em * u.cm**-5, logt, stack.wcs,
+                fits_path,
+                em * u.cm**-5,
+                logt,
+                stack.wcs,
                 extras={"status": status, "chi2": chi2},
-                meta={"METHOD": method, "CHANNELS": ",".join(
-                    str(int(c)) for c in stack.channels.to_value(u.AA))},
+                meta={
+                    "METHOD": method,
+                    "CHANNELS": ",".join(str(int(c)) for c in stack.channels.to_value(u.AA)),
+                },
                 overwrite=overwrite,
             )
             if png:
                 _png_maps(png_path, em, logt, status, stack.wcs)
             n_bad = int((status != 0).sum())
-            click.echo(f"\nwrote {fits_path} ({em.shape[0]}x{em.shape[1]} px, "
-                       f"{n_bad} flagged = {100 * n_bad / status.size:.2f}%)")
+            click.echo(
+                f"\nwrote {fits_path} ({em.shape[0]}x{em.shape[1]} px, "
+                f"{n_bad} flagged = {100 * n_bad / status.size:.2f}%)"
+            )
 
 
 @main.command()
-@click.option("--out", "workdir", required=True, type=click.Path(file_okay=False),
-              help="Work directory for checkpoints (training resumes from it).")
-@click.option("--data", "data_dirs", multiple=True, type=click.Path(exists=True),
-              help="Observation directory (six AIA channels); repeatable. Default: synthetic.")
-@click.option("--synthetic", "n_synthetic", default=4, show_default=True,
-              help="Number of synthetic scenes when no --data is given.")
-@click.option("--synthetic-size", default=128, show_default=True, type=click.IntRange(min=8),
-              help="Side of each synthetic scene (pixels).")
-@click.option("--model", default="small", show_default=True,
-              type=click.Choice(["small", "deepem"]))
+@click.option(
+    "--out",
+    "workdir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Work directory for checkpoints (training resumes from it).",
+)
+@click.option(
+    "--data",
+    "data_dirs",
+    multiple=True,
+    type=click.Path(exists=True),
+    help="Observation directory (six AIA channels); repeatable. Default: synthetic.",
+)
+@click.option(
+    "--synthetic",
+    "n_synthetic",
+    default=4,
+    show_default=True,
+    help="Number of synthetic scenes when no --data is given.",
+)
+@click.option(
+    "--synthetic-size",
+    default=128,
+    show_default=True,
+    type=click.IntRange(min=8),
+    help="Side of each synthetic scene (pixels).",
+)
+@click.option("--model", default="small", show_default=True, type=click.Choice(["small", "deepem"]))
 @click.option("--epochs", default=30, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=4096, show_default=True, type=click.IntRange(min=1))
 @click.option("--physics-weight", default=0.0, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True)
-def train(workdir, data_dirs, n_synthetic, synthetic_size, model, epochs, batch_size,
-          physics_weight, seed):
+def train(
+    workdir, data_dirs, n_synthetic, synthetic_size, model, epochs, batch_size, physics_weight, seed
+):
     """Train the network on deepem_jax's own BP targets (resumable: rerun to continue).
 
     \b
@@ -276,15 +349,19 @@ def train(workdir, data_dirs, n_synthetic, synthetic_size, model, epochs, batch_
 
     response = default_response().regrid(DEEPEM_LOGT)
     try:
-        obs = (observations_from_dirs(data_dirs, response) if data_dirs
-               else synthetic_observations(response, n_synthetic, (synthetic_size,) * 2, seed))
+        obs = (
+            observations_from_dirs(data_dirs, response)
+            if data_dirs
+            else synthetic_observations(response, n_synthetic, (synthetic_size,) * 2, seed)
+        )
     except (FileNotFoundError, ValueError) as err:
         raise _InputError(str(err)) from err
     click.echo(f"BP targets for {len(obs)} observation(s)...", err=True)
     data = build_dataset(obs, response, progress=True)
     tr, va = data.split(0.1, seed=seed)
-    cfg = TrainConfig(model=model, epochs=epochs, batch_size=batch_size,
-                      physics_weight=physics_weight, seed=seed)
+    cfg = TrainConfig(
+        model=model, epochs=epochs, batch_size=batch_size, physics_weight=physics_weight, seed=seed
+    )
     from .checkpoint import CheckpointError
 
     try:
@@ -292,17 +369,21 @@ def train(workdir, data_dirs, n_synthetic, synthetic_size, model, epochs, batch_
     except CheckpointError as err:
         raise click.UsageError(str(err)) from err
     if hist:
-        click.echo(f"best val loss {min(h['val_loss'] for h in hist):.4f}; "
-                   f"checkpoints in {workdir}")
+        click.echo(
+            f"best val loss {min(h['val_loss'] for h in hist):.4f}; checkpoints in {workdir}"
+        )
 
 
 @main.command()
-@click.option("--sizes", default="64,256,1024", show_default=True,
-              help="Comma-separated square image sizes.")
-@click.option("--tiled", default=4096, show_default=True,
-              help="Size of the tiled network run (0 to skip).")
-@click.option("--out", "out_dir", default="bench_results", show_default=True,
-              type=click.Path(file_okay=False))
+@click.option(
+    "--sizes", default="64,256,1024", show_default=True, help="Comma-separated square image sizes."
+)
+@click.option(
+    "--tiled", default=4096, show_default=True, help="Size of the tiled network run (0 to skip)."
+)
+@click.option(
+    "--out", "out_dir", default="bench_results", show_default=True, type=click.Path(file_okay=False)
+)
 @click.option("--highs-pixels", default=300, show_default=True)
 def bench(sizes, tiled, out_dir, highs_pixels):
     """Benchmark network inference against Basis Pursuit (JAX and HiGHS) on the same pixels.
@@ -316,8 +397,9 @@ def bench(sizes, tiled, out_dir, highs_pixels):
     try:
         size_list = [int(s) for s in sizes.split(",") if s.strip()]
     except ValueError:
-        raise click.BadParameter(f"sizes must be integers, got {sizes!r}",
-                                 param_hint="--sizes") from None
+        raise click.BadParameter(
+            f"sizes must be integers, got {sizes!r}", param_hint="--sizes"
+        ) from None
     report = run_suite(size_list, tiled or None, highs_pixels=highs_pixels, log=click.echo)
     jpath, mpath = write_report(report, out_dir)
     click.echo(to_markdown(report))
@@ -325,8 +407,9 @@ def bench(sizes, tiled, out_dir, highs_pixels):
 
 
 @main.command()
-@click.option("--out", "out_dir", default="deepem_demo", show_default=True,
-              type=click.Path(file_okay=False))
+@click.option(
+    "--out", "out_dir", default="deepem_demo", show_default=True, type=click.Path(file_okay=False)
+)
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 def demo(out_dir, overwrite):
     """Run the whole chain on data the package can reach and write a figure and a report.

@@ -50,15 +50,18 @@ def run_demo(out: Path, log: Callable[[str], None] = print, rebin: int = 1) -> s
         from .io import load_aia
 
         log(f"real AIA synoptic observation in {real} (5 channels, rebin {rebin})")
-        stack = load_aia([real / f"AIAsynoptic{int(c):04d}.fits" for c in FIVE.value], FIVE,
-                         rebin=rebin)
+        stack = load_aia(
+            [real / f"AIAsynoptic{int(c):04d}.fits" for c in FIVE.value], FIVE, rebin=rebin
+        )
         y = stack.masked_data
         exptime, n_sample, channels = stack.exptime.to_value(u.s), stack.n_sample, FIVE
         wcs = stack.wcs
-        source = (f"real AIA synoptic level-1.5 images, {stack.obstime.min().isot}, channels "
-                  f"131-335 Å (94 Å file corrupt as published), rebinned {rebin}x{rebin}; "
-                  "the shipped five-channel network was trained on pixels of this observation "
-                  "(deepem_jax/weights/MODEL_CARD.md), so the comparison below is in-sample")
+        source = (
+            f"real AIA synoptic level-1.5 images, {stack.obstime.min().isot}, channels "
+            f"131-335 Å (94 Å file corrupt as published), rebinned {rebin}x{rebin}; "
+            "the shipped five-channel network was trained on pixels of this observation "
+            "(deepem_jax/weights/MODEL_CARD.md), so the comparison below is in-sample"
+        )
     else:
         from .forward import synthetic_scene
 
@@ -86,30 +89,53 @@ def run_demo(out: Path, log: Callable[[str], None] = print, rebin: int = 1) -> s
     tolfac = np.where(np.isfinite(res.tolfac), res.tolfac, 1.4)[..., None]
     lower, upper = bp.bounds(np.nan_to_num(y), sigma, tolfac)
     fid, fid_raw = (
-        evaluate_fidelity(em, np.asarray(res.em), status, np.nan_to_num(y), sigma,
-                          np.asarray(response.K), DEEPEM_LOGT, np.asarray(lower),
-                          np.asarray(upper))
+        evaluate_fidelity(
+            em,
+            np.asarray(res.em),
+            status,
+            np.nan_to_num(y),
+            sigma,
+            np.asarray(response.K),
+            DEEPEM_LOGT,
+            np.asarray(lower),
+            np.asarray(upper),
+        )
         for em in (em_net, em_raw)
     )
     i171 = [int(c) for c in channels.to_value(u.AA)].index(171)
     fig_path = out / "demo_figure1.png"
-    figure1(y[..., i171], np.asarray(res.em), status, em_net, DEEPEM_LOGT, at_logt=5.9, wcs=wcs,
-            path=str(fig_path), title=source)
+    figure1(
+        y[..., i171],
+        np.asarray(res.em),
+        status,
+        em_net,
+        DEEPEM_LOGT,
+        at_logt=5.9,
+        wcs=wcs,
+        path=str(fig_path),
+        title=source,
+    )
     n = status.size
     counts = {s.name: int((status == s).sum()) for s in bp.BPStatus}
     lines = [
-        "# deepem_jax demo report", "",
-        f"Data: {source}.", "",
+        "# deepem_jax demo report",
+        "",
+        f"Data: {source}.",
+        "",
         f"Pixels: {n:,}. Basis Pursuit (float32, JAX): {t_bp:.2f} s ({n / t_bp:,.0f} px/s, "
         "including compilation). "
         f"Network ({net.config.hidden}) with the consistency step: {t_net:.3f} s "
-        f"({n / t_net:,.0f} px/s).", "",
-        "BP status counts: " + ", ".join(f"{k} {v:,}" for k, v in counts.items() if v), "",
-        "Network + consistency step vs BP (tolerance band: each pixel's BP tolerance "
-        "factor):", "",
-        format_metrics_table(fid), "",
+        f"({n / t_net:,.0f} px/s).",
+        "",
+        "BP status counts: " + ", ".join(f"{k} {v:,}" for k, v in counts.items() if v),
+        "",
+        "Network + consistency step vs BP (tolerance band: each pixel's BP tolerance factor):",
+        "",
+        format_metrics_table(fid),
+        "",
         "The network alone (no consistency step) has its resynthesis inside BP's band on "
-        f"{100 * fid_raw['bp_solved'].frac_in_band:.1f} % of the pixels BP solved.", "",
+        f"{100 * fid_raw['bp_solved'].frac_in_band:.1f} % of the pixels BP solved.",
+        "",
         f"Figure: {fig_path.name}",
     ]
     report = "\n".join(lines) + "\n"

@@ -27,6 +27,7 @@ __all__ = [
     "synthetic_scene",
 ]
 
+
 def forward(K: jax.Array, em: jax.Array) -> jax.Array:
     """Intensities (..., n_channels) in DN s^-1 pix^-1 of EM (..., n_T) in cm^-5 per bin.
 
@@ -40,9 +41,7 @@ def forward(K: jax.Array, em: jax.Array) -> jax.Array:
     return jnp.einsum("ct,...t->...c", K * 1e26, em * 1e-26)
 
 
-def predict_intensities(
-    response: TemperatureResponse, em: u.Quantity
-) -> u.Quantity:
+def predict_intensities(response: TemperatureResponse, em: u.Quantity) -> u.Quantity:
     """Quantity interface to :func:`forward`: EM in cm^-5 per bin -> DN s^-1 pix^-1."""
     y = forward(response.K, to_value(em, u.cm**-5, "em"))
     return np.asarray(y) * INTENSITY_UNIT

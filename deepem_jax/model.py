@@ -219,8 +219,9 @@ def _predict_tile_in_band(
     valid = jnp.all(jnp.isfinite(sigma) & (sigma > 0), axis=-1)
     em, valid_y = _predict_tile(params, y, config, dtype)
     valid &= valid_y
-    lower, upper = bounds(jnp.where(valid[:, None], y, 0.0), jnp.where(valid[:, None], sigma, 1.0),
-                          tolfac)
+    lower, upper = bounds(
+        jnp.where(valid[:, None], y, 0.0), jnp.where(valid[:, None], sigma, 1.0), tolfac
+    )
     res = project_to_band(jnp.where(valid[:, None], em, 0.0), K, lower, upper, n_iter=n_iter)
     return jnp.where(valid[:, None], res.em, jnp.nan), valid, res.in_band & valid
 
@@ -326,8 +327,9 @@ class Predictor:
         array. ``progress=True`` shows a tqdm bar over tiles.
         """
         is_quantity = isinstance(intensities, u.Quantity)
-        y = np.asarray(to_value(intensities, INTENSITY_UNIT, "intensities", allow_plain=True),
-                       dtype=np.float32)
+        y = np.asarray(
+            to_value(intensities, INTENSITY_UNIT, "intensities", allow_plain=True), dtype=np.float32
+        )
         n_chan = self.config.n_channels
         if y.ndim < 1 or y.shape[-1] != n_chan:
             raise ValueError(
@@ -340,8 +342,9 @@ class Predictor:
         lead = y.shape[:-1]
         flat = y.reshape(-1, n_chan)
         if K is not None:
-            sig = np.asarray(to_value(sigma, INTENSITY_UNIT, "sigma", allow_plain=True),
-                             dtype=np.float32)
+            sig = np.asarray(
+                to_value(sigma, INTENSITY_UNIT, "sigma", allow_plain=True), dtype=np.float32
+            )
             if sig.shape != y.shape:
                 raise ValueError(f"sigma shape {sig.shape} differs from intensities {y.shape}")
             sig = sig.reshape(-1, n_chan)
@@ -365,8 +368,16 @@ class Predictor:
                 e, v = _predict_tile(self.params, chunk, self.config, jnp.dtype(dtype))
             else:
                 s = np.concatenate([sig[start : start + tile], pad + 1.0])
-                e, v, b = _predict_tile_in_band(self.params, chunk, s, K, float(tolfac),
-                                                self.config, jnp.dtype(dtype), int(n_iter))
+                e, v, b = _predict_tile_in_band(
+                    self.params,
+                    chunk,
+                    s,
+                    K,
+                    float(tolfac),
+                    self.config,
+                    jnp.dtype(dtype),
+                    int(n_iter),
+                )
                 in_band[start : start + m] = np.asarray(b)[:m]
             em[start : start + m] = np.asarray(e)[:m]
             valid[start : start + m] = np.asarray(v)[:m]

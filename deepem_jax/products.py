@@ -101,7 +101,7 @@ def figure1(
         )
     failed = status != 0
     good = np.concatenate([bp[~failed & (bp > 0)], net[net > 0]])
-    vmin, vmax = (np.percentile(good, [1, 99.5]) if good.size else (1e24, 1e28))
+    vmin, vmax = np.percentile(good, [1, 99.5]) if good.size else (1e24, 1e28)
     norm = LogNorm(vmin=max(vmin, 1e20), vmax=max(vmax, vmin * 10))
     kw = {"projection": wcs} if wcs is not None else {}
     fig = Figure(figsize=(14, 4.8))

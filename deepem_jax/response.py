@@ -309,8 +309,9 @@ class TemperatureResponse:
         factors = np.array(
             [
                 np.ravel(
-                    u.Quantity(degradation(c * u.AA, obstime, correction_table=correction_table))
-                    .to_value(u.dimensionless_unscaled)
+                    u.Quantity(
+                        degradation(c * u.AA, obstime, correction_table=correction_table)
+                    ).to_value(u.dimensionless_unscaled)
                 )[0]
                 for c in self.channels
             ]

@@ -116,8 +116,10 @@ class Dataset:
             object.__setattr__(self, "tolfac", np.full(n, np.nan))
         for name in ("sigma", "em", "status", "group", "tolfac"):
             if getattr(self, name).shape[0] != n:
-                raise ValueError(f"dataset field {name} has {getattr(self, name).shape[0]} rows, "
-                                 f"intensity has {n}")
+                raise ValueError(
+                    f"dataset field {name} has {getattr(self, name).shape[0]} rows, "
+                    f"intensity has {n}"
+                )
         if self.sigma.shape != self.intensity.shape:
             raise ValueError("sigma must have the shape of intensity")
 
@@ -226,8 +228,7 @@ def observations_from_dirs(
 # -- the step -------------------------------------------------------------------------------
 
 
-def band_excess(resynth: jax.Array, y: jax.Array, sigma: jax.Array,
-                tolfac: jax.Array) -> jax.Array:
+def band_excess(resynth: jax.Array, y: jax.Array, sigma: jax.Array, tolfac: jax.Array) -> jax.Array:
     """Per pixel, the mean over channels of the squared distance (in units of sigma) by which
     ``resynth`` lies outside BP's tolerance band ``bp.bounds(y, sigma, tolfac)``; 0 inside it.
     Shapes: (n, C) arrays, ``tolfac`` (n,); intensities in DN s^-1 pix^-1."""
@@ -257,8 +258,9 @@ def _loss_fn(params, batch, w, K, config: ModelConfig, physics_weight: float, ph
     return mse + physics_weight * jnp.sum(w * term) / wsum, mse
 
 
-def _make_steps(config: ModelConfig, tx: optax.GradientTransformation, physics_weight: float,
-                physics: str):
+def _make_steps(
+    config: ModelConfig, tx: optax.GradientTransformation, physics_weight: float, physics: str
+):
     @jax.jit
     def train_step(params, opt_state, batch, w, K):
         (_, mse), grads = jax.value_and_grad(_loss_fn, has_aux=True)(
@@ -328,8 +330,13 @@ class _State:
 _HISTORY_KEYS = ("epoch", "loss", "val_loss", "val_mse", "pixels_per_s")
 
 
-def _save(workdir: Path, state: _State, config: TrainConfig, mcfg: ModelConfig,
-          response: TemperatureResponse) -> None:
+def _save(
+    workdir: Path,
+    state: _State,
+    config: TrainConfig,
+    mcfg: ModelConfig,
+    response: TemperatureResponse,
+) -> None:
     """Atomic checkpoint ``checkpoint_<epoch>.msgpack``; older ones are removed after."""
     from flax import serialization
 
@@ -342,17 +349,30 @@ def _save(workdir: Path, state: _State, config: TrainConfig, mcfg: ModelConfig,
         "bad_epochs": int(state.bad_epochs),
         "history": {k: [float(h[k]) for h in state.history] for k in _HISTORY_KEYS},
     }
-    ck = Checkpoint(state.params, mcfg, response.logt, response.channels,
-                    ResponseId.of(response), opt_state=state.opt_state, epoch=state.epoch,
-                    metrics=dict(state.history[-1]) if state.history else {}, extra=extra)
+    ck = Checkpoint(
+        state.params,
+        mcfg,
+        response.logt,
+        response.channels,
+        ResponseId.of(response),
+        opt_state=state.opt_state,
+        epoch=state.epoch,
+        metrics=dict(state.history[-1]) if state.history else {},
+        extra=extra,
+    )
     path = save_checkpoint(checkpoint_path(workdir, state.epoch), ck)
     for old in workdir.glob("checkpoint_*.msgpack"):
         if old != path:
             old.unlink()
 
 
-def _restore(workdir: Path, config: TrainConfig, response: TemperatureResponse,
-             params_template: Any, opt_template: Any) -> _State | None:
+def _restore(
+    workdir: Path,
+    config: TrainConfig,
+    response: TemperatureResponse,
+    params_template: Any,
+    opt_template: Any,
+) -> _State | None:
     """The state of the latest checkpoint in ``workdir``, or None if there is none."""
     from flax import serialization
 
@@ -361,8 +381,9 @@ def _restore(workdir: Path, config: TrainConfig, response: TemperatureResponse,
     path = latest_checkpoint(workdir)
     if path is None:
         return None
-    ck = load_checkpoint(path, response=response, strict_response=True,
-                         opt_state_target=opt_template)
+    ck = load_checkpoint(
+        path, response=response, strict_response=True, opt_state_target=opt_template
+    )
     saved = dict(ck.extra.get("train_config", {}))
     now = config.to_dict()
     defaults = TrainConfig().to_dict()  # keys added since a checkpoint was written
@@ -374,13 +395,19 @@ def _restore(workdir: Path, config: TrainConfig, response: TemperatureResponse,
         )
     hist = ck.extra["history"]
     history = [
-        {k: (int(v) if k == "epoch" else float(v)) for k, v in zip(_HISTORY_KEYS, row,
-                                                                   strict=True)}
+        {k: (int(v) if k == "epoch" else float(v)) for k, v in zip(_HISTORY_KEYS, row, strict=True)}
         for row in zip(*(hist[k] for k in _HISTORY_KEYS), strict=True)
     ]
     best = serialization.from_state_dict(params_template, ck.extra["best_params"])
-    return _State(ck.params, ck.opt_state, ck.epoch, best, float(ck.extra["best_val"]),
-                  int(ck.extra["bad_epochs"]), history)
+    return _State(
+        ck.params,
+        ck.opt_state,
+        ck.epoch,
+        best,
+        float(ck.extra["best_val"]),
+        int(ck.extra["bad_epochs"]),
+        history,
+    )
 
 
 def train_and_evaluate(
@@ -401,8 +428,11 @@ def train_and_evaluate(
     ``stop_after_epochs`` ends this call after that many epochs (used to test resuming).
     """
     # the named architecture, with input/output sizes taken from the response
-    mcfg = dataclasses.replace(get_config(config.model), n_channels=response.n_channels,
-                               n_temperatures=response.n_temperatures)
+    mcfg = dataclasses.replace(
+        get_config(config.model),
+        n_channels=response.n_channels,
+        n_temperatures=response.n_temperatures,
+    )
     for name, d in (("train", train), ("val", val)):
         if d.intensity.shape[-1] != mcfg.n_channels or d.em.shape[-1] != mcfg.n_temperatures:
             raise ValueError(
@@ -454,11 +484,18 @@ def train_and_evaluate(
             n += k
         dt = time.perf_counter() - t0
         val_loss, val_mse = _evaluate(eval_step, params, val, K, eval_bs)
-        rec = {"epoch": state.epoch + 1, "loss": tot / max(n, 1), "val_loss": val_loss,
-               "val_mse": val_mse, "pixels_per_s": n / dt}
+        rec = {
+            "epoch": state.epoch + 1,
+            "loss": tot / max(n, 1),
+            "val_loss": val_loss,
+            "val_mse": val_mse,
+            "pixels_per_s": n / dt,
+        }
         improved = val_loss < state.best_val
         state = _State(
-            params, opt_state, state.epoch + 1,
+            params,
+            opt_state,
+            state.epoch + 1,
             params if improved else state.best_params,
             val_loss if improved else state.best_val,
             0 if improved else state.bad_epochs + 1,
@@ -467,8 +504,10 @@ def train_and_evaluate(
         _save(workdir, state, config, mcfg, response)
         done_now += 1
         if log:
-            log(f"epoch {rec['epoch']:4d}/{config.epochs}  mse {rec['loss']:.4f}  "
+            log(
+                f"epoch {rec['epoch']:4d}/{config.epochs}  mse {rec['loss']:.4f}  "
                 f"val mse {val_mse:.4f}  val loss {val_loss:.4f}{' *' if improved else '  '}  "
-                f"{rec['pixels_per_s']:,.0f} px/s")
+                f"{rec['pixels_per_s']:,.0f} px/s"
+            )
     best = Predictor(state.best_params, mcfg, response.logt, response.channels)
     return best, list(state.history)

@@ -183,8 +183,13 @@ def sigma_values(
     ``exptime`` in s (scalar or per channel), ``channels`` in Å (ints or Quantity); returns
     sigma in DN s^-1 pix^-1 (float64). Non-finite intensities count as zero signal (the caller
     flags those pixels)."""
-    chans = channels if isinstance(channels, list) else channel_list(
-        channels if isinstance(channels, u.Quantity) else np.asarray(channels) * u.AA)
+    chans = (
+        channels
+        if isinstance(channels, list)
+        else channel_list(
+            channels if isinstance(channels, u.Quantity) else np.asarray(channels) * u.AA
+        )
+    )
     y = np.asarray(intensity, dtype=np.float64)
     if y.shape[-1:] != (len(chans),):
         raise ValueError(f"intensity shape {y.shape} does not end in {len(chans)} channels")
@@ -196,5 +201,7 @@ def sigma_values(
         raise ValueError(f"exposure times must be finite and positive, got {t} s")
     tab = table.select(np.asarray(chans) * u.AA)
     counts = np.where(np.isfinite(y), y, 0.0) * t
-    return np.asarray(estimate_error(jnp.asarray(counts), tab, n_sample, **kwargs),
-                      dtype=np.float64) / t
+    return (
+        np.asarray(estimate_error(jnp.asarray(counts), tab, n_sample, **kwargs), dtype=np.float64)
+        / t
+    )

@@ -53,8 +53,9 @@ def real_pixels(response):
     d = Path(root or "", "aia", "synoptic_2024-10-04")
     if not root or not (d / "AIAsynoptic0171.fits").exists():
         return None
-    stack = load_aia([d / f"AIAsynoptic{c:04d}.fits" for c in response.channels],
-                     response.wavelength)
+    stack = load_aia(
+        [d / f"AIAsynoptic{c:04d}.fits" for c in response.channels], response.wavelength
+    )
     n = response.n_channels
     return stack.masked_data.reshape(-1, n), stack.sigma().reshape(-1, n)
 
@@ -72,12 +73,20 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="checkpoint dir (default: a temp dir)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--figure", default=None, help="write a Figure-1-style PNG here")
-    ap.add_argument("--physics", choices=("chi2", "band"), default="band",
-                    help="physics term on the resynthesised intensities (see deepem_jax.train)")
-    ap.add_argument("--physics-weight", type=float, default=1.0,
-                    help="weight of the physics term in the loss")
-    ap.add_argument("--evaluate", action="store_true",
-                    help="do not train: evaluate the weights in --out on the same held-out split")
+    ap.add_argument(
+        "--physics",
+        choices=("chi2", "band"),
+        default="band",
+        help="physics term on the resynthesised intensities (see deepem_jax.train)",
+    )
+    ap.add_argument(
+        "--physics-weight", type=float, default=1.0, help="weight of the physics term in the loss"
+    )
+    ap.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="do not train: evaluate the weights in --out on the same held-out split",
+    )
     args = ap.parse_args()
 
     response = default_response().regrid(DEEPEM_LOGT).select(CHANNELS[args.channels] * u.AA)
@@ -87,8 +96,10 @@ def main() -> None:
         real = real_pixels(response)
         if real is not None:
             observations.append(real)
-            sources.append(f"{real[0].shape[0]:,} pixels of the real AIA synoptic observation "
-                           "2024-10-04 16:18 UTC (131-335 Å)")
+            sources.append(
+                f"{real[0].shape[0]:,} pixels of the real AIA synoptic observation "
+                "2024-10-04 16:18 UTC (131-335 Å)"
+            )
     print("data:", "; ".join(sources))
     data = build_dataset(observations, response, progress=True)
     print(f"BP solved {data.solved.mean():.4f} of {len(data):,} pixels")
@@ -99,35 +110,56 @@ def main() -> None:
         ckpt = load_checkpoint(out, response=response, strict_response=True)
         pred, cfg_text, metrics = ckpt.predictor(), "(evaluated, not trained)", {}
     else:
-        cfg = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size,
-                          learning_rate=args.lr, schedule="cosine", patience=args.patience,
-                          seed=args.seed,
-                          physics_weight=args.physics_weight, physics=args.physics)
+        cfg = TrainConfig(
+            model=args.model,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            schedule="cosine",
+            patience=args.patience,
+            seed=args.seed,
+            physics_weight=args.physics_weight,
+            physics=args.physics,
+        )
         workdir = args.workdir or os.path.join("/tmp", f"deepem_pretrain_{args.channels}")
         pred, hist = train_and_evaluate(cfg, train, val, response, workdir)
         cfg_text = json.dumps(cfg.to_dict())
-        metrics = {"epochs_run": float(len(hist)),
-                   "best_val_loss": float(min(h["val_loss"] for h in hist))}
+        metrics = {
+            "epochs_run": float(len(hist)),
+            "best_val_loss": float(min(h["val_loss"] for h in hist)),
+        }
 
     tables = []
     for name, em in [
         ("network alone", pred.predict(test.intensity)),
-        ("network + consistency step (tolfac 1.4)",
-         pred.predict(test.intensity, sigma=test.sigma, response=response)),
+        (
+            "network + consistency step (tolfac 1.4)",
+            pred.predict(test.intensity, sigma=test.sigma, response=response),
+        ),
     ]:
-        fid = evaluate_fidelity(em, test.em, test.status, test.intensity, test.sigma,
-                                np.asarray(response.K), DEEPEM_LOGT, *test.band())
+        fid = evaluate_fidelity(
+            em,
+            test.em,
+            test.status,
+            test.intensity,
+            test.sigma,
+            np.asarray(response.K),
+            DEEPEM_LOGT,
+            *test.band(),
+        )
         tables.append(f"### {name}\n\n{format_metrics_table(fid)}")
         prefix = "" if name == "network alone" else "consistent."
-        metrics |= {f"{prefix}{g}.{k}": float(v) for g, m in fid.items()
-                    for k, v in m.scalars().items()}
+        metrics |= {
+            f"{prefix}{g}.{k}": float(v) for g, m in fid.items() for k, v in m.scalars().items()
+        }
     table = "\n\n".join(tables)
     print(table)
     if not args.evaluate:
         save_checkpoint(out, Checkpoint.from_predictor(pred, response, metrics))
         print(f"wrote {out} ({out.stat().st_size:,} bytes)")
     (Path(args.out) / f"{out.stem}.metrics.md").write_text(
-        f"Data: {'; '.join(sources)}\n\nConfig: {cfg_text}\n\n{table}\n")
+        f"Data: {'; '.join(sources)}\n\nConfig: {cfg_text}\n\n{table}\n"
+    )
     if args.figure:
         figure(args.figure, data, pred, response, real_shape=len(observations) > 1)
 
@@ -154,9 +186,16 @@ def figure(path, data, pred, response, real_shape: bool) -> None:
         y, sig, em_bp, status = d.intensity, d.sigma, d.em, d.status
         title = "synthetic scene (not seen in training)"
     i171 = list(response.channels).index(171)
-    figure1(y[:, i171].reshape(shape), em_bp.reshape(*shape, -1), status.reshape(shape),
-            pred.predict(y, sigma=sig, response=response).reshape(*shape, -1), DEEPEM_LOGT,
-            at_logt=5.9, path=path, title=title)
+    figure1(
+        y[:, i171].reshape(shape),
+        em_bp.reshape(*shape, -1),
+        status.reshape(shape),
+        pred.predict(y, sigma=sig, response=response).reshape(*shape, -1),
+        DEEPEM_LOGT,
+        at_logt=5.9,
+        path=path,
+        title=title,
+    )
     print(f"wrote {path}")
 
 

@@ -36,8 +36,7 @@ def test_help(runner, cmd):
 
 def test_invert_bp_writes_cube_and_refuses_overwrite(runner, aia_dir, tmp_path):
     out = tmp_path / "out"
-    r = runner.invoke(main, ["invert", str(aia_dir), "--method", "bp", "--out", str(out),
-                             "--png"])
+    r = runner.invoke(main, ["invert", str(aia_dir), "--method", "bp", "--out", str(out), "--png"])
     assert r.exit_code == 0, r.output
     fits_files = sorted(out.glob("dem_bp_*.fits"))
     assert len(fits_files) == 1 and fits_files[0].with_suffix(".png").exists()
@@ -51,8 +50,9 @@ def test_invert_bp_writes_cube_and_refuses_overwrite(runner, aia_dir, tmp_path):
     assert r.exit_code == EXIT_EXISTS
     assert "--overwrite" in r.output
     assert fits_files[0].stat().st_mtime_ns == before
-    r = runner.invoke(main, ["invert", str(aia_dir), "--method", "bp", "--out", str(out),
-                             "--overwrite"])
+    r = runner.invoke(
+        main, ["invert", str(aia_dir), "--method", "bp", "--out", str(out), "--overwrite"]
+    )
     assert r.exit_code == 0, r.output
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
 
@@ -87,8 +87,19 @@ def test_invert_missing_channel(runner, tmp_path):
     assert "94" in r.output
     assert not list(out.glob("*.fits"))
     # the same five channels are fine for BP when asked for explicitly
-    r = runner.invoke(main, ["invert", str(d), "--method", "bp", "--channels",
-                             "131,171,193,211,335", "--out", str(out)])
+    r = runner.invoke(
+        main,
+        [
+            "invert",
+            str(d),
+            "--method",
+            "bp",
+            "--channels",
+            "131,171,193,211,335",
+            "--out",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
 
 
@@ -122,8 +133,19 @@ def test_invert_bad_options(runner, aia_dir, tmp_path):
 
 
 def test_train_and_resume(runner, tmp_path):
-    args = ["train", "--out", str(tmp_path), "--synthetic", "1", "--synthetic-size", "48",
-            "--epochs", "2", "--batch-size", "512"]
+    args = [
+        "train",
+        "--out",
+        str(tmp_path),
+        "--synthetic",
+        "1",
+        "--synthetic-size",
+        "48",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "512",
+    ]
     r = runner.invoke(main, args)
     assert r.exit_code == 0, r.output
     assert "epoch    2/2" in r.output
@@ -134,8 +156,10 @@ def test_train_and_resume(runner, tmp_path):
 
 
 def test_bench_small(runner, tmp_path):
-    r = runner.invoke(main, ["bench", "--sizes", "16", "--tiled", "0", "--highs-pixels", "5",
-                             "--out", str(tmp_path)])
+    r = runner.invoke(
+        main,
+        ["bench", "--sizes", "16", "--tiled", "0", "--highs-pixels", "5", "--out", str(tmp_path)],
+    )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.md").exists()
     assert "bp_jax_f32" in r.output and "net_deepem_f32" in r.output
@@ -162,11 +186,23 @@ def test_demo_synthetic(runner, tmp_path, monkeypatch):
 
 
 def test_invert_bad_tolfac_and_resume_mismatch(runner, aia_dir, tmp_path):
-    r = runner.invoke(main, ["invert", str(aia_dir), "--method", "bp", "--tolfac", "0",
-                             "--out", str(tmp_path)])
+    r = runner.invoke(
+        main, ["invert", str(aia_dir), "--method", "bp", "--tolfac", "0", "--out", str(tmp_path)]
+    )
     assert r.exit_code == 2
-    args = ["train", "--out", str(tmp_path / "w"), "--synthetic", "1", "--synthetic-size", "16",
-            "--epochs", "1", "--model", "small"]
+    args = [
+        "train",
+        "--out",
+        str(tmp_path / "w"),
+        "--synthetic",
+        "1",
+        "--synthetic-size",
+        "16",
+        "--epochs",
+        "1",
+        "--model",
+        "small",
+    ]
     assert runner.invoke(main, args).exit_code == 0
     r = runner.invoke(main, [*args, "--physics-weight", "0.5"])
     assert r.exit_code == 2 and "different training config" in r.output

@@ -377,19 +377,21 @@ def test_predict_consistency_step_reaches_the_band():
     rng = np.random.default_rng(11)
     t = np.array([2.9, 2.9, 2.0, 2.0, 2.9, 2.9])
     K = np.asarray(resp.K, np.float64)
-    y = noisy_observation(np.asarray(forward(K, random_dems(DEEPEM_LOGT, 2000, rng))), t,
-                          resp.channels, rng)
+    y = noisy_observation(
+        np.asarray(forward(K, random_dems(DEEPEM_LOGT, 2000, rng))), t, resp.channels, rng
+    )
     sig = sigma_values(y, t, resp.wavelength)
     sig[0, 2] = 0.0  # invalid sigma -> invalid pixel
     lo, hi = (np.asarray(b, np.float64) for b in bounds(y, sig, 1.4))
 
     def inside(em):
         r = em.astype(np.float64) @ K.T
-        return np.all((r >= lo[-len(em):]) & (r <= hi[-len(em):]), -1)
+        return np.all((r >= lo[-len(em) :]) & (r <= hi[-len(em) :]), -1)
 
     raw = net.predict(y)
-    em, valid, in_band = net.predict(y, sigma=sig, response=resp, return_valid=True,
-                                     return_in_band=True)
+    em, valid, in_band = net.predict(
+        y, sigma=sig, response=resp, return_valid=True, return_in_band=True
+    )
     assert not valid[0] and np.all(np.isnan(em[0])) and not in_band[0]
     assert valid[1:].all()
     np.testing.assert_array_equal(in_band[1:], inside(em[1:]))  # flag = independent check
@@ -397,8 +399,9 @@ def test_predict_consistency_step_reaches_the_band():
     keep = inside(raw)[1:]  # already consistent: resynthesis moved at most into the 2 % margin
     shift = np.abs((em[1:][keep] - raw[1:][keep]).astype(np.float64) @ K.T)
     assert np.all(shift <= 0.021 * (hi - lo)[1:][keep]), np.max(shift / (hi - lo)[1:][keep])
-    q = net.predict(y[1:3] * u.DN / (u.s * u.pix), sigma=sig[1:3] * u.DN / (u.s * u.pix),
-                    response=resp)
+    q = net.predict(
+        y[1:3] * u.DN / (u.s * u.pix), sigma=sig[1:3] * u.DN / (u.s * u.pix), response=resp
+    )
     # another tile shape: float32 sums in another order, then the Newton steps
     np.testing.assert_allclose(q.to_value(u.cm**-5), em[1:3], rtol=1e-3, atol=1e-3 * em[1:3].max())
 
@@ -415,8 +418,9 @@ def test_predict_consistency_bad_input(small_predictor):
     with pytest.raises(ValueError, match="only used with sigma"):
         small_predictor.predict(y, response=resp)
     with pytest.raises(ValueError, match="channels"):
-        small_predictor.predict(y, sigma=y, response=resp.select([94, 131, 171, 211, 193, 335]
-                                                                 * u.AA))
+        small_predictor.predict(
+            y, sigma=y, response=resp.select([94, 131, 171, 211, 193, 335] * u.AA)
+        )
     with pytest.raises(ValueError, match="log T grid"):
         small_predictor.predict(y, sigma=y, response=default_response())
     with pytest.raises(ValueError, match="sigma shape"):

@@ -46,32 +46,43 @@ def test_tiny_training_lowers_validation_loss(tmp_path, response):
 def test_resume_after_kill_equals_uninterrupted(tmp_path, response):
     train = _truth_dataset(response, 1500, 2)
     val = _truth_dataset(response, 300, 3)
-    cfg = TrainConfig(model="small", epochs=4, batch_size=128, learning_rate=1e-3, seed=7,
-                      patience=None)
+    cfg = TrainConfig(
+        model="small", epochs=4, batch_size=128, learning_rate=1e-3, seed=7, patience=None
+    )
     ref, ref_hist = train_and_evaluate(cfg, train, val, response, tmp_path / "a", log=None)
     # "killed" after 2 epochs, then restarted from the same work directory
     train_and_evaluate(cfg, train, val, response, tmp_path / "b", log=None, stop_after_epochs=2)
     msgs = []
-    res, res_hist = train_and_evaluate(cfg, train, val, response, tmp_path / "b",
-                                       log=msgs.append)
+    res, res_hist = train_and_evaluate(cfg, train, val, response, tmp_path / "b", log=msgs.append)
     assert any("resuming after epoch 2" in m for m in msgs)
     assert [h["val_loss"] for h in res_hist] == [h["val_loss"] for h in ref_hist]
     for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(res.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # a different config must not silently continue someone else's run
     with pytest.raises(CheckpointError, match="different training config"):
-        train_and_evaluate(dataclasses.replace(cfg, learning_rate=5e-4), train, val, response,
-                           tmp_path / "b", log=None)
+        train_and_evaluate(
+            dataclasses.replace(cfg, learning_rate=5e-4),
+            train,
+            val,
+            response,
+            tmp_path / "b",
+            log=None,
+        )
 
 
 def test_whole_image_steps_and_physics_term(tmp_path, response):
     a = _truth_dataset(response, 600, 4)
     b = _truth_dataset(response, 400, 5)
-    train = Dataset(*(np.concatenate([getattr(a, f.name), getattr(b, f.name)])
-                      for f in dataclasses.fields(Dataset)))
+    train = Dataset(
+        *(
+            np.concatenate([getattr(a, f.name), getattr(b, f.name)])
+            for f in dataclasses.fields(Dataset)
+        )
+    )
     train = dataclasses.replace(train, group=np.r_[np.zeros(600, np.int32), np.ones(400, np.int32)])
-    cfg = TrainConfig(model="small", epochs=2, batch_size=None, physics_weight=0.1,
-                      learning_rate=1e-3)
+    cfg = TrainConfig(
+        model="small", epochs=2, batch_size=None, physics_weight=0.1, learning_rate=1e-3
+    )
     _, hist = train_and_evaluate(cfg, train, a, response, tmp_path, log=None)
     assert len(hist) == 2 and np.isfinite(hist[-1]["val_loss"])
 
@@ -96,8 +107,14 @@ def test_bp_targets_dataset(response):
 def test_bad_inputs(tmp_path, response):
     train = _truth_dataset(response, 200, 6)
     with pytest.raises(ValueError, match="channels"):
-        train_and_evaluate(TrainConfig(model="small"), train, train,
-                           response.select(response.wavelength[1:]), tmp_path, log=None)
+        train_and_evaluate(
+            TrainConfig(model="small"),
+            train,
+            train,
+            response.select(response.wavelength[1:]),
+            tmp_path,
+            log=None,
+        )
     dead = dataclasses.replace(train, status=np.ones(200, np.int8))
     with pytest.raises(ValueError, match="no BP-solved pixel"):
         train_and_evaluate(TrainConfig(model="small"), dead, train, response, tmp_path, log=None)
@@ -114,8 +131,10 @@ def test_band_excess_by_hand():
     sigma = np.array([[1.0, 10.0], [1.0, 10.0]])
     # band with tolfac 1.4: [8.6, 11.4] and [86, 114]
     inside = np.array([[11.0, 90.0], [8.7, 113.0]])
-    np.testing.assert_allclose(np.asarray(band_excess(inside, y, sigma, np.array([1.4, 1.4]))),
-                               [0.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(band_excess(inside, y, sigma, np.array([1.4, 1.4]))), [0.0, 0.0], atol=1e-12
+    )
     outside = np.array([[12.4, 100.0], [10.0, 66.0]])  # 1 sigma above; 2 sigma below
-    np.testing.assert_allclose(np.asarray(band_excess(outside, y, sigma, np.array([1.4, 1.4]))),
-                               [0.5, 2.0], rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(band_excess(outside, y, sigma, np.array([1.4, 1.4]))), [0.5, 2.0], rtol=1e-5
+    )

@@ -40,9 +40,11 @@ def test_embedded_v3_table_equals_aiapy_file():
 def test_matches_aiapy_every_channel(aiapy_table, n_sample, flags, x64):
     tab = V3_ERROR_TABLE.select(CHANNELS * u.AA)
     counts = np.repeat(COUNTS[:, None], len(CHANNELS), axis=1)
-    ours = np.asarray(jax.jit(estimate_error, static_argnames=tuple(flags))(
-        jnp.asarray(counts), tab, n_sample, **flags
-    ))
+    ours = np.asarray(
+        jax.jit(estimate_error, static_argnames=tuple(flags))(
+            jnp.asarray(counts), tab, n_sample, **flags
+        )
+    )
     for i, ch in enumerate(CHANNELS):
         ref = aiapy_estimate_error(
             COUNTS * u.DN / u.pix, ch * u.AA, n_sample=n_sample, error_table=aiapy_table, **flags

@@ -257,9 +257,18 @@ def solve(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=N, unit="px", desc="BP")
-    opts = dict(tolfac=tolfac, symmbuff=symmbuff, retry_factors=retry_factors,
-                min_signal=min_signal, method=method, precision=precision,
-                chunk_size=chunk_size, max_pivots=max_pivots, sqrt_sigma=sqrt_sigma, bar=bar)
+    opts = dict(
+        tolfac=tolfac,
+        symmbuff=symmbuff,
+        retry_factors=retry_factors,
+        min_signal=min_signal,
+        method=method,
+        precision=precision,
+        chunk_size=chunk_size,
+        max_pivots=max_pivots,
+        sqrt_sigma=sqrt_sigma,
+        bar=bar,
+    )
     # Host memory stays bounded: each block of pixels is solved (with its retries) and written
     # into the outputs, which are allocated once in the output dtype.
     for b0 in range(0, N, _BLOCK):
@@ -281,8 +290,22 @@ def solve(
     )
 
 
-def _solve_block(yf, sf, D, *, tolfac, symmbuff, retry_factors, min_signal, method, precision,
-                 chunk_size, max_pivots, sqrt_sigma, bar):
+def _solve_block(
+    yf,
+    sf,
+    D,
+    *,
+    tolfac,
+    symmbuff,
+    retry_factors,
+    min_signal,
+    method,
+    precision,
+    chunk_size,
+    max_pivots,
+    sqrt_sigma,
+    bar,
+):
     """BP of (N, C) pixels with adaptive tolerance; returns float64 coefficients (N, n),
     status, the tolerance factor used and pivot counts."""
     invalid = ~(np.all(np.isfinite(yf), -1) & np.all(np.isfinite(sf), -1))

@@ -121,8 +121,9 @@ class AIAStack:
         :func:`deepem_jax.uncertainty.sigma_values`)."""
         from ..uncertainty import sigma_values
 
-        return sigma_values(self.data, self.exptime.to_value(u.s), self.channels,
-                            self.n_sample, **kwargs)
+        return sigma_values(
+            self.data, self.exptime.to_value(u.s), self.channels, self.n_sample, **kwargs
+        )
 
     def flag_count(self, flag: PixelFlag) -> np.ndarray:
         """Number of output pixels carrying ``flag``, per channel (shape (n_channels,))."""
