@@ -29,13 +29,13 @@ from .io import AIAFileError as AIAFileError
 from .io import AIAStack as AIAStack
 from .io import DEMCube as DEMCube
 from .io import load_aia as load_aia
+from .io import load_pytorch_deepem as load_pytorch_deepem
 from .io import read_dem_cube as read_dem_cube
 from .io import write_dem_cube as write_dem_cube
 from .metrics import evaluate_fidelity as evaluate_fidelity
 from .metrics import format_metrics_table as format_metrics_table
 from .model import ModelConfig as ModelConfig
 from .model import Predictor as Predictor
-from .model import load_pytorch_deepem as load_pytorch_deepem
 from .response import AIA_CHANNELS as AIA_CHANNELS
 from .response import DEEPEM_LOGT as DEEPEM_LOGT
 from .response import TemperatureResponse as TemperatureResponse

@@ -193,7 +193,7 @@ def _read_payload(path: Path) -> dict[str, Any]:
     if raw[:1] == b"\x80" or raw[:2] == b"PK":
         raise CheckpointError(
             f"{path} looks like a PyTorch file, not a deepem_jax checkpoint; "
-            "import original DeepEM weights with deepem_jax.model.load_pytorch_deepem"
+            "import original DeepEM weights with deepem_jax.io.load_pytorch_deepem"
         )
     try:
         payload = serialization.msgpack_restore(raw)

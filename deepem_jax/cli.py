@@ -173,7 +173,7 @@ def _load_response(path: str):
 
 def _load_weights(path: str):
     from .checkpoint import load_predictor
-    from .model import load_pytorch_deepem
+    from .io import load_pytorch_deepem
 
     if str(path).endswith((".pth", ".pt")):
         return load_pytorch_deepem(path)

@@ -1,4 +1,5 @@
-"""Input/output: AIA images -> channels-last intensity stacks; DEM cubes <-> FITS / NDCube.
+"""Input/output: AIA images -> channels-last intensity stacks; DEM cubes <-> FITS / NDCube;
+the original DeepEM PyTorch weights -> :class:`deepem_jax.model.Predictor`.
 
 Arrays in memory are channels-last, ``(ny, nx, n_channels)`` and ``(ny, nx, n_T)``; DEM cubes
 on disk are ``(n_T, ny, nx)`` FITS images with a log T third WCS axis.
@@ -12,6 +13,8 @@ from ._aia import load_aia as load_aia
 from ._demcube import DEMCube as DEMCube
 from ._demcube import read_dem_cube as read_dem_cube
 from ._demcube import write_dem_cube as write_dem_cube
+from ._pytorch import load_pytorch_deepem as load_pytorch_deepem
+from ._pytorch import read_torch_state_dict as read_torch_state_dict
 
 __all__ = [
     "AIA_EUV_CHANNELS",
@@ -20,6 +23,8 @@ __all__ = [
     "DEMCube",
     "PixelFlag",
     "load_aia",
+    "load_pytorch_deepem",
     "read_dem_cube",
+    "read_torch_state_dict",
     "write_dem_cube",
 ]
