@@ -11,8 +11,13 @@ Loaders read the real tables a user has offline:
 * :meth:`TemperatureResponse.from_csv` -- a ``logte,A94,...`` CSV table;
 * :meth:`TemperatureResponse.from_deepem_npy` -- DeepEM's 6x18 ``AIA_Resp.npy``
   (log T 5.5--7.2, step 0.1);
-* :meth:`TemperatureResponse.from_idl_save` / :func:`default_response` -- the MIT-licensed table
-  that ships inside the ``demregpy`` package (``tresp/aia_tresp_en.dat``), the offline default.
+* :meth:`TemperatureResponse.from_idl_save` -- an IDL save file with ``channels``, ``logt`` and
+  ``tr``;
+* :func:`default_response` -- the offline default: demregpy's MIT-licensed
+  ``aia_tresp_en.dat``, shipped in ``deepem_jax/tables/`` (see the README there).
+
+:meth:`TemperatureResponse.degrade` scales each row by the channel's degradation factor at the
+observation time (:func:`deepem_jax.calibration.degradation`).
 """
 
 from __future__ import annotations
@@ -22,12 +27,15 @@ import dataclasses
 import os
 import re
 from collections.abc import Sequence
+from importlib import resources
 
 import astropy.units as u
 import jax
 import numpy as np
+from astropy.time import Time
 
 from ._units import channel_list, to_value
+from .calibration import degradation
 
 __all__ = [
     "AIA_CHANNELS",
@@ -194,7 +202,7 @@ class TemperatureResponse:
     @classmethod
     def from_idl_save(cls, path: str | os.PathLike) -> TemperatureResponse:
         """Read an IDL save file with ``channels``, ``logt`` and ``tr`` (n_channels x n_T), as
-        written by demregpy's ``tresp`` tables."""
+        in demregpy's ``aia_tresp_en.dat`` (the table :func:`default_response` reads)."""
         from scipy.io import readsav
 
         try:
@@ -290,46 +298,27 @@ class TemperatureResponse:
             out[c, inside] = np.where(touches_zero, 0.0, 10.0**lk)
         return TemperatureResponse(out, self.channels, tuple(float(t) for t in new), self.name)
 
-    def degrade(self, obstime, correction_table) -> TemperatureResponse:
-        """Multiply each channel by aiapy's time-dependent degradation factor at ``obstime``.
+    def degrade(
+        self,
+        obstime: Time | str | Sequence[str],
+        correction_table: str | os.PathLike | None = None,
+    ) -> TemperatureResponse:
+        """Each channel's row times its degradation factor at ``obstime``.
 
-        ``obstime`` is anything `astropy.time.Time` accepts. ``correction_table`` is a local
-        file or an astropy table (from ``aiapy.calibrate.util.get_correction_table``); no network
-        access is made.
+        ``obstime`` is anything `astropy.time.Time` accepts (UTC), one time or one per channel;
+        ``correction_table`` is a correction table file, ``None`` for the shipped V10 table (see
+        :func:`deepem_jax.calibration.degradation`; no network access). The name records the
+        calibration version and time, e.g. ``"<name>+degraded(V10 @ 2024-10-04T16:18)"``.
         """
-        from aiapy.calibrate import degradation
-        from aiapy.calibrate.util import get_correction_table
-        from astropy.time import Time
-
-        if isinstance(correction_table, str | os.PathLike):
-            if not os.path.exists(correction_table):
-                raise FileNotFoundError(f"correction table {correction_table} does not exist")
-            correction_table = get_correction_table(str(correction_table))
-        obstime = Time(obstime)
-        factors = np.array(
-            [
-                np.ravel(
-                    u.Quantity(
-                        degradation(c * u.AA, obstime, correction_table=correction_table)
-                    ).to_value(u.dimensionless_unscaled)
-                )[0]
-                for c in self.channels
-            ]
-        )
-        if not np.all(np.isfinite(factors)) or np.any(factors <= 0):
-            raise ValueError(f"degradation factors not finite and positive: {factors}")
-        K = np.asarray(self.K) * factors[:, None]
-        return TemperatureResponse(K, self.channels, self.logt, f"{self.name}+degraded")
+        d = degradation(self.wavelength, obstime, correction_table)
+        K = np.asarray(self.K) * d.factors[:, None]
+        return TemperatureResponse(K, self.channels, self.logt, f"{self.name}+degraded({d.label})")
 
 
 def default_response() -> TemperatureResponse:
-    """The embedded default: demregpy's MIT-licensed ``tresp/aia_tresp_en.dat`` (6 channels,
-    log T 4--9), available offline with the package dependencies."""
-    import demregpy
-
-    path = os.path.join(os.path.dirname(demregpy.__file__), "tresp", "aia_tresp_en.dat")
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"demregpy is installed but its response table {path} is missing; reinstall demregpy"
-        )
-    return TemperatureResponse.from_idl_save(path)
+    """The embedded default: demregpy's MIT-licensed ``aia_tresp_en.dat`` as shipped in
+    ``deepem_jax/tables/`` (channels 94--335 Å, log T 4--9 in steps of 0.05, DN cm^5 s^-1
+    pix^-1); read offline without importing demregpy."""
+    table = resources.files("deepem_jax") / "tables" / "aia_tresp_en.dat"
+    with resources.as_file(table) as path:
+        return TemperatureResponse.from_idl_save(path)

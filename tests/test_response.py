@@ -1,6 +1,11 @@
 """TemperatureResponse loaders, selection, regridding and degradation against the real tables."""
 
+import hashlib
 import os
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
 
 import aiapy
 import astropy.units as u
@@ -100,6 +105,30 @@ def test_default_response_is_demregpy_table(csv_path):
     np.testing.assert_allclose(np.asarray(r.K), np.asarray(c.K), rtol=1e-5, atol=1e-40)
 
 
+def test_shipped_response_table_is_demregpy_0_6_2_file():
+    shipped = Path(str(resources.files("deepem_jax") / "tables" / "aia_tresp_en.dat"))
+    # SHA-256 of demregpy 0.6.2's tresp/aia_tresp_en.dat (PyPI distribution).
+    digest = "8ab3cb9da628fc7afa33511f2a767f6e67233ae50256235c7c00a8973df1857c"
+    assert hashlib.sha256(shipped.read_bytes()).hexdigest() == digest
+    assert "MIT License" in (shipped.parent / "README.md").read_text()
+
+
+def test_default_response_works_without_demregpy():
+    """Any ``import demregpy`` fails in the child; the default response still loads."""
+    code = (
+        "import sys\n"
+        "sys.modules['demregpy'] = None\n"
+        "from deepem_jax.response import default_response\n"
+        "r = default_response()\n"
+        "print(r.K.shape, r.name)\n"
+        "import demregpy\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "(6, 101) idlsave:aia_tresp_en.dat" in run.stdout, run.stderr
+    # the last line proves the import really was blocked
+    assert run.returncode != 0 and "ModuleNotFoundError" in run.stderr
+
+
 @pytest.mark.parametrize(
     "K, logt, match",
     [
@@ -157,11 +186,24 @@ def test_degradation_uses_aiapy_factor_per_channel():
         np.testing.assert_allclose(
             np.asarray(d.K)[i] / np.asarray(r.K)[i], np.ravel(expect.value)[0], rtol=1e-12
         )
+    assert d.name == "idlsave:aia_tresp_en.dat+degraded(V8 @ 2016-01-27T00:00)"
     # 335 Å lost far more sensitivity than 171 Å by 2016 (aiapy's V8 table)
     ratio = np.asarray(d.K).max(axis=1) / np.asarray(r.K).max(axis=1)
     assert ratio[0] < 0.3 < 0.7 < ratio[2]
     with pytest.raises(FileNotFoundError, match="correction table"):
         r.degrade("2016-01-27", "/nonexistent/table.txt")
+
+
+def test_degrade_defaults_to_shipped_v10_table():
+    """Without a table the V10 factors apply: the published 2024-10-04 values per channel."""
+    r = default_response().select([131, 171, 193, 211, 335] * u.AA)
+    d = r.degrade("2024-10-04T16:18:00")
+    ratio = np.asarray(d.K).max(axis=1) / np.asarray(r.K).max(axis=1)
+    np.testing.assert_array_equal(np.round(ratio, 2), [0.51, 0.74, 0.49, 0.40, 0.17])
+    assert d.name == "idlsave:aia_tresp_en.dat+degraded(V10 @ 2024-10-04T16:18)"
+    assert d.channels == r.channels and d.logt == r.logt
+    with pytest.raises(ValueError, match="2009"):
+        r.degrade("2009-06-01")
 
 
 def test_response_is_a_pytree():
