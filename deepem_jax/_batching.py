@@ -1,0 +1,90 @@
+"""Fixed-shape batching on the host: pad rows to a few bucketed sizes and map a function over
+equal-sized chunks, so a jitted function compiles once per bucket instead of once per length."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+__all__ = ["bucket", "map_rows", "pad_rows"]
+
+
+def bucket(n: int, max_size: int, min_size: int = 256) -> int:
+    """Chunk size for ``n`` rows: the smallest power of two ``>= n``, at least ``min_size`` and
+    at most ``max_size`` (``max_size`` wins when the two disagree; it need not be a power of
+    two). Rounding to powers of two keeps the number of distinct compiled shapes small."""
+    if n < 0 or max_size < 1 or min_size < 1:
+        raise ValueError(
+            f"need n >= 0, max_size >= 1, min_size >= 1; got {n}, {max_size}, {min_size}"
+        )
+    return min(max_size, max(min_size, 1 << max(n - 1, 0).bit_length()))
+
+
+def pad_rows(a: np.ndarray, size: int, fill: float = 0.0) -> np.ndarray:
+    """``a`` extended along axis 0 to ``size`` rows filled with ``fill`` (same dtype). An array
+    that already has ``size`` rows is returned as is, not copied."""
+    a = np.asarray(a)
+    if a.ndim == 0 or len(a) > size:
+        raise ValueError(f"cannot pad an array of shape {a.shape} to {size} rows")
+    if len(a) == size:
+        return a
+    out = np.full((size, *a.shape[1:]), fill, a.dtype)
+    out[: len(a)] = a
+    return out
+
+
+def map_rows(
+    fn: Callable[..., Any],
+    arrays: Sequence[np.ndarray],
+    size: int,
+    *,
+    fills: Sequence[float] | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> Any:
+    """Apply ``fn`` row-wise to ``arrays`` (all with the same number ``n`` of rows) in chunks.
+
+    ``fn(*chunks)`` is called on consecutive blocks of ``size`` rows, the last block padded with
+    ``fills`` (one per array, default 0), so every call has the same shapes. Every leaf of the
+    pytree ``fn`` returns must have ``size`` rows; the real rows of all calls are returned as the
+    same pytree of numpy arrays with ``n`` rows (freshly allocated, writable). ``on_chunk(m)``
+    is called after each block with its number ``m`` of real rows (e.g. a progress bar update).
+
+    With ``n = 0``, ``fn`` is still called once, on a block of fill rows, so the result has the
+    right trailing shapes and dtypes (0 rows); ``on_chunk`` is not called.
+    """
+    arrays = [np.asarray(a) for a in arrays]
+    if not arrays:
+        raise ValueError("map_rows needs at least one array")
+    n = len(arrays[0])
+    if any(len(a) != n for a in arrays):
+        raise ValueError(
+            f"arrays must have the same number of rows, got {[len(a) for a in arrays]}"
+        )
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    fills = [0.0] * len(arrays) if fills is None else list(fills)
+    if len(fills) != len(arrays):
+        raise ValueError(f"got {len(fills)} fills for {len(arrays)} arrays")
+    out: list[np.ndarray] | None = None
+    treedef = None
+    for start in range(0, max(n, 1), size):
+        m = min(size, n - start)
+        chunk = [
+            pad_rows(a[start : start + m], size, f) for a, f in zip(arrays, fills, strict=True)
+        ]
+        leaves, treedef = jax.tree.flatten(fn(*chunk))
+        leaves = [np.asarray(leaf) for leaf in leaves]
+        if any(leaf.shape[:1] != (size,) for leaf in leaves):
+            raise ValueError(
+                f"fn must return arrays with {size} rows, got shapes {[x.shape for x in leaves]}"
+            )
+        if out is None:
+            out = [np.empty((n, *leaf.shape[1:]), leaf.dtype) for leaf in leaves]
+        for o, leaf in zip(out, leaves, strict=True):
+            o[start : start + m] = leaf[:m]
+        if on_chunk is not None and m > 0:
+            on_chunk(m)
+    return jax.tree.unflatten(treedef, out)
