@@ -33,8 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._units import INTENSITY_UNIT, to_value
-from .bp import bounds
-from .consistency import project_to_band
 from .response import AIA_CHANNELS, DEEPEM_LOGT, TemperatureResponse
 
 __all__ = [
@@ -183,39 +181,24 @@ def decode_em(out: jax.Array, config: ModelConfig = CONFIGS["deepem"]) -> jax.Ar
     return config.em_scale * jnp.square(out)
 
 
-@partial(jax.jit, static_argnames=("config", "dtype"))
-def _predict_tile(
-    params: Any, y: jax.Array, config: ModelConfig, dtype: Any
-) -> tuple[jax.Array, jax.Array]:
-    """EM (n, n_T) float32 and validity (n,) of one tile of intensities (n, C)."""
-    valid = jnp.all(jnp.isfinite(y), axis=-1)
-    x = encode_intensities(jnp.where(valid[:, None], y, 0.0)).astype(dtype)
+def network_em(
+    params: Any, y: jax.Array, config: ModelConfig, dtype: Any = jnp.float32
+) -> jax.Array:
+    """EM (..., n_T) in cm^-5 per bin (float32) of finite intensities (..., C) in
+    DN s^-1 pix^-1: the network's pure apply with its input and output transforms."""
+    x = encode_intensities(y).astype(dtype)
     out = DeepEMNet(config, dtype=dtype).apply({"params": params}, x).astype(jnp.float32)
-    em = decode_em(out, config)
-    return jnp.where(valid[:, None], em, jnp.nan), valid
+    return decode_em(out, config)
 
 
-@partial(jax.jit, static_argnames=("config", "dtype", "n_iter"))
-def _predict_tile_in_band(
-    params: Any,
-    y: jax.Array,
-    sigma: jax.Array,
-    K: jax.Array,
-    tolfac: float,
-    config: ModelConfig,
-    dtype: Any,
-    n_iter: int,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """EM (n, n_T), validity (n,) and in-band flags (n,) of one tile, the network's EM moved
-    into BP's tolerance band of ``y`` and ``sigma`` (n, C) by :func:`project_to_band`."""
-    valid = jnp.all(jnp.isfinite(sigma) & (sigma > 0), axis=-1)
-    em, valid_y = _predict_tile(params, y, config, dtype)
-    valid &= valid_y
-    lower, upper = bounds(
-        jnp.where(valid[:, None], y, 0.0), jnp.where(valid[:, None], sigma, 1.0), tolfac
-    )
-    res = project_to_band(jnp.where(valid[:, None], em, 0.0), K, lower, upper, n_iter=n_iter)
-    return jnp.where(valid[:, None], res.em, jnp.nan), valid, res.in_band & valid
+@partial(jax.jit, static_argnames=("config", "dtype"))
+def _predict_tile(params: Any, y: jax.Array, config: ModelConfig, dtype: Any) -> jax.Array:
+    """EM (n, n_T) float32 of one tile of intensities (n, C); NaN rows where the input has a
+    non-finite channel or the output is not finite."""
+    valid = jnp.all(jnp.isfinite(y), axis=-1)
+    em = network_em(params, jnp.where(valid[:, None], y, 0.0), config, dtype)
+    valid &= jnp.all(jnp.isfinite(em), axis=-1)
+    return jnp.where(valid[:, None], em, jnp.nan)
 
 
 @jax.tree_util.register_dataclass
@@ -285,42 +268,36 @@ class Predictor:
         sigma: np.ndarray | jax.Array | u.Quantity | None = None,
         response: TemperatureResponse | None = None,
         tolfac: float = 1.4,
-        n_iter: int = 10,
         dtype: Any = jnp.float32,
         tile_size: int = 65536,
-        return_valid: bool = False,
-        return_in_band: bool = False,
         progress: bool = False,
-    ) -> np.ndarray | u.Quantity | tuple[np.ndarray | u.Quantity, ...]:
+    ) -> np.ndarray | u.Quantity:
         """EM (..., n_T) in cm^-5 per bin of intensities (..., n_channels) in DN s^-1 pix^-1.
 
         Works on any leading shape: ``(N, C)`` pixel lists, ``(H, W, C)`` images, ``(B, H, W, C)``
-        batches. Pixels are run through a jit-compiled function in tiles of ``tile_size``
-        pixels (the last tile padded), so device memory stays bounded for 4096^2 images and
-        one compilation serves every image; inputs smaller than a tile use the next power of
-        two instead. ``dtype`` is the computation dtype (``jnp.float32`` or ``jnp.bfloat16``);
-        the result is float32.
+        batches. Pixels run through a jit-compiled function in tiles of ``tile_size`` pixels
+        (the last tile padded), so device memory stays bounded for 4096^2 images and one
+        compilation serves every image; inputs smaller than a tile use the next power of two.
+        ``dtype`` is the computation dtype (``jnp.float32`` or ``jnp.bfloat16``); the result is
+        float32. A pixel with a non-finite channel, or whose output is not finite, gets NaN in
+        every bin, never zero.
 
-        A pixel with any non-finite channel (NaN, Inf) gets NaN in every bin, never zero.
-        With ``return_valid=True`` the boolean mask (...,) of pixels with finite input is
-        returned as well: ``(em, valid)``.
+        With the 1-sigma errors ``sigma`` (same shape and unit) the network's EM is moved into
+        Basis Pursuit's tolerance band (the consistency step of the shipped model), through
+        :func:`deepem_jax.invert` with ``method="net"`` and ``degradation=False`` (the
+        intensities must already be corrected for degradation); ``response`` is the undegraded
+        response (default: the embedded one). Use :func:`deepem_jax.invert` itself for the
+        per-pixel status (which pixels stayed outside the band).
 
-        With the 1-sigma errors ``sigma`` (..., n_channels) of the intensities (same unit) and
-        the ``response`` the network was trained for (its channels and log T grid), the
-        network's EM is moved into Basis Pursuit's tolerance band ``bp.bounds(y, sigma,
-        tolfac)`` with the smallest chi^2 change (:func:`deepem_jax.consistency.
-        project_to_band`, ``n_iter`` Newton steps): the data-consistency step of the shipped
-        model. ``return_in_band=True`` then also returns the per-pixel flag (...,) of pixels
-        whose resynthesis lies inside that band (False for invalid pixels); a pixel whose
-        sigma is not finite and positive counts as invalid.
-
-        Returns ``em``, or ``(em, valid)``, ``(em, in_band)`` or ``(em, valid, in_band)`` as
-        requested. A Quantity input gives a Quantity in cm^-5; a plain array gives a numpy
-        array. ``progress=True`` shows a tqdm bar over tiles.
+        A Quantity input gives a Quantity in cm^-5; a plain array gives a numpy array.
+        ``progress=True`` shows a tqdm bar over pixels.
         """
+        from ._batching import bucket, map_rows
+
         is_quantity = isinstance(intensities, u.Quantity)
         y = np.asarray(
-            to_value(intensities, INTENSITY_UNIT, "intensities", allow_plain=True), dtype=np.float32
+            to_value(intensities, INTENSITY_UNIT, "intensities", allow_plain=True),
+            dtype=np.float32,
         )
         n_chan = self.config.n_channels
         if y.ndim < 1 or y.shape[-1] != n_chan:
@@ -330,83 +307,36 @@ class Predictor:
             )
         if tile_size < 1:
             raise ValueError(f"tile_size must be positive, got {tile_size}")
-        K = self._consistency_matrix(sigma, response, return_in_band)
-        lead = y.shape[:-1]
-        flat = y.reshape(-1, n_chan)
-        if K is not None:
-            sig = np.asarray(
-                to_value(sigma, INTENSITY_UNIT, "sigma", allow_plain=True), dtype=np.float32
-            )
-            if sig.shape != y.shape:
-                raise ValueError(f"sigma shape {sig.shape} differs from intensities {y.shape}")
-            sig = sig.reshape(-1, n_chan)
-        n = flat.shape[0]
-        tile = min(tile_size, 1 << max(n - 1, 0).bit_length())
-        em = np.empty((n, self.config.n_temperatures), np.float32)
-        valid = np.empty(n, bool)
-        in_band = np.zeros(n, bool)
-        starts = range(0, n, tile)
-        if progress:
-            from tqdm.auto import tqdm
+        if sigma is not None:
+            from .invert import invert
 
-            starts = tqdm(starts, unit="tile", desc="network")
-        for start in starts:
-            chunk = flat[start : start + tile]
-            m = chunk.shape[0]
-            pad = np.zeros((tile - m, n_chan), np.float32)
-            if m < tile:
-                chunk = np.concatenate([chunk, pad])
-            if K is None:
-                e, v = _predict_tile(self.params, chunk, self.config, jnp.dtype(dtype))
-            else:
-                s = np.concatenate([sig[start : start + tile], pad + 1.0])
-                e, v, b = _predict_tile_in_band(
-                    self.params,
-                    chunk,
-                    s,
-                    K,
-                    float(tolfac),
-                    self.config,
-                    jnp.dtype(dtype),
-                    int(n_iter),
-                )
-                in_band[start : start + m] = np.asarray(b)[:m]
-            em[start : start + m] = np.asarray(e)[:m]
-            valid[start : start + m] = np.asarray(v)[:m]
-        em = em.reshape(*lead, self.config.n_temperatures)
-        out = [em * u.cm**-5 if is_quantity else em]
-        if return_valid:
-            out.append(valid.reshape(lead))
-        if return_in_band:
-            out.append(in_band.reshape(lead))
-        return out[0] if len(out) == 1 else tuple(out)
-
-    def _consistency_matrix(
-        self, sigma: Any, response: TemperatureResponse | None, return_in_band: bool
-    ) -> jax.Array | None:
-        """K (C, n_T) float32 for the consistency step, after checking ``response`` fits."""
-        if sigma is None:
-            if return_in_band:
-                raise ValueError("return_in_band needs sigma and response")
+            em = invert(
+                y,
+                "net",
+                sigma=sigma,
+                channels=np.array(self.channels) * u.AA,
+                response=response,
+                predictor=self,
+                tolfac=tolfac,
+                degradation=False,
+                progress=progress,
+            ).em
+        else:
             if response is not None:
                 raise ValueError("response is only used with sigma (the consistency step)")
-            return None
-        if response is None:
-            raise ValueError(
-                "sigma given without response: the consistency step needs the temperature "
-                "response the network was trained for (its channels and log T grid)"
+            flat = y.reshape(-1, n_chan)
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=flat.shape[0], unit="px", desc="network")
+            em = map_rows(
+                lambda a: _predict_tile(self.params, a, self.config, jnp.dtype(dtype)),
+                [flat],
+                bucket(flat.shape[0], tile_size, min_size=1),
+                on_chunk=None if bar is None else bar.update,
             )
-        if tuple(response.channels) != self.channels:
-            raise ValueError(
-                f"response channels {list(response.channels)} Å differ from the network's "
-                f"{list(self.channels)} Å"
-            )
-        if len(response.logt) != len(self.logt) or not np.allclose(
-            np.asarray(response.logt), self.logt_array, atol=1e-6
-        ):
-            raise ValueError(
-                f"response log T grid ({len(response.logt)} bins) differs from the network's "
-                f"({len(self.logt)} bins, {self.logt[0]:.2f}-{self.logt[-1]:.2f}); "
-                "regrid it with response.regrid(predictor.logt_array)"
-            )
-        return jnp.asarray(response.K, jnp.float32)
+            if bar is not None:
+                bar.close()
+            em = em.reshape(*y.shape[:-1], self.config.n_temperatures)
+        return em * u.cm**-5 if is_quantity else em

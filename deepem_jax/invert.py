@@ -1,0 +1,459 @@
+"""``invert``: observation in, DEM out, whatever the method -- the one pipeline.
+
+It owns the chain every caller (library, ``deepem-jax invert``, demo, benchmarks, training)
+shares: calibration (the error model with the file's ``n_sample``, the degradation of each
+channel at the observation time), sigma, the method, the per-pixel :class:`DEMStatus`, chi^2
+and the provenance of the result.
+
+Degradation: a degraded response is the undegraded one with rows scaled, ``K_deg = diag(f) K``,
+so every method solves the corrected data ``y / f`` (sigma ``/ f``) with the undegraded response
+``K``. BP's answer is the same as with ``K_deg``; one network serves every epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import time
+import warnings
+from functools import partial
+from typing import Any
+
+import astropy.units as u
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._units import INTENSITY_UNIT, channel_list, to_value
+from .result import DEMResult
+from .status import DEMStatus
+
+__all__ = ["DEMWarning", "invert"]
+
+#: Smallest number of channels a DEM is computed from.
+MIN_CHANNELS = 3
+METHODS = ("bp", "net")
+#: Statuses of pixels that were judged against a tolerance band.
+_JUDGED = [DEMStatus.SOLVED, DEMStatus.INFEASIBLE, DEMStatus.MAX_ITER, DEMStatus.OUTSIDE_BAND]
+#: Pixels per jit-compiled network tile.
+_TILE = 65536
+
+
+class DEMWarning(UserWarning):
+    """Input that gives a DEM of doubtful value (e.g. a channel with no signal at all)."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Observation:
+    """Intensities and errors in DN s^-1 pix^-1 (observed, uncorrected) with what is known of
+    where they came from."""
+
+    y: np.ndarray
+    sigma: np.ndarray
+    channels: tuple[int, ...]
+    obstime: Any  # astropy Time (scalar or per channel) or None
+    invalid: np.ndarray  # (...) bool: NaN/Inf input
+    saturated: np.ndarray  # (...) bool
+    wcs: Any
+    info: dict[str, Any]
+
+
+def _stack_observation(stack, channels: list[int] | None) -> _Observation:
+    have = channel_list(stack.channels)
+    idx = list(range(len(have)))
+    if channels is not None:
+        missing = [c for c in channels if c not in have]
+        if missing:
+            raise ValueError(f"channel(s) {missing} Å are not in the observation ({have} Å)")
+        idx = [have.index(c) for c in channels]
+    flags = stack.flags[..., idx]
+    from .io import PixelFlag
+
+    sigma = stack.sigma()[..., idx]
+    return _Observation(
+        y=stack.data[..., idx],
+        sigma=sigma,
+        channels=tuple(have[i] for i in idx),
+        obstime=stack.obstime[idx],
+        invalid=np.any(flags & PixelFlag.NONFINITE, axis=-1),
+        saturated=np.any(flags & PixelFlag.SATURATED, axis=-1),
+        wcs=stack.wcs,
+        info={"NSAMPLE": int(stack.n_sample)},
+    )
+
+
+def _array_observation(y, sigma, channels, obstime) -> _Observation:
+    if channels is None:
+        raise ValueError(
+            "intensities given as an array need channels= (Quantity in Å, the order of their "
+            "last axis)"
+        )
+    if sigma is None:
+        raise ValueError(
+            "intensities given as an array need sigma= (their 1-sigma errors); "
+            "load files with deepem_jax.load_aia to get the AIA error model"
+        )
+    yv = to_value(y, INTENSITY_UNIT, "intensities", allow_plain=True)
+    sv = to_value(sigma, INTENSITY_UNIT, "sigma", allow_plain=True)
+    if yv.ndim < 1 or yv.shape[-1] != len(channels):
+        raise ValueError(
+            f"intensities have shape {yv.shape}; the last axis must hold the {len(channels)} "
+            f"channels {channels} Å"
+        )
+    try:
+        sv = np.broadcast_to(sv, yv.shape)
+    except ValueError:
+        raise ValueError(f"sigma shape {sv.shape} does not broadcast to {yv.shape}") from None
+    return _Observation(
+        y=yv,
+        sigma=sv,
+        channels=tuple(channels),
+        obstime=obstime,
+        invalid=~np.all(np.isfinite(yv) & np.isfinite(sv) & (sv > 0), axis=-1),
+        saturated=np.zeros(yv.shape[:-1], bool),
+        wcs=None,
+        info={},
+    )
+
+
+def _observation(observation, sigma, channels, obstime, rebin) -> _Observation:
+    from .io import AIAStack, load_aia
+
+    if isinstance(observation, AIAStack):
+        if sigma is not None:
+            raise ValueError("sigma= is computed from an AIAStack's error model; do not pass it")
+        return _stack_observation(observation, channels)
+    if isinstance(observation, u.Quantity | np.ndarray | jax.Array):
+        return _array_observation(observation, sigma, channels, obstime)
+    wanted = None if channels is None else np.array(channels) * u.AA
+    stack = (
+        load_aia(observation, rebin=rebin)
+        if wanted is None
+        else load_aia(observation, wanted, rebin=rebin)
+    )
+    return _stack_observation(stack, None)
+
+
+def _check(obs: _Observation, tolfac: float) -> None:
+    if not (isinstance(tolfac, int | float | np.floating) and np.isfinite(tolfac) and tolfac > 0):
+        raise ValueError(f"tolfac must be a finite number > 0, got {tolfac!r}")
+    if len(obs.channels) < MIN_CHANNELS:
+        raise ValueError(
+            f"a DEM needs at least {MIN_CHANNELS} channels; got {list(obs.channels)} Å"
+        )
+    if len(set(obs.channels)) != len(obs.channels):
+        raise ValueError(f"duplicate channels: {list(obs.channels)} Å")
+    y = obs.y.reshape(-1, len(obs.channels))
+    for i, c in enumerate(obs.channels):
+        col = y[:, i]
+        if y.shape[0] > 1 and not np.any(np.isfinite(col)):
+            raise ValueError(f"channel {c} Å has no finite pixel (all NaN/Inf)")
+        if y.shape[0] > 1 and not np.any(col[np.isfinite(col)] > 0):
+            warnings.warn(
+                f"channel {c} Å has no positive pixel: every DEM is constrained by zero "
+                "signal in that channel",
+                DEMWarning,
+                stacklevel=3,
+            )
+
+
+def _degradation(obs: _Observation, degradation) -> tuple[np.ndarray, dict[str, Any]]:
+    """Degradation factors (C,) and their header cards; ``degradation`` is True (shipped
+    table), a path (that table) or False (none)."""
+    if degradation is False or degradation is None:
+        return np.ones(len(obs.channels)), {"DEGRADE": False}
+    if obs.obstime is None:
+        raise ValueError(
+            "the degradation correction needs the observation time: pass obstime= or "
+            "degradation=False (for intensities already corrected, or synthetic ones)"
+        )
+    from .calibration import degradation as degradation_at
+
+    table = None if degradation is True else degradation
+    deg = degradation_at(np.array(obs.channels) * u.AA, obs.obstime, table)
+    return np.asarray(deg.factors, dtype=np.float64), {"DEGRADE": True, **deg.to_header()}
+
+
+def _default_response(logt, channels):
+    from .response import default_response
+
+    return default_response().regrid(logt).select(np.array(channels) * u.AA)
+
+
+def _fit_response(response, logt, channels):
+    """``response`` regridded to ``logt`` and put in the order of ``channels``."""
+    if response is None:
+        return _default_response(logt, channels)
+    have = list(response.channels)
+    missing = [c for c in channels if c not in have]
+    if missing:
+        raise ValueError(f"the response has no channel(s) {missing} Å (it has {have} Å)")
+    if len(response.logt) != len(logt) or not np.allclose(response.logt, logt, atol=1e-6):
+        response = response.regrid(logt)
+    return response.select(np.array(channels) * u.AA)
+
+
+def invert(
+    observation,
+    method: str = "bp",
+    *,
+    sigma=None,
+    channels: u.Quantity | None = None,
+    obstime=None,
+    response=None,
+    predictor=None,
+    tolfac: float = 1.4,
+    consistency: bool = True,
+    degradation: bool | str | os.PathLike = True,
+    solver=None,
+    rebin: int = 1,
+    progress: bool = False,
+) -> DEMResult:
+    """DEM of every pixel of an AIA observation by Basis Pursuit (``"bp"``) or the network
+    (``"net"``).
+
+    Parameters
+    ----------
+    observation
+        An :class:`~deepem_jax.AIAStack`, anything :func:`~deepem_jax.load_aia` accepts (files,
+        a directory, sunpy Maps), or intensities ``(..., C)`` in DN s^-1 pix^-1 (Quantity or
+        plain array) together with ``sigma`` and ``channels``.
+    method
+        ``"bp"``: exact Basis Pursuit (:func:`deepem_jax.bp.solve`). ``"net"``: the DeepEM
+        network (the shipped one for the channels unless ``predictor`` is given), followed by
+        the consistency step unless ``consistency=False``.
+    sigma
+        1-sigma errors of array intensities (DN s^-1 pix^-1); for files and stacks the AIA
+        error model is used with each channel's exposure and the file's ``n_sample``.
+    channels
+        Channels to use (Å), in order. Arrays: required, the order of their last axis. Files
+        and stacks: a subset/order of theirs (default: the six coronal channels for files,
+        all of a stack's channels, the predictor's channels for ``"net"``).
+    obstime
+        Observation time of array intensities (for the degradation correction).
+    response
+        Undegraded temperature response (default: :func:`~deepem_jax.default_response`),
+        regridded to the method's log T grid and put in channel order here.
+    predictor
+        A :class:`~deepem_jax.Predictor` for ``"net"`` (default: the shipped weights).
+    tolfac
+        Tolerance factor of the band ``max(y - tolfac*sigma, 0) <= K EM <= y + tolfac*sigma``
+        BP solves in and the network's EM is judged against (finite, > 0).
+    consistency
+        ``"net"`` only: move the network's EM into the band (the shipped model). ``False``
+        returns the network's own output (still judged against the band).
+    degradation
+        ``True``: divide each channel by aiapy's degradation factor at its observation time,
+        from the correction table shipped with deepem_jax; a path: from that correction table;
+        ``False``: no correction (intensities already corrected, or synthetic).
+    solver
+        ``"bp"``: a :class:`deepem_jax.bp.DualSimplex` or :class:`deepem_jax.bp.HiGHS`.
+    rebin
+        ``n x n`` block averaging when files are loaded here.
+    progress
+        Show progress bars.
+
+    Returns
+    -------
+    DEMResult
+        EM (NaN where the status carries none), :class:`DEMStatus`, chi^2, synthetic
+        intensities, the calibration and provenance used.
+
+    Raises
+    ------
+    ValueError
+        Bad options (method, tolfac), fewer than three channels, a channel with no finite
+        pixel, shapes that do not match, no observation time for the degradation.
+    """
+    t_start = time.perf_counter()
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if predictor is not None and method != "net":
+        raise ValueError("predictor= is only used with method='net'")
+    chans = None if channels is None else channel_list(channels)
+    if method == "net" and chans is None and predictor is not None:
+        chans = list(predictor.channels)
+    obs = _observation(observation, sigma, chans, obstime, rebin)
+    _check(obs, tolfac)
+    factors, deg_cards = _degradation(obs, degradation)
+    t0 = time.perf_counter()
+    if method == "bp":
+        em, status, used, prov = _run_bp(obs, factors, response, tolfac, solver, progress)
+        logt = prov.pop("_logt")
+        resp = prov.pop("_response")
+    else:
+        if solver is not None:
+            raise ValueError("solver= is only used with method='bp'")
+        em, status, used, prov, logt, resp = _run_net(
+            obs, factors, response, predictor, tolfac, consistency, progress
+        )
+    t_solve = time.perf_counter() - t0
+    status = np.where(obs.saturated, int(DEMStatus.SATURATED), status)
+    status = np.where(obs.invalid, int(DEMStatus.INVALID_INPUT), status).astype(np.int8)
+    return _result(
+        obs,
+        em,
+        status,
+        used,
+        logt,
+        resp,
+        factors,
+        method,
+        tolfac,
+        {**prov, **deg_cards},
+        {"solve": t_solve, "total": time.perf_counter() - t_start},
+    )
+
+
+def _result(obs, em, status, used, logt, resp, factors, method, tolfac, cards, timings):
+    from . import __version__
+    from .checkpoint import ResponseId
+
+    has_em = (status == DEMStatus.SOLVED) | (status == DEMStatus.OUTSIDE_BAND)
+    em = np.where(has_em[..., None], em, np.nan).astype(np.float32)
+    K = np.asarray(resp.K, dtype=np.float64)
+    synth = (np.nan_to_num(em).astype(np.float64) @ K.T) * factors
+    synth = np.where(has_em[..., None], synth, np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        chi2 = np.mean(((synth - obs.y) / obs.sigma) ** 2, axis=-1)
+    rid = ResponseId.of(resp)
+    provenance = {
+        "METHOD": method,
+        "CHANNELS": ",".join(str(c) for c in obs.channels),
+        "TOLFAC": float(tolfac),
+        "RESPONSE": rid.name[:68],
+        "RESPSHA": rid.sha256[:16],
+        **obs.info,
+        **cards,
+        "DJVERSN": __version__,
+    }
+    return DEMResult(
+        em=em,
+        logt=np.asarray(logt, dtype=np.float64),
+        status=status,
+        chi2=chi2.astype(np.float32),
+        synthetic=synth.astype(np.float32),
+        intensities=obs.y.astype(np.float32),
+        sigma=obs.sigma.astype(np.float32),
+        tolfac=np.where(np.isin(status, _JUDGED), used, np.nan).astype(np.float32),
+        channels=obs.channels,
+        method=method,
+        response=resp,
+        degradation=factors,
+        provenance=provenance,
+        wcs=obs.wcs,
+        timings=timings,
+    )
+
+
+# -- methods ----------------------------------------------------------------------------------
+
+
+def _corrected(obs: _Observation, factors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Degradation-corrected intensities and sigma; invalid and saturated pixels NaN."""
+    bad = (obs.invalid | obs.saturated)[..., None]
+    return np.where(bad, np.nan, obs.y / factors), obs.sigma / factors
+
+
+def _run_bp(obs, factors, response, tolfac, solver, progress):
+    from . import bp
+    from .basis import cheung_basis
+    from .response import DEEPEM_LOGT
+
+    resp = _fit_response(response, DEEPEM_LOGT, obs.channels)
+    y, s = _corrected(obs, factors)
+    kw = {} if solver is None else {"solver": solver}
+    res = bp.solve(y, s, resp, cheung_basis(DEEPEM_LOGT), tolfac=tolfac, progress=progress, **kw)
+    status = np.asarray(res.status).astype(np.int8)
+    prov = {"_logt": DEEPEM_LOGT, "_response": resp}
+    return np.asarray(res.em), status, np.asarray(res.tolfac), prov
+
+
+@partial(jax.jit, static_argnames=("config", "n_iter", "consistency"))
+def _net_tile(params, y, sigma, K, tolfac, config, n_iter, consistency):
+    """EM (n, n_T), in-band flag (n,) of one tile of corrected intensities and sigma (n, C)."""
+    from .bp import bounds
+    from .consistency import project_to_band
+    from .model import network_em
+
+    valid = jnp.all(jnp.isfinite(y), -1) & jnp.all(jnp.isfinite(sigma) & (sigma > 0), -1)
+    y0 = jnp.where(valid[:, None], y, 0.0)
+    s0 = jnp.where(valid[:, None], sigma, 1.0)
+    em = network_em(params, y0, config)
+    lower, upper = bounds(y0, s0, tolfac)
+    if consistency:
+        res = project_to_band(em, K, lower, upper, n_iter=n_iter)
+        em, in_band = res.em, res.in_band
+    else:
+        r = em @ K.T
+        in_band = jnp.all((r >= lower) & (r <= upper), axis=-1)
+    finite = jnp.all(jnp.isfinite(em), -1)
+    return jnp.where(valid[:, None], em, jnp.nan), in_band & valid, finite | ~valid
+
+
+def _run_net(obs, factors, response, predictor, tolfac, consistency, progress):
+    from ._batching import bucket, map_rows
+    from .pretrained import load_default_predictor
+
+    if predictor is None:
+        predictor = load_default_predictor(np.array(obs.channels) * u.AA)
+    if tuple(predictor.channels) != tuple(obs.channels):
+        raise ValueError(
+            f"the network takes channels {list(predictor.channels)} Å in this order; the "
+            f"observation has {list(obs.channels)} Å"
+        )
+    resp = _fit_response(response, predictor.logt_array, obs.channels)
+    y, s = _corrected(obs, factors)
+    C = len(obs.channels)
+    yf = y.reshape(-1, C).astype(np.float32)
+    sf = s.reshape(-1, C).astype(np.float32)
+    K = jnp.asarray(resp.K, jnp.float32)
+    fn = partial(
+        _net_tile,
+        predictor.params,
+        K=K,
+        tolfac=jnp.float32(tolfac),
+        config=predictor.config,
+        n_iter=10,
+        consistency=bool(consistency),
+    )
+    bar = _bar(progress, yf.shape[0], "network")
+    em, in_band, finite = map_rows(
+        lambda a, b: fn(a, b),
+        [yf, sf],
+        bucket(yf.shape[0], _TILE, min_size=1),
+        fills=(0.0, 1.0),
+        on_chunk=None if bar is None else bar.update,
+    )
+    if bar is not None:
+        bar.close()
+    lead = y.shape[:-1]
+    status = np.where(in_band, int(DEMStatus.SOLVED), int(DEMStatus.OUTSIDE_BAND))
+    status = np.where(finite, status, int(DEMStatus.NONFINITE_OUTPUT)).reshape(lead)
+    used = np.full(lead, float(tolfac))
+    cfg = predictor.config
+    widths = (cfg.n_channels, *cfg.hidden, cfg.n_temperatures)
+    prov = {
+        "NETWORK": "-".join(str(w) for w in widths),
+        "WEIGHTS": _params_sha256(predictor.params)[:16],
+        "CONSIST": bool(consistency),
+    }
+    em = np.asarray(em).reshape(*lead, -1)
+    return em, status, used, prov, predictor.logt_array, resp
+
+
+def _params_sha256(params) -> str:
+    """sha256 of the network parameters (leaves in tree order, float32 bytes)."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(params):
+        h.update(np.ascontiguousarray(np.asarray(leaf, np.float32)).tobytes())
+    return h.hexdigest()
+
+
+def _bar(progress: bool, total: int, desc: str):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="px", desc=desc)

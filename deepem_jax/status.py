@@ -1,0 +1,59 @@
+"""One per-pixel status for every DEM method (:func:`deepem_jax.invert`)."""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+
+__all__ = ["DEMStatus"]
+
+
+class DEMStatus(enum.IntEnum):
+    """Per-pixel outcome of :func:`deepem_jax.invert`, whatever the method.
+
+    Codes 0--4 are those of :class:`deepem_jax.bp.BPStatus`. Only SOLVED and OUTSIDE_BAND pixels
+    carry an EM; every other pixel has NaN EM (never a silent zero).
+    """
+
+    SOLVED = 0
+    INFEASIBLE = 1
+    MAX_ITER = 2
+    LOW_SIGNAL = 3
+    INVALID_INPUT = 4
+    OUTSIDE_BAND = 5
+    SATURATED = 6
+    NONFINITE_OUTPUT = 7
+
+    @property
+    def message(self) -> str:
+        """What the code means for the pixel's EM."""
+        return _MESSAGES[self]
+
+    @property
+    def has_em(self) -> bool:
+        """True if pixels with this status carry an EM estimate."""
+        return self in (DEMStatus.SOLVED, DEMStatus.OUTSIDE_BAND)
+
+    @classmethod
+    def counts(cls, status: np.ndarray) -> dict[str, int]:
+        """Number of pixels per status name (only the statuses present)."""
+        codes, n = np.unique(np.asarray(status), return_counts=True)
+        return {cls(int(c)).name: int(k) for c, k in zip(codes, n, strict=True)}
+
+
+_MESSAGES = {
+    DEMStatus.SOLVED: "EM found; its resynthesis lies inside the tolerance band",
+    DEMStatus.INFEASIBLE: (
+        "no non-negative EM reproduces the data within the tolerance (after all retries); EM is NaN"
+    ),
+    DEMStatus.MAX_ITER: "the solver's iteration limit was reached before optimality; EM is NaN",
+    DEMStatus.LOW_SIGNAL: "summed signal below the solver's minimum; not solved, EM is NaN",
+    DEMStatus.INVALID_INPUT: "NaN/Inf intensity, or sigma not finite and positive; EM is NaN",
+    DEMStatus.OUTSIDE_BAND: (
+        "EM kept (network estimate), but its resynthesis lies outside the tolerance band in "
+        "at least one channel"
+    ),
+    DEMStatus.SATURATED: "a channel is saturated (or bloomed) at this pixel; EM is NaN",
+    DEMStatus.NONFINITE_OUTPUT: "the method returned a non-finite EM; EM is NaN",
+}

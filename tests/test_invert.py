@@ -1,0 +1,189 @@
+"""``deepem_jax.invert``: the one pipeline. Degradation against BP with a degraded response,
+statuses and NaN EM for every kind of bad pixel, the network's band flag against an independent
+check, chi^2 recomputed by hand, bad requests, and equality with what the CLI writes."""
+
+from __future__ import annotations
+
+import astropy.units as u
+import numpy as np
+import pytest
+from _synth import write_aia_set
+from click.testing import CliRunner
+
+from deepem_jax import bp
+from deepem_jax.basis import cheung_basis
+from deepem_jax.cli import main
+from deepem_jax.forward import forward, noisy_observation, random_dems
+from deepem_jax.invert import DEMWarning, invert
+from deepem_jax.io import load_aia, read_dem_cube
+from deepem_jax.response import DEEPEM_LOGT, default_response
+from deepem_jax.status import DEMStatus
+from deepem_jax.uncertainty import sigma_values
+
+FIVE = [131, 171, 193, 211, 335] * u.AA
+T_OBS = "2024-10-04T16:18:00"
+EXPTIME = np.array([2.9, 2.0, 2.0, 2.9, 2.9])
+
+
+@pytest.fixture(scope="module")
+def five_channel_pixels():
+    """Noisy intensities (N, 5) of random DEMs seen through the response degraded to T_OBS."""
+    resp = default_response().regrid(DEEPEM_LOGT).select(FIVE)
+    deg = resp.degrade(T_OBS)
+    rng = np.random.default_rng(3)
+    em = random_dems(DEEPEM_LOGT, 600, rng)
+    y = noisy_observation(np.asarray(forward(np.asarray(deg.K), em)), EXPTIME, deg.channels, rng)
+    return y, sigma_values(y, EXPTIME, FIVE, 16), resp, deg
+
+
+def test_degradation_equals_bp_with_the_degraded_response(five_channel_pixels):
+    y, sig, _, deg = five_channel_pixels
+    res = invert(y, "bp", sigma=sig, channels=FIVE, obstime=T_OBS)
+    ref = bp.solve(y, sig, deg, cheung_basis(DEEPEM_LOGT))  # independent path: K_deg directly
+    np.testing.assert_array_equal(res.status, ref.status)
+    ok = ref.status == 0
+    assert ok.mean() > 0.9
+    scale = np.max(ref.em[ok])
+    np.testing.assert_allclose(res.em[ok], ref.em[ok], rtol=1e-4, atol=1e-5 * scale)
+    np.testing.assert_allclose(res.synthetic[ok], ref.synthetic[ok], rtol=1e-3, atol=1e-3)
+    chi2 = np.mean(((ref.synthetic - y) / sig) ** 2, axis=-1)
+    np.testing.assert_allclose(res.chi2[ok], chi2[ok], rtol=1e-3)
+    assert np.all(np.isnan(res.em[~ok])) and np.all(np.isnan(res.chi2[~ok]))
+    np.testing.assert_allclose(res.degradation, [0.51, 0.74, 0.49, 0.40, 0.17], atol=0.005)
+    assert res.provenance["DEGTABLE"][0].startswith("aia_V10")
+    undegraded = invert(y, "bp", sigma=sig, channels=FIVE, degradation=False)
+    assert (undegraded.status != 0).mean() > (res.status != 0).mean()
+
+
+def test_channel_order_is_the_callers(five_channel_pixels):
+    y, sig, _, _ = five_channel_pixels
+    a = invert(y[:100], "bp", sigma=sig[:100], channels=FIVE, obstime=T_OBS)
+    perm = [4, 2, 0, 3, 1]
+    b = invert(y[:100, perm], "bp", sigma=sig[:100, perm], channels=FIVE[perm], obstime=T_OBS)
+    assert b.channels == tuple(int(c) for c in FIVE[perm].value)
+    np.testing.assert_array_equal(a.status, b.status)
+    np.testing.assert_allclose(a.em, b.em, rtol=1e-3, atol=1e-4 * np.nanmax(a.em))
+
+
+def test_bad_pixels_get_a_status_and_nan_em(five_channel_pixels):
+    y, sig, _, _ = five_channel_pixels
+    y = y[:8].copy()
+    sig = sig[:8].copy()
+    y[0, 1] = np.nan
+    sig[1, 2] = 0.0
+    y[2] = 0.0  # no signal in any channel
+    for method in ("bp", "net"):
+        res = invert(y, method, sigma=sig, channels=FIVE, obstime=T_OBS)
+        assert res.status[0] == DEMStatus.INVALID_INPUT
+        assert np.all(np.isnan(res.em[0])) and np.isnan(res.chi2[0])
+        assert res.status[1] == DEMStatus.INVALID_INPUT and np.all(np.isnan(res.em[1]))
+        assert res.status[2] in (DEMStatus.LOW_SIGNAL, DEMStatus.SOLVED, DEMStatus.OUTSIDE_BAND)
+        if res.status[2] == DEMStatus.LOW_SIGNAL:
+            assert np.all(np.isnan(res.em[2]))
+        assert np.all(np.isfinite(res.em[3:][res.has_em[3:]]))
+
+
+def test_network_overflow_is_flagged():
+    y = np.full((2, 6), 100.0)
+    y[1] = 1e30
+    res = invert(y, "net", sigma=0.1 * y, channels=default_response().wavelength, degradation=False)
+    assert res.status[1] == DEMStatus.NONFINITE_OUTPUT and np.all(np.isnan(res.em[1]))
+    assert res.status[0] in (DEMStatus.SOLVED, DEMStatus.OUTSIDE_BAND)
+
+
+def test_saturated_pixels_are_flagged(tmp_path):
+    def saturate(chan, header, counts):
+        if chan == 171:
+            counts = counts.copy()
+            counts[10:12, 20:22] = 16000.0
+        return counts
+
+    write_aia_set(tmp_path, edit=saturate)
+    stack = load_aia(tmp_path)
+    res = invert(stack, "net")
+    assert np.all(res.status[10:12, 20:22] == DEMStatus.SATURATED)
+    assert np.all(np.isnan(res.em[10:12, 20:22]))
+    assert res.status[30, 30] != DEMStatus.SATURATED
+
+
+def test_network_band_flag_is_an_independent_check():
+    resp = default_response().regrid(DEEPEM_LOGT)
+    rng = np.random.default_rng(11)
+    t = np.array([2.9, 2.9, 2.0, 2.0, 2.9, 2.9])
+    K = np.asarray(resp.K, np.float64)
+    y = noisy_observation(
+        np.asarray(forward(K, random_dems(DEEPEM_LOGT, 2000, rng))), t, resp.channels, rng
+    )
+    sig = sigma_values(y, t, resp.wavelength)
+    lo, hi = (np.asarray(b, np.float64) for b in bp.bounds(y, sig, 1.4))
+
+    def inside(em):
+        r = em.astype(np.float64) @ K.T
+        return np.all((r >= lo) & (r <= hi), -1)
+
+    kw = dict(sigma=sig, channels=resp.wavelength, degradation=False)
+    raw = invert(y, "net", consistency=False, **kw)
+    res = invert(y, "net", **kw)
+    for r in (raw, res):
+        np.testing.assert_array_equal(r.status == DEMStatus.SOLVED, inside(r.em))
+        assert set(np.unique(r.status)) <= {DEMStatus.SOLVED, DEMStatus.OUTSIDE_BAND}
+        assert np.all(np.isfinite(r.em))  # outside the band: EM kept
+    assert (res.status == 0).mean() > max(0.9, (raw.status == 0).mean() + 0.3)
+    # already consistent pixels move at most into the 2 % margin of their band
+    keep = raw.status == 0
+    shift = np.abs((res.em[keep] - raw.em[keep]).astype(np.float64) @ K.T)
+    assert np.all(shift <= 0.021 * (hi - lo)[keep])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(tolfac=float("nan")), "tolfac"),
+        (dict(tolfac=float("inf")), "tolfac"),
+        (dict(tolfac=-1.0), "tolfac"),
+        (dict(method="nn"), "method"),
+        (dict(channels=None), "channels="),
+        (dict(sigma=None), "sigma="),
+        (dict(degradation=True), "observation time"),
+    ],
+)
+def test_bad_requests(five_channel_pixels, kwargs, match):
+    y, sig, _, _ = five_channel_pixels
+    args = dict(method="bp", sigma=sig[:4], channels=FIVE, degradation=False) | kwargs
+    method = args.pop("method")
+    with pytest.raises(ValueError, match=match):
+        invert(y[:4], method, **args)
+
+
+def test_degenerate_channels(five_channel_pixels):
+    y, sig, _, _ = five_channel_pixels
+    with pytest.raises(ValueError, match="at least 3 channels"):
+        invert(y[:4, 1:2], "bp", sigma=sig[:4, 1:2], channels=[171] * u.AA, degradation=False)
+    nan = y[:4].copy()
+    nan[:, 2] = np.nan
+    with pytest.raises(ValueError, match="193 Å has no finite pixel"):
+        invert(nan, "bp", sigma=sig[:4], channels=FIVE, degradation=False)
+    zero = y[:4].copy()
+    zero[:, 0] = 0.0
+    with pytest.warns(DEMWarning, match="131 Å has no positive pixel"):
+        invert(zero, "bp", sigma=sig[:4], channels=FIVE, degradation=False)
+    with pytest.raises(ValueError, match="takes channels"):
+        invert(y[:4], "net", sigma=sig[:4], channels=FIVE[::-1], degradation=False)
+
+
+def test_invert_equals_what_the_cli_writes(tmp_path):
+    data = tmp_path / "in"
+    data.mkdir()
+    write_aia_set(data)
+    stack = load_aia(data)
+    for method in ("bp", "net"):
+        out = tmp_path / method
+        r = CliRunner().invoke(main, ["invert", str(data), "--method", method, "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        (path,) = out.glob(f"dem_{method}_*.fits")
+        cube = read_dem_cube(path)
+        res = invert(stack, method)
+        np.testing.assert_array_equal(cube.extras["status"], res.status)
+        np.testing.assert_array_equal(cube.em.to_value(u.cm**-5), res.em)
+        np.testing.assert_array_equal(cube.extras["chi2"], res.chi2)
+        assert cube.header["METHOD"] == method and cube.header["DEGTABLE"].startswith("aia_V10")
