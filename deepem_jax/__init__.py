@@ -1,9 +1,11 @@
 """deepem_jax: differential emission measure inversion of SDO/AIA images in JAX.
 
-Submodules: ``response``, ``basis``, ``forward``, ``uncertainty`` (instrument physics);
-``bp`` (Basis Pursuit); ``consistency`` (EM moved into BP's tolerance band); ``model``,
-``train``, ``checkpoint``, ``metrics``, ``pretrained`` (the DeepEM network); ``io``, ``data``,
-``products`` (files, registry, maps and figures).
+Start with :func:`invert` (observation in, :class:`DEMResult` out, for every method).
+Submodules: ``response``, ``calibration``, ``basis``, ``forward``, ``uncertainty``
+(instrument physics); ``bp`` (Basis Pursuit); ``consistency`` (EM moved into BP's tolerance
+band); ``model``, ``train``, ``checkpoint``, ``metrics``, ``pretrained`` (the DeepEM network);
+``invert``, ``result``, ``status`` (the one pipeline); ``io``, ``data``, ``products`` (files,
+registry, maps and figures).
 """
 
 from . import bp as bp
@@ -15,6 +17,8 @@ from .bp import BPResult as BPResult
 from .bp import BPStatus as BPStatus
 from .bp import LPResult as LPResult
 from .bp import solve_lp as solve_lp
+from .calibration import Degradation as Degradation
+from .calibration import degradation as degradation
 from .checkpoint import Checkpoint as Checkpoint
 from .checkpoint import CheckpointError as CheckpointError
 from .checkpoint import load_checkpoint as load_checkpoint
@@ -25,6 +29,8 @@ from .consistency import project_to_band as project_to_band
 from .forward import forward as forward
 from .forward import predict_intensities as predict_intensities
 from .forward import synthetic_scene as synthetic_scene
+from .pipeline import DEMWarning as DEMWarning
+from .pipeline import invert as invert
 from .io import AIAFileError as AIAFileError
 from .io import AIAStack as AIAStack
 from .io import DEMCube as DEMCube
@@ -40,6 +46,8 @@ from .response import AIA_CHANNELS as AIA_CHANNELS
 from .response import DEEPEM_LOGT as DEEPEM_LOGT
 from .response import TemperatureResponse as TemperatureResponse
 from .response import default_response as default_response
+from .result import DEMResult as DEMResult
+from .status import DEMStatus as DEMStatus
 from .uncertainty import V3_ERROR_TABLE as V3_ERROR_TABLE
 from .uncertainty import ErrorTable as ErrorTable
 from .uncertainty import aia_sigma as aia_sigma

@@ -308,7 +308,7 @@ class Predictor:
         if tile_size < 1:
             raise ValueError(f"tile_size must be positive, got {tile_size}")
         if sigma is not None:
-            from .invert import invert
+            from .pipeline import invert
 
             em = invert(
                 y,

@@ -156,7 +156,7 @@ def test_predictor_is_a_pytree(small_predictor):
 
 
 def test_predict_with_sigma_is_invert_net(small_predictor):
-    from deepem_jax.invert import invert
+    from deepem_jax.pipeline import invert
     from deepem_jax.response import default_response
 
     y = _intensities((40,))
