@@ -29,8 +29,6 @@ from .consistency import project_to_band as project_to_band
 from .forward import forward as forward
 from .forward import predict_intensities as predict_intensities
 from .forward import synthetic_scene as synthetic_scene
-from .pipeline import DEMWarning as DEMWarning
-from .pipeline import invert as invert
 from .io import AIAFileError as AIAFileError
 from .io import AIAStack as AIAStack
 from .io import DEMCube as DEMCube
@@ -41,7 +39,9 @@ from .io import write_dem_cube as write_dem_cube
 from .metrics import evaluate_fidelity as evaluate_fidelity
 from .metrics import format_metrics_table as format_metrics_table
 from .model import ModelConfig as ModelConfig
-from .model import Predictor as Predictor
+from .pipeline import DEMWarning as DEMWarning
+from .pipeline import invert as invert
+from .predictor import Predictor as Predictor
 from .response import AIA_CHANNELS as AIA_CHANNELS
 from .response import DEEPEM_LOGT as DEEPEM_LOGT
 from .response import TemperatureResponse as TemperatureResponse

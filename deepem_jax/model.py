@@ -12,9 +12,8 @@ Transforms (the original's, and the defaults here):
 * target: ``t = sqrt(EM / 1e25)`` with ``EM`` in cm^-5 per temperature bin (:func:`encode_em`);
 * output: ``EM = 1e25 * out**2`` (:func:`decode_em`; ``"relu_square"`` clips ``out`` at 0 first).
 
-:class:`Predictor` bundles the module, its parameters, the log T grid and the channel order,
-and runs jit-compiled, tiled inference on images of any size. :func:`load_pytorch_deepem`
-imports the original ``.pth`` weights without executing pickle code.
+:func:`network_em` is the pure apply; :class:`deepem_jax.predictor.Predictor` runs it on
+images.
 """
 
 from __future__ import annotations
@@ -26,24 +25,19 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-import astropy.units as u
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-
-from ._units import INTENSITY_UNIT, to_value
-from .response import AIA_CHANNELS, DEEPEM_LOGT, TemperatureResponse
 
 __all__ = [
     "CONFIGS",
     "DeepEMNet",
     "ModelConfig",
-    "Predictor",
     "decode_em",
     "encode_em",
     "encode_intensities",
     "get_config",
+    "network_em",
 ]
 
 _ACTIVATIONS: dict[str, Callable[..., jax.Array]] = {
@@ -189,154 +183,3 @@ def network_em(
     x = encode_intensities(y).astype(dtype)
     out = DeepEMNet(config, dtype=dtype).apply({"params": params}, x).astype(jnp.float32)
     return decode_em(out, config)
-
-
-@partial(jax.jit, static_argnames=("config", "dtype"))
-def _predict_tile(params: Any, y: jax.Array, config: ModelConfig, dtype: Any) -> jax.Array:
-    """EM (n, n_T) float32 of one tile of intensities (n, C); NaN rows where the input has a
-    non-finite channel or the output is not finite."""
-    valid = jnp.all(jnp.isfinite(y), axis=-1)
-    em = network_em(params, jnp.where(valid[:, None], y, 0.0), config, dtype)
-    valid &= jnp.all(jnp.isfinite(em), axis=-1)
-    return jnp.where(valid[:, None], em, jnp.nan)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True, eq=False)
-class Predictor:
-    """A trained DeepEM network ready for inference (a pytree: ``params`` are its leaves).
-
-    Attributes
-    ----------
-    params : dict
-        Flax parameters of :class:`DeepEMNet` (``{"dense_0": {"kernel", "bias"}, ...}``).
-    config : ModelConfig
-        Architecture and transforms (static).
-    logt : tuple of float
-        log10(T / K) of the output bins (static).
-    channels : tuple of int
-        AIA channels of the input, in Å and in input order (static).
-    """
-
-    params: Any
-    config: ModelConfig = dataclasses.field(metadata=dict(static=True))
-    logt: tuple[float, ...] = dataclasses.field(metadata=dict(static=True))
-    channels: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "logt", tuple(float(t) for t in self.logt))
-        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
-        if len(self.logt) != self.config.n_temperatures:
-            raise ValueError(
-                f"log T grid has {len(self.logt)} bins but the network outputs "
-                f"{self.config.n_temperatures}"
-            )
-        if len(self.channels) != self.config.n_channels:
-            raise ValueError(
-                f"{len(self.channels)} channels given but the network takes "
-                f"{self.config.n_channels}"
-            )
-
-    @property
-    def module(self) -> DeepEMNet:
-        """The Flax module (float32 computation)."""
-        return DeepEMNet(self.config)
-
-    @property
-    def logt_array(self) -> np.ndarray:
-        """The output log T grid as a numpy array."""
-        return np.asarray(self.logt, dtype=np.float64)
-
-    @classmethod
-    def init(
-        cls,
-        rng: jax.Array,
-        config: ModelConfig | str = "deepem",
-        logt: tuple[float, ...] | np.ndarray = tuple(DEEPEM_LOGT),
-        channels: tuple[int, ...] = tuple(int(c) for c in AIA_CHANNELS.to_value(u.AA)),
-    ) -> Predictor:
-        """A freshly initialised (untrained) network with Flax's default initialisers."""
-        cfg = get_config(config) if isinstance(config, str) else config
-        x = jnp.zeros((1, cfg.n_channels), jnp.float32)
-        params = DeepEMNet(cfg).init(rng, x)["params"]
-        return cls(params, cfg, tuple(logt), tuple(channels))
-
-    def predict(
-        self,
-        intensities: np.ndarray | jax.Array | u.Quantity,
-        *,
-        sigma: np.ndarray | jax.Array | u.Quantity | None = None,
-        response: TemperatureResponse | None = None,
-        tolfac: float = 1.4,
-        dtype: Any = jnp.float32,
-        tile_size: int = 65536,
-        progress: bool = False,
-    ) -> np.ndarray | u.Quantity:
-        """EM (..., n_T) in cm^-5 per bin of intensities (..., n_channels) in DN s^-1 pix^-1.
-
-        Works on any leading shape: ``(N, C)`` pixel lists, ``(H, W, C)`` images, ``(B, H, W, C)``
-        batches. Pixels run through a jit-compiled function in tiles of ``tile_size`` pixels
-        (the last tile padded), so device memory stays bounded for 4096^2 images and one
-        compilation serves every image; inputs smaller than a tile use the next power of two.
-        ``dtype`` is the computation dtype (``jnp.float32`` or ``jnp.bfloat16``); the result is
-        float32. A pixel with a non-finite channel, or whose output is not finite, gets NaN in
-        every bin, never zero.
-
-        With the 1-sigma errors ``sigma`` (same shape and unit) the network's EM is moved into
-        Basis Pursuit's tolerance band (the consistency step of the shipped model), through
-        :func:`deepem_jax.invert` with ``method="net"`` and ``degradation=False`` (the
-        intensities must already be corrected for degradation); ``response`` is the undegraded
-        response (default: the embedded one). Use :func:`deepem_jax.invert` itself for the
-        per-pixel status (which pixels stayed outside the band).
-
-        A Quantity input gives a Quantity in cm^-5; a plain array gives a numpy array.
-        ``progress=True`` shows a tqdm bar over pixels.
-        """
-        from ._batching import bucket, map_rows
-
-        is_quantity = isinstance(intensities, u.Quantity)
-        y = np.asarray(
-            to_value(intensities, INTENSITY_UNIT, "intensities", allow_plain=True),
-            dtype=np.float32,
-        )
-        n_chan = self.config.n_channels
-        if y.ndim < 1 or y.shape[-1] != n_chan:
-            raise ValueError(
-                f"intensities must have shape (..., {n_chan}) with channels {list(self.channels)} "
-                f"Å last; got shape {y.shape}"
-            )
-        if tile_size < 1:
-            raise ValueError(f"tile_size must be positive, got {tile_size}")
-        if sigma is not None:
-            from .pipeline import invert
-
-            em = invert(
-                y,
-                "net",
-                sigma=sigma,
-                channels=np.array(self.channels) * u.AA,
-                response=response,
-                predictor=self,
-                tolfac=tolfac,
-                degradation=False,
-                progress=progress,
-            ).em
-        else:
-            if response is not None:
-                raise ValueError("response is only used with sigma (the consistency step)")
-            flat = y.reshape(-1, n_chan)
-            bar = None
-            if progress:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=flat.shape[0], unit="px", desc="network")
-            em = map_rows(
-                lambda a: _predict_tile(self.params, a, self.config, jnp.dtype(dtype)),
-                [flat],
-                bucket(flat.shape[0], tile_size, min_size=1),
-                on_chunk=None if bar is None else bar.update,
-            )
-            if bar is not None:
-                bar.close()
-            em = em.reshape(*y.shape[:-1], self.config.n_temperatures)
-        return em * u.cm**-5 if is_quantity else em

@@ -9,7 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 from ._units import channel_list
-from .model import Predictor
+from .predictor import Predictor
 
 __all__ = ["SHIPPED", "load_default_predictor", "weights_path"]
 

@@ -11,13 +11,12 @@ import pytest
 from deepem_jax.model import (
     CONFIGS,
     ModelConfig,
-    Predictor,
-    _predict_tile,
     decode_em,
     encode_em,
     encode_intensities,
     get_config,
 )
+from deepem_jax.predictor import Predictor, _predict_tile
 from deepem_jax.response import DEEPEM_LOGT
 
 

@@ -16,7 +16,8 @@ import astropy.units as u
 import jax.numpy as jnp
 import numpy as np
 
-from ..model import ModelConfig, Predictor
+from ..model import ModelConfig
+from ..predictor import Predictor
 from ..response import AIA_CHANNELS, DEEPEM_LOGT
 
 __all__ = ["load_pytorch_deepem", "read_torch_state_dict"]
