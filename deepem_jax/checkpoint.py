@@ -3,14 +3,20 @@ training state needed to resume exactly.
 
 A checkpoint is one msgpack file (``flax.serialization``; never pickle) holding::
 
-    format   "deepem_jax.checkpoint", version
-    config   ModelConfig as a dict
-    logt     log10(T / K) of the output bins
-    channels AIA channels in Å, input order
-    response {"name", "channels", "logt", "sha256"} of the response matrix used in training
-    params   Flax params
-    opt_state, epoch, step, rng, metrics, extra    (for resuming training; optional)
+    format   "deepem_jax.checkpoint"
+    version  2
+    sha256   hex sha256 of the bytes of ``payload``
+    payload  msgpack bytes of:
+        config   ModelConfig as a dict
+        logt     log10(T / K) of the output bins
+        channels AIA channels in Å, input order
+        response {"name", "channels", "logt", "sha256"} of the response matrix used in training
+        params   Flax params
+        opt_state, epoch, step, rng, metrics, extra    (for resuming training; optional)
 
+The checksum covers the whole payload, so a file whose parameters, config or training state
+were altered after writing (flipped bytes, a partial copy) is refused with
+:class:`CheckpointError` instead of running; params that are not finite are refused too.
 Files are written to a temporary file in the same folder and moved into place with
 ``os.replace``, so a crash never leaves a half-written checkpoint under the final name.
 """
@@ -29,7 +35,8 @@ import numpy as np
 from flax import serialization
 
 from ._atomic import atomic_write
-from .model import ModelConfig, Predictor
+from .model import ModelConfig
+from .predictor import Predictor
 from .response import TemperatureResponse
 
 __all__ = [
@@ -44,7 +51,7 @@ __all__ = [
 ]
 
 FORMAT = "deepem_jax.checkpoint"
-VERSION = 1
+VERSION = 2
 _NAME = re.compile(r"^checkpoint_(\d+)\.msgpack$")
 
 
@@ -152,14 +159,13 @@ def latest_checkpoint(workdir: str | os.PathLike) -> Path | None:
 
 
 def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> Path:
-    """Write ``ckpt`` to ``path`` atomically (temporary file + ``os.replace``); returns the path.
+    """Write ``ckpt`` with the sha256 checksum of its contents to ``path`` atomically (temporary
+    file + ``os.replace``); returns the path.
 
     Use :func:`checkpoint_path` for names that :func:`latest_checkpoint` finds.
     """
     path = Path(path)
     payload = {
-        "format": FORMAT,
-        "version": VERSION,
         "config": ckpt.config.to_dict(),
         "logt": np.asarray(ckpt.logt, dtype=np.float64),
         "channels": np.asarray(ckpt.channels, dtype=np.int64),
@@ -181,7 +187,15 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> Path:
         "metrics": {str(k): float(v) for k, v in ckpt.metrics.items()},
         "extra": ckpt.extra,
     }
-    data = serialization.msgpack_serialize(payload)
+    body = serialization.msgpack_serialize(payload)
+    data = serialization.msgpack_serialize(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "sha256": hashlib.sha256(body).hexdigest(),
+            "payload": body,
+        }
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as fh:
         fh.write(data)
@@ -196,18 +210,33 @@ def _read_payload(path: Path) -> dict[str, Any]:
             "import original DeepEM weights with deepem_jax.io.load_pytorch_deepem"
         )
     try:
-        payload = serialization.msgpack_restore(raw)
+        envelope = serialization.msgpack_restore(raw)
     except Exception as err:  # msgpack raises assorted errors on foreign or truncated bytes
         raise CheckpointError(
             f"{path} is not a readable deepem_jax checkpoint (truncated or foreign file): {err}"
         ) from err
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    if not isinstance(envelope, dict) or envelope.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a deepem_jax checkpoint (no format marker)")
-    if payload.get("version") != VERSION:
+    if envelope.get("version") != VERSION:
         raise CheckpointError(
-            f"{path} is checkpoint format version {payload.get('version')}; "
+            f"{path} is checkpoint format version {envelope.get('version')}; "
             f"this deepem_jax reads version {VERSION}"
         )
+    body, stored = envelope.get("payload"), envelope.get("sha256")
+    if not isinstance(body, bytes) or not isinstance(stored, str):
+        raise CheckpointError(f"{path} is corrupt: its payload or checksum is missing")
+    actual = hashlib.sha256(body).hexdigest()
+    if actual != stored:
+        raise CheckpointError(
+            f"{path} is corrupt: the sha256 of its contents ({actual[:12]}...) is not the "
+            f"checksum stored in it ({stored[:12]}...); restore the file from a good copy"
+        )
+    try:
+        payload = serialization.msgpack_restore(body)
+    except Exception as err:  # a checksum-valid payload that is not msgpack: foreign writer
+        raise CheckpointError(f"{path} is corrupt: its payload is not readable: {err}") from err
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path} is corrupt: its payload is not a mapping")
     return payload
 
 
@@ -258,7 +287,8 @@ def load_checkpoint(
         An optimiser state of the right structure (e.g. ``optimizer.init(params)``); the saved
         state is restored into it. Without it ``opt_state`` is returned as a state dict.
 
-    Raises :class:`CheckpointError` (a ValueError) for truncated, foreign or mismatched files.
+    Raises :class:`CheckpointError` (a ValueError) for truncated, foreign, corrupt (checksum
+    mismatch) or mismatched files, and for params that are not finite.
     """
     path = Path(path)
     if not path.is_file():
@@ -296,6 +326,8 @@ def load_checkpoint(
             a.shape != np.shape(b) for a, b in zip(leaves, got, strict=True)
         ):
             raise CheckpointError(f"{path}: params do not match the architecture {config}")
+        if not all(bool(np.isfinite(np.asarray(leaf)).all()) for leaf in got):
+            raise CheckpointError(f"{path}: params hold NaN or Inf values (a diverged network)")
     except (KeyError, TypeError, ValueError) as err:
         if isinstance(err, CheckpointError):
             raise

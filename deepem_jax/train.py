@@ -36,12 +36,12 @@ from .forward import forward
 from .model import (
     DeepEMNet,
     ModelConfig,
-    Predictor,
     decode_em,
     encode_em,
     encode_intensities,
     get_config,
 )
+from .predictor import Predictor
 from .response import TemperatureResponse
 from .uncertainty import sigma_values
 
@@ -81,18 +81,34 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         get_config(self.model)
-        if self.epochs < 1:
-            raise ValueError("epochs must be >= 1")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError("batch_size must be positive or None (whole observations)")
+        for name, low, none in (
+            ("epochs", 1, ""),
+            ("batch_size", 1, " or None (whole observations per step)"),
+            ("patience", 1, " or None (no early stopping)"),
+            ("seed", 0, ""),
+        ):
+            v = getattr(self, name)
+            if none and v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < low:
+                raise ValueError(f"{name} must be an integer >= {low}{none}, got {v!r}")
+        for name, positive in (
+            ("learning_rate", True),
+            ("weight_decay", False),
+            ("physics_weight", False),
+        ):
+            v = getattr(self, name)
+            real = isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
+            if not (real and math.isfinite(v) and (v > 0 if positive else v >= 0)):
+                bound = "> 0" if positive else ">= 0"
+                raise ValueError(f"{name} must be a finite number {bound}, got {v!r}")
         if self.physics not in ("chi2", "band"):
             raise ValueError(f"physics must be 'chi2' or 'band', got {self.physics!r}")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
-        if not (self.learning_rate > 0 and self.weight_decay >= 0 and self.physics_weight >= 0):
-            raise ValueError("learning_rate must be > 0; weight_decay, physics_weight >= 0")
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (stored in checkpoints to check a resumed run)."""
         return dataclasses.asdict(self)
 
 
@@ -100,8 +116,8 @@ class TrainConfig:
 class Dataset:
     """Training pixels: ``intensity`` (N, C) DN s^-1 pix^-1, ``sigma`` (N, C) DN s^-1 pix^-1,
     BP target ``em`` (N, n_T) cm^-5 per bin, BP ``status`` (N,), ``group`` (N,) the index of
-    the observation each pixel came from (for whole-image steps), and ``tolfac`` (N,) the BP
-    tolerance factor each pixel was solved with (NaN if unknown)."""
+    the observation each pixel came from (for whole-image steps), and ``tolfac`` (N,) the
+    tolerance factor of the band each pixel is judged in (by default 1.4 for every pixel)."""
 
     intensity: np.ndarray
     sigma: np.ndarray
@@ -113,7 +129,9 @@ class Dataset:
     def __post_init__(self) -> None:
         n = self.intensity.shape[0]
         if self.tolfac is None:
-            object.__setattr__(self, "tolfac", np.full(n, np.nan))
+            object.__setattr__(self, "tolfac", np.full(n, 1.4))
+        if not np.all(np.isfinite(self.tolfac) & (self.tolfac > 0)):
+            raise ValueError("dataset tolfac must be finite and positive")
         for name in ("sigma", "em", "status", "group", "tolfac"):
             if getattr(self, name).shape[0] != n:
                 raise ValueError(
@@ -133,11 +151,10 @@ class Dataset:
 
     def band(self) -> tuple[np.ndarray, np.ndarray]:
         """BP's tolerance band (lower, upper), (N, C) in DN s^-1 pix^-1, with each pixel's own
-        tolerance factor (1.4 where unknown)."""
+        tolerance factor."""
         from .bp import bounds
 
-        tf = np.where(np.isfinite(self.tolfac), self.tolfac, 1.4)[:, None]
-        lo, hi = bounds(self.intensity, self.sigma, tf)
+        lo, hi = bounds(self.intensity, self.sigma, self.tolfac[:, None])
         return np.asarray(lo), np.asarray(hi)
 
     def take(self, idx: np.ndarray) -> Dataset:
@@ -153,40 +170,49 @@ class Dataset:
 
 
 def build_dataset(
-    observations: Sequence[tuple[np.ndarray, np.ndarray]],
+    observations: Sequence[Any],
     response: TemperatureResponse,
     *,
+    tolfac: float = 1.4,
     progress: bool = False,
-    **bp_options: Any,
 ) -> Dataset:
-    """Run deepem_jax's Basis Pursuit on each observation and collect the pixels.
+    """Basis Pursuit targets of each observation through :func:`deepem_jax.invert`.
 
-    ``observations`` is a sequence of ``(intensity, sigma)`` pairs, each (..., C) in
-    DN s^-1 pix^-1; ``response`` must be on the network's log T grid (the BP basis is built on
-    it). ``bp_options`` go to :func:`deepem_jax.bp.solve` (``tolfac``, ``widths`` via a basis,
-    ...). Every pixel is kept with its BP status; the loss masks the unsolved ones.
+    Each observation is an :class:`~deepem_jax.AIAStack` (calibrated by ``invert``: error model,
+    degradation at its time) or an ``(intensity, sigma)`` pair of arrays (..., C) in
+    DN s^-1 pix^-1 already corrected for degradation (e.g. synthetic). ``response`` is the
+    undegraded response on the network's log T grid, channels in the order of the inputs.
+    The dataset holds the corrected intensities and sigma (what the network sees); every pixel
+    is kept with its status, the loss masks the unsolved ones.
     """
-    from . import bp
-    from .basis import cheung_basis
+    from .io import AIAStack
+    from .pipeline import invert
 
-    basis = bp_options.pop("basis", None) or cheung_basis(response.logt)
     rows: dict[str, list[np.ndarray]] = {k: [] for k in ("y", "s", "em", "st", "g", "tf")}
-    for i, (y, s) in enumerate(observations):
-        y = np.asarray(y, dtype=np.float64)
-        s = np.asarray(s, dtype=np.float64)
-        if y.shape[-1] != response.n_channels or s.shape != y.shape:
-            raise ValueError(
-                f"observation {i}: intensity {y.shape} and sigma {s.shape} must match and end "
-                f"in {response.n_channels} channels"
+    c = response.n_channels
+    for i, obs in enumerate(observations):
+        if isinstance(obs, AIAStack):
+            res = invert(obs, "bp", response=response, tolfac=tolfac, progress=progress)
+        else:
+            y, s = (np.asarray(a, dtype=np.float64) for a in obs)
+            if s.shape != y.shape:
+                raise ValueError(f"observation {i}: sigma {s.shape} differs from {y.shape}")
+            res = invert(
+                y,
+                "bp",
+                sigma=s,
+                channels=response.wavelength,
+                response=response,
+                tolfac=tolfac,
+                degradation=False,
+                progress=progress,
             )
-        res = bp.solve(y, s, response, basis, progress=progress, **bp_options)
-        c = response.n_channels
-        rows["y"].append(y.reshape(-1, c))
-        rows["s"].append(s.reshape(-1, c))
-        rows["em"].append(np.asarray(res.em, dtype=np.float64).reshape(-1, response.n_temperatures))
-        rows["st"].append(np.asarray(res.status).reshape(-1))
-        rows["g"].append(np.full(rows["st"][-1].shape, i, dtype=np.int32))
-        rows["tf"].append(np.asarray(res.tolfac, dtype=np.float64).reshape(-1))
+        rows["y"].append(res.corrected_intensities.reshape(-1, c).astype(np.float64))
+        rows["s"].append(res.corrected_sigma.reshape(-1, c).astype(np.float64))
+        rows["em"].append(np.nan_to_num(res.em).reshape(-1, res.em.shape[-1]).astype(np.float64))
+        rows["st"].append(res.status.reshape(-1))
+        rows["g"].append(np.full(res.status.size, i, dtype=np.int32))
+        rows["tf"].append(res.band_tolfac.reshape(-1).astype(np.float64))
     cat = {k: np.concatenate(v) for k, v in rows.items()}
     return Dataset(cat["y"], cat["s"], cat["em"], cat["st"], cat["g"], cat["tf"])
 
@@ -212,17 +238,12 @@ def synthetic_observations(
 
 def observations_from_dirs(
     dirs: Sequence[str | Path], response: TemperatureResponse, rebin: int = 1
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Real AIA observations (one directory of FITS files each) as ``(intensity, sigma)``
-    pairs for the response's channels; pixels the data layer flags are set to NaN so BP marks
-    them invalid."""
+):
+    """Real AIA observations (one directory of FITS files each) as
+    :class:`~deepem_jax.AIAStack` for the response's channels, for :func:`build_dataset`."""
     from .io import load_aia
 
-    out = []
-    for d in dirs:
-        stack = load_aia(d, response.wavelength, rebin=rebin)
-        out.append((stack.masked_data, stack.sigma()))
-    return out
+    return [load_aia(d, response.wavelength, rebin=rebin) for d in dirs]
 
 
 # -- the step -------------------------------------------------------------------------------
@@ -263,11 +284,11 @@ def _make_steps(
 ):
     @jax.jit
     def train_step(params, opt_state, batch, w, K):
-        (_, mse), grads = jax.value_and_grad(_loss_fn, has_aux=True)(
+        (loss, mse), grads = jax.value_and_grad(_loss_fn, has_aux=True)(
             params, batch, w, K, config, physics_weight, physics
         )
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, mse
+        return optax.apply_updates(params, updates), opt_state, loss, mse
 
     @jax.jit
     def eval_step(params, batch, w, K):
@@ -299,7 +320,7 @@ def _batches(data: Dataset, batch_size: int | None, rng: np.random.Generator | N
             data.intensity[take].astype(np.float32),
             data.sigma[take].astype(np.float32),
             data.em[take].astype(np.float32),
-            np.where(np.isfinite(data.tolfac[take]), data.tolfac[take], 1.4).astype(np.float32),
+            data.tolfac[take].astype(np.float32),
         )
         yield batch, w
 
@@ -410,6 +431,39 @@ def _restore(
     )
 
 
+def _train_epoch(train_step, state: _State, train: Dataset, config: TrainConfig, K, workdir: Path):
+    """One pass over the training pixels from ``state``: (params, opt_state, mean MSE, pixels,
+    seconds). Raises FloatingPointError at the first step whose loss is not finite."""
+    rng = np.random.default_rng([config.seed, state.epoch])
+    t0 = time.perf_counter()
+    params, opt_state, tot, n = state.params, state.opt_state, 0.0, 0.0
+    for step, (batch, w) in enumerate(_batches(train, config.batch_size, rng), start=1):
+        params, opt_state, loss, mse = train_step(params, opt_state, batch, w, K)
+        if not math.isfinite(float(loss)):
+            raise _diverged(
+                f"training loss {float(loss)} at epoch {state.epoch + 1}, step {step}",
+                state,
+                workdir,
+            )
+        k = float(w.sum())
+        tot += float(mse) * k
+        n += k
+    return params, opt_state, tot / max(n, 1), n, time.perf_counter() - t0
+
+
+def _diverged(what: str, state: _State, workdir: Path) -> FloatingPointError:
+    """The error that stops training at a non-finite loss, saying which checkpoint is kept."""
+    kept = (
+        f"the checkpoint of epoch {state.epoch} in {workdir} is kept"
+        if state.epoch
+        else "no checkpoint was written"
+    )
+    return FloatingPointError(
+        f"training stopped: non-finite {what}; {kept}. Lower the learning rate, or look for "
+        "NaN/Inf in the data"
+    )
+
+
 def train_and_evaluate(
     config: TrainConfig,
     train: Dataset,
@@ -426,6 +480,8 @@ def train_and_evaluate(
     response identity must match). Returns the predictor with the best validation loss and the
     per-epoch history (``epoch``, ``loss``, ``val_loss``, ``pixels_per_s``).
     ``stop_after_epochs`` ends this call after that many epochs (used to test resuming).
+    A training step or a validation pass with a non-finite loss raises FloatingPointError
+    naming the epoch (and step); the checkpoints of the epochs before it are kept.
     """
     # the named architecture, with input/output sizes taken from the response
     mcfg = dataclasses.replace(
@@ -474,19 +530,15 @@ def train_and_evaluate(
             break
         if stop_after_epochs is not None and done_now >= stop_after_epochs:
             break
-        rng = np.random.default_rng([config.seed, state.epoch])
-        t0 = time.perf_counter()
-        params, opt_state, tot, n = state.params, state.opt_state, 0.0, 0.0
-        for batch, w in _batches(train, config.batch_size, rng):
-            params, opt_state, mse = train_step(params, opt_state, batch, w, K)
-            k = float(w.sum())
-            tot += float(mse) * k
-            n += k
-        dt = time.perf_counter() - t0
+        params, opt_state, mse, n, dt = _train_epoch(train_step, state, train, config, K, workdir)
         val_loss, val_mse = _evaluate(eval_step, params, val, K, eval_bs)
+        if not math.isfinite(val_loss):
+            raise _diverged(
+                f"validation loss {val_loss} after epoch {state.epoch + 1}", state, workdir
+            )
         rec = {
             "epoch": state.epoch + 1,
-            "loss": tot / max(n, 1),
+            "loss": mse,
             "val_loss": val_loss,
             "val_mse": val_mse,
             "pixels_per_s": n / dt,

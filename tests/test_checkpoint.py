@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
+import astropy.units as u
 import jax
 import jax.numpy as jnp
+import msgpack
 import numpy as np
 import optax
 import pytest
@@ -22,7 +25,8 @@ from deepem_jax.checkpoint import (
     load_predictor,
     save_checkpoint,
 )
-from deepem_jax.model import Predictor, encode_em, encode_intensities, get_config
+from deepem_jax.model import encode_em, encode_intensities, get_config
+from deepem_jax.predictor import Predictor
 from deepem_jax.response import AIA_CHANNELS, DEEPEM_LOGT, TemperatureResponse
 
 CHANNELS = tuple(int(c) for c in AIA_CHANNELS.value)
@@ -235,3 +239,101 @@ def test_five_channel_network_round_trip(tmp_path):
     assert back.channels == chans and back.config.n_channels == 5
     y = np.full((3, 5), 50.0, np.float32)
     np.testing.assert_array_equal(back.predict(y), pred.predict(y))
+
+
+# -- integrity: every file carries a sha256 of its contents, verified on load ----------------
+
+
+def _shipped():
+    from deepem_jax.pretrained import SHIPPED, weights_path
+
+    return [weights_path(np.array(ch) * u.AA) for ch in SHIPPED]
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["aia6", "aia5_no94"])
+def test_shipped_weights_carry_a_valid_checksum(index):
+    path = _shipped()[index]
+    envelope = msgpack.unpackb(path.read_bytes())  # plain msgpack, not deepem_jax
+    assert envelope["format"] == "deepem_jax.checkpoint" and envelope["version"] == 2
+    assert hashlib.sha256(envelope["payload"]).hexdigest() == envelope["sha256"]
+    ckpt = load_checkpoint(path)
+    assert len(ckpt.channels) == ckpt.config.n_channels and len(ckpt.logt) == 18
+
+
+def _largest_param_region(path) -> tuple[int, int]:
+    """(offset, length) in the file of the second half of the largest parameter array's bytes
+    (flax stores an array as a msgpack ExtType: a short header, then the raw buffer)."""
+    raw = path.read_bytes()
+    params = msgpack.unpackb(msgpack.unpackb(raw)["payload"])["params"]
+    leaves = []
+
+    def walk(node):
+        for v in node.values():
+            if isinstance(v, dict):
+                walk(v)
+            else:
+                leaves.append(bytes(v.data))
+
+    walk(params)
+    data = max(leaves, key=len)
+    tail = data[-4096:]
+    assert raw.count(tail) == 1
+    end = raw.find(tail) + len(tail)
+    return end - len(data) // 2, len(data) // 2
+
+
+def test_flipped_bytes_in_the_parameters_are_refused(tmp_path):
+    src = _shipped()[0]
+    raw = bytearray(src.read_bytes())
+    offset, length = _largest_param_region(src)
+    for i in np.linspace(offset, offset + length - 1, 50).astype(int):
+        raw[i] ^= 0x10
+    bad = tmp_path / "flipped.msgpack"
+    bad.write_bytes(bytes(raw))
+    # still parseable msgpack all the way down: only the checksum tells
+    msgpack.unpackb(msgpack.unpackb(bytes(raw))["payload"], strict_map_key=False)
+    with pytest.raises(CheckpointError, match=r"flipped\.msgpack is corrupt: the sha256"):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_predictor(bad)
+
+
+def test_truncated_shipped_weights_are_refused(tmp_path):
+    raw = _shipped()[1].read_bytes()
+    bad = tmp_path / "short.msgpack"
+    bad.write_bytes(raw[: len(raw) - 1000])
+    with pytest.raises(CheckpointError, match=r"short\.msgpack is not a readable"):
+        load_checkpoint(bad)
+
+
+def test_altered_checksum_and_payload_are_refused(tmp_path, predictor):
+    path = save_checkpoint(tmp_path / "c.msgpack", Checkpoint.from_predictor(predictor))
+    envelope = msgpack.unpackb(path.read_bytes())
+    wrong = {**envelope, "sha256": hashlib.sha256(b"other").hexdigest()}
+    path.write_bytes(msgpack.packb(wrong))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path)
+    path.write_bytes(msgpack.packb({**envelope, "payload": None}))
+    with pytest.raises(CheckpointError, match="payload or checksum is missing"):
+        load_checkpoint(path)
+    junk = b"\xc1" * 16  # never valid msgpack, with a checksum that matches it
+    path.write_bytes(
+        msgpack.packb({**envelope, "payload": junk, "sha256": hashlib.sha256(junk).hexdigest()})
+    )
+    with pytest.raises(CheckpointError, match="payload is not readable"):
+        load_checkpoint(path)
+
+
+def test_version_1_files_without_checksum_are_refused(tmp_path):
+    path = tmp_path / "v1.msgpack"
+    path.write_bytes(msgpack.packb({"format": "deepem_jax.checkpoint", "version": 1}))
+    with pytest.raises(CheckpointError, match="format version 1; this deepem_jax reads version 2"):
+        load_checkpoint(path)
+
+
+def test_non_finite_params_are_refused(tmp_path, predictor):
+    params = jax.tree.map(lambda a: a.at[(0,) * a.ndim].set(jnp.nan), predictor.params)
+    nan = Checkpoint(**{**Checkpoint.from_predictor(predictor).__dict__, "params": params})
+    path = save_checkpoint(tmp_path / "nan.msgpack", nan)
+    with pytest.raises(CheckpointError, match="NaN or Inf"):
+        load_checkpoint(path)

@@ -138,3 +138,79 @@ def test_band_excess_by_hand():
     np.testing.assert_allclose(
         np.asarray(band_excess(outside, y, sigma, np.array([1.4, 1.4]))), [0.5, 2.0], rtol=1e-5
     )
+
+
+# -- stopping on a non-finite loss, and configs that cannot train -----------------------------
+
+
+def test_non_finite_training_loss_stops_and_keeps_checkpoints(tmp_path, response):
+    train = _truth_dataset(response, 600, 8)
+    val = _truth_dataset(response, 200, 9)
+    cfg = TrainConfig(model="small", epochs=3, batch_size=100, learning_rate=1e-3, patience=None)
+    train_and_evaluate(cfg, train, val, response, tmp_path, log=None, stop_after_epochs=1)
+    first = latest_checkpoint(tmp_path)
+    intensity = train.intensity.copy()
+    intensity[1, 2] = np.nan  # pixel 1 is BP-solved: it reaches the loss
+    poisoned = dataclasses.replace(train, intensity=intensity)
+    with pytest.raises(
+        FloatingPointError,
+        match=r"non-finite training loss nan at epoch 2, step [1-6]; the checkpoint of epoch 1 "
+        r"in .* is kept",
+    ):
+        train_and_evaluate(cfg, poisoned, val, response, tmp_path, log=None)
+    assert latest_checkpoint(tmp_path) == first and first.name == "checkpoint_00000001.msgpack"
+    kept = load_predictor(first, response=response, strict_response=True)
+    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(kept.params))
+
+
+def test_diverging_learning_rate_stops_in_the_first_epoch(tmp_path, response):
+    train = _truth_dataset(response, 600, 10)
+    cfg = TrainConfig(model="small", epochs=3, batch_size=100, learning_rate=1e30)
+    with pytest.raises(
+        FloatingPointError, match=r"at epoch 1, step \d+; no checkpoint was written"
+    ):
+        train_and_evaluate(cfg, train, train, response, tmp_path, log=None)
+    assert latest_checkpoint(tmp_path) is None
+
+
+def test_non_finite_validation_loss_stops_before_saving(tmp_path, response):
+    train = _truth_dataset(response, 300, 11)
+    val = _truth_dataset(response, 100, 12)
+    val.intensity[1] = np.inf
+    cfg = TrainConfig(model="small", epochs=2, batch_size=100)
+    with pytest.raises(FloatingPointError, match="non-finite validation loss nan after epoch 1"):
+        train_and_evaluate(cfg, train, val, response, tmp_path, log=None)
+    assert latest_checkpoint(tmp_path) is None
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("physics_weight", float("nan"), "physics_weight must be a finite number >= 0, got nan"),
+        ("physics_weight", float("inf"), "physics_weight must be a finite number >= 0"),
+        ("physics_weight", -0.5, "physics_weight must be a finite number >= 0"),
+        ("physics_weight", "1", "physics_weight must be a finite number"),
+        ("learning_rate", 0.0, "learning_rate must be a finite number > 0"),
+        ("learning_rate", float("inf"), "learning_rate must be a finite number > 0"),
+        ("weight_decay", float("nan"), "weight_decay must be a finite number >= 0"),
+        ("epochs", -1, "epochs must be an integer >= 1, got -1"),
+        ("epochs", 0, "epochs must be an integer >= 1"),
+        ("epochs", 2.5, "epochs must be an integer >= 1"),
+        ("epochs", True, "epochs must be an integer >= 1"),
+        ("batch_size", 0, r"batch_size must be an integer >= 1 or None"),
+        ("patience", 0, r"patience must be an integer >= 1 or None"),
+        ("seed", -1, "seed must be an integer >= 0"),
+        ("schedule", "linear", "schedule must be"),
+        ("physics", "mse", "physics must be"),
+    ],
+)
+def test_train_config_rejects(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(model="small", **{field: value})
+
+
+def test_train_config_accepts_numpy_numbers():
+    cfg = TrainConfig(
+        model="small", epochs=np.int64(3), learning_rate=np.float32(1e-3), patience=None
+    )
+    assert cfg.epochs == 3 and cfg.batch_size == 4096
