@@ -1,26 +1,37 @@
-"""The speedup benchmark suite: network inference vs Basis Pursuit, on the same pixels and the
-same device, in one run.
+"""The speed and fit benchmark suite: Basis Pursuit, the network and a regularised-inversion peer
+on the same synthetic pixels, on one device, in one run.
 
-Measured per image size (synthetic six-channel scenes from :func:`deepem_jax.forward.
-synthetic_scene` with AIA noise, so every method sees identical pixels):
+Per image size, one synthetic six-channel scene (:func:`deepem_jax.forward.synthetic_scene`
+with AIA noise; sigma from the AIA error model) is given to every method:
 
-* ``bp_highs``   -- the per-pixel ``scipy.optimize.linprog(method="highs")`` reference BP (on a
-  random subset of pixels, reported per pixel);
-* ``bp_jax_f32`` / ``bp_jax_f64`` -- deepem_jax's batched exact BP;
-* ``net_<config>_f32`` / ``_bf16`` -- network inference (``deepem``: the original width;
-  ``small``: 6->64->64->18);
-* ``demregpy`` -- Hannah & Kontar (2012) regularised inversion, an independent peer, when
-  installed (on a subset).
+* ``bp_jax_f32`` / ``bp_jax_f64`` -- :func:`deepem_jax.invert` with ``method="bp"`` and
+  ``solver=bp.DualSimplex(precision=...)``, all pixels;
+* ``bp_highs`` -- :func:`deepem_jax.invert` with ``solver=bp.HiGHS()`` (one SciPy ``linprog``
+  call per pixel), on a random subset of the pixels;
+* ``net_<name>_f32`` -- :func:`deepem_jax.invert` with ``method="net"``,
+  ``consistency=False`` (the network alone); ``net_<name>_consistent_f32`` -- the same with the
+  consistency step. ``deepem`` is the shipped six-channel network; ``small`` (6->64->64->18)
+  is randomly initialised, so only its speed means anything;
+* ``net_<name>_bf16`` -- :meth:`deepem_jax.Predictor.predict` with ``dtype=jnp.bfloat16``
+  (:func:`deepem_jax.invert` has no computation-dtype option), the network alone;
+* ``demregpy`` -- ``demregpy.dn2dem`` (Hannah & Kontar 2012), when installed, on a random
+  subset (the HiGHS subset is a prefix of it), in a subprocess with a timeout because it forks
+  worker processes, which is unsafe in a process running JAX.
 
-Throughput is pixels per second of wall time of a second call on the same pixels (the first
-call compiles every shape it needs; its time is reported as ``first_call_seconds``); peak
-memory is the largest resident-set increase over the process baseline, sampled every 2 ms
-during the measured call. The network's achieved FLOP/s is compared against a
-measured float32 matmul peak on the same device.
+Each row reports the throughput of a second call on the same pixels (``pixels_per_s``), the
+first call's time and the compile time derived from it (``compile_seconds``: first-call time
+minus the second-call time for the same number of pixels), the peak resident-memory increase
+during the measured call, and the fit: median chi^2 (:attr:`deepem_jax.DEMResult.chi2`'s
+definition, mean over channels of ``((K EM - y) / sigma)**2``), the fraction of pixels with an
+EM and the fraction of those with a negative bin, over the row's pixels and over the pixels
+every method of that size ran on (``same_pixels``). Ratios of throughputs name both sides
+(``reference``). An optional tiled run (a 256^2 scene tiled to e.g. 4096^2) times the networks
+alone through :func:`deepem_jax.invert`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -30,13 +41,56 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import astropy.units as u
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ._atomic import atomic_write
 
-__all__ = ["matmul_peak_flops", "run_suite", "to_markdown"]
+__all__ = ["matmul_peak_flops", "run_suite", "to_markdown", "write_report"]
+
+#: Seconds before the demregpy subprocess is killed.
+DEMREG_TIMEOUT = 900
+#: Pixels of the warm-up call of the HiGHS row (compiles the JAX parts of the BP pipeline).
+_HIGHS_WARMUP = 2
+#: Pixels per network tile in :func:`deepem_jax.invert` (the warm-up of the tiled run).
+_NET_TILE = 65536
+
+_DESCRIPTIONS = {
+    "bp_highs": (
+        "BP, one scipy linprog(method='highs') call per pixel (invert(method='bp', "
+        "solver=bp.HiGHS()), retries included)"
+    ),
+    "bp_jax_f32": (
+        "BP, batched dual simplex in JAX, float32 pivots with float64 certificates "
+        "(invert(method='bp', solver=bp.DualSimplex(precision='float32')), retries included)"
+    ),
+    "bp_jax_f64": (
+        "BP, batched dual simplex in JAX, float64 pivots (invert(method='bp', "
+        "solver=bp.DualSimplex(precision='float64')), retries included)"
+    ),
+    "demregpy": (
+        "demregpy.dn2dem regularised inversion (Hannah & Kontar 2012), dem_norm0=ones, "
+        "same K and log T bins, the call alone timed inside its subprocess"
+    ),
+}
+_NET_WEIGHTS = {"deepem": "shipped six-channel weights", "small": "random init, untrained"}
+
+
+def _describe(method: str) -> str:
+    if method in _DESCRIPTIONS:
+        return _DESCRIPTIONS[method]
+    _, name, *rest = method.split("_")
+    net = f"{name} network ({_NET_WEIGHTS[name]})"
+    if rest == ["consistent", "f32"]:
+        return f"{net} + consistency step into BP's band, float32 (invert(method='net'))"
+    if rest == ["bf16"]:
+        return (
+            f"{net} alone, bfloat16 computation (Predictor.predict(dtype=bfloat16): invert "
+            "has no dtype option; no status, chi^2 from its EM)"
+        )
+    return f"{net} alone, float32 (invert(method='net', consistency=False))"
 
 
 class _PeakRSS:
@@ -65,24 +119,31 @@ class _PeakRSS:
         self.peak_mb = (self._peak - self._base) / 2**20
 
 
-def _measure(fn: Callable[[], Any], n_pixels: int, warm: bool = True) -> dict[str, float]:
-    """Time ``fn``: a first call (compiles every shape it needs; its time is reported as
-    ``first_call_seconds``), then the measured call, with the peak RSS increase sampled."""
-    first = float("nan")
-    if warm:
-        t0 = time.perf_counter()
-        fn()
-        first = time.perf_counter() - t0
+def _measure(
+    fn: Callable[[], Any],
+    n_pixels: int,
+    warmup: Callable[[], Any] | None = None,
+    warm_pixels: int | None = None,
+) -> tuple[Any, dict[str, float]]:
+    """``fn()``'s result and timing: a first call ``warmup`` (default ``fn``) on
+    ``warm_pixels`` pixels (default ``n_pixels``), then the measured call with the peak RSS
+    increase sampled. ``compile_seconds`` is the first call's time minus what the measured
+    rate gives for its pixels."""
+    warm_pixels = n_pixels if warm_pixels is None else warm_pixels
+    t0 = time.perf_counter()
+    (warmup or fn)()
+    first = time.perf_counter() - t0
     with _PeakRSS() as mem:
         t0 = time.perf_counter()
-        fn()
+        out = fn()
         dt = time.perf_counter() - t0
-    return {
+    return out, {
         "seconds": dt,
-        "pixels": n_pixels,
         "pixels_per_s": n_pixels / dt,
-        "peak_rss_mb": mem.peak_mb,
         "first_call_seconds": first,
+        "first_call_pixels": warm_pixels,
+        "compile_seconds": first - warm_pixels * dt / n_pixels,
+        "peak_rss_mb": mem.peak_mb,
     }
 
 
@@ -104,6 +165,52 @@ def _net_flops_per_pixel(config) -> float:
     return float(sum(2 * a * b for a, b in itertools.pairwise(widths)))
 
 
+def _chi2(em: np.ndarray, K: np.ndarray, y: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """chi^2 of EMs (..., n_T) that do not come from :func:`deepem_jax.invert` (demregpy,
+    bfloat16), as :attr:`deepem_jax.DEMResult.chi2` defines it without degradation."""
+    synth = np.asarray(em, np.float64) @ np.asarray(K, np.float64).T
+    return np.mean(((synth - y) / sigma) ** 2, axis=-1)
+
+
+def _fit_stats(em: np.ndarray, chi2: np.ndarray) -> dict[str, Any]:
+    """Median chi^2 over pixels with an EM, the fraction with an EM (all bins finite), and the
+    fraction of those with a negative bin; EM (k, n_T), chi2 (k,)."""
+    has = np.all(np.isfinite(em), axis=-1)
+    n_em = int(has.sum())
+    neg = np.any(em < 0, axis=-1) & has
+    return {
+        "chi2_median": float(np.median(chi2[has])) if n_em else None,
+        "em_fraction": n_em / max(len(has), 1),
+        "negative_em_fraction": float(neg.sum() / n_em) if n_em else None,
+    }
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Scene:
+    """One synthetic scene and the pixel subsets of the slow methods (flat indices: the HiGHS
+    and demregpy subsets are prefixes of ``subset``; ``common`` is the shorter one)."""
+
+    size: int
+    y: np.ndarray  # (size, size, C) DN s^-1 pix^-1
+    sigma: np.ndarray
+    subset: np.ndarray
+    n_highs: int
+    n_demreg: int
+
+    @property
+    def n(self) -> int:
+        return self.size * self.size
+
+    @property
+    def common(self) -> np.ndarray:
+        return self.subset[: min(self.n_highs, self.n_demreg or self.n_highs)]
+
+    def flat(self, idx: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        C = self.y.shape[-1]
+        y, s = self.y.reshape(-1, C), self.sigma.reshape(-1, C)
+        return (y, s) if idx is None else (y[idx], s[idx])
+
+
 def run_suite(
     sizes: Sequence[int] = (64, 256, 1024),
     tiled_size: int | None = 4096,
@@ -113,20 +220,25 @@ def run_suite(
     seed: int = 0,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
-    """Run the suite and return a JSON-ready dict (``meta``, ``results`` list, ``ratios``)."""
-    from .basis import cheung_basis
+    """Run the suite; a JSON-ready dict with ``meta``, ``results`` (one row per method and
+    size), ``ratios`` and ``methods`` (what each row ran)."""
     from .forward import synthetic_scene
-    from .model import Predictor
+    from .predictor import Predictor
+    from .pretrained import load_default_predictor
     from .response import DEEPEM_LOGT, default_response
     from .uncertainty import sigma_values
 
     say = log or (lambda s: None)
     response = default_response().regrid(DEEPEM_LOGT)
-    basis = cheung_basis(DEEPEM_LOGT)
+    channels = np.asarray(response.wavelength.to_value(u.AA)) * u.AA
     exptime = 2.0
     rng = np.random.default_rng(seed)
-    nets = {name: Predictor.init(jax.random.PRNGKey(seed), name) for name in ("deepem", "small")}
+    nets = {
+        "deepem": load_default_predictor(channels),
+        "small": Predictor.init(jax.random.PRNGKey(seed), "small"),
+    }
     peak = matmul_peak_flops()
+    demregpy_version = _demregpy_version() if demreg_pixels else None
     meta = {
         "device": str(jax.devices()[0].device_kind),
         "platform": jax.default_backend(),
@@ -136,145 +248,228 @@ def run_suite(
         "python": platform.python_version(),
         "matmul_peak_gflops": peak / 1e9,
         "response": response.name,
-        "n_basis": basis.n_basis,
+        "exptime_s": exptime,
+        "demregpy": demregpy_version or "not run (not installed, or demreg_pixels=0)",
     }
     say(
         f"device {meta['device']} ({meta['platform']}), jax {meta['jax_version']}, "
         f"{meta['cpu_count']} cores, matmul peak {peak / 1e9:.1f} GFLOP/s"
     )
-
-    def sigma_of(y):
-        return sigma_values(y, exptime, response.wavelength)
-
-    results: list[dict[str, Any]] = []
-    errors: dict[str, str] = {}
-
-    def record(method: str, size: int, m: dict[str, float], **extra) -> None:
-        row = {"method": method, "size": size, **m, **extra}
-        results.append(row)
-        say(
-            f"  {method:<18s} {size:>5d}^2  {m['pixels_per_s']:>12,.0f} px/s  "
-            f"peak +{m['peak_rss_mb']:.0f} MB" + (f"  {extra}" if extra else "")
-        )
-
+    ctx = _Context(response, channels, nets, peak, [], {}, say)
     for size in sizes:
         say(f"size {size}x{size}")
         _, y = synthetic_scene(response, (size, size), rng, exptime)
-        _bench_size(
+        n = size * size
+        n_highs = min(highs_pixels, n)
+        n_demreg = min(demreg_pixels, n) if demregpy_version else 0
+        scene = _Scene(
             size,
             y,
-            sigma_of(y),
-            response,
-            basis,
-            nets,
-            rng,
-            record,
-            highs_pixels,
-            demreg_pixels,
-            size <= f64_max_size,
-            peak,
-            errors,
+            sigma_values(y, exptime, response.wavelength),
+            rng.permutation(n)[: max(n_highs, n_demreg)],
+            n_highs,
+            n_demreg,
         )
-
+        _bench_size(ctx, scene, size <= f64_max_size)
     if tiled_size:
-        say(f"tiled {tiled_size}x{tiled_size} (network only; BP extrapolates from its rate)")
         _, y = synthetic_scene(response, (256, 256), rng, exptime)
-        reps = max(tiled_size // 256, 1)
-        big = np.tile(y, (reps, reps, 1))
-        tiled_size = big.shape[0]  # record the size actually run (a multiple of 256)
-        for name, net in nets.items():
-            net.predict(big[:256])  # 65536 pixels: compiles the tile shape the big run uses
-            m = _measure(lambda net=net: net.predict(big), big.shape[0] * big.shape[1], warm=False)
-            record(
-                f"net_{name}_f32",
-                tiled_size,
-                m,
-                gflops=m["pixels_per_s"] * _net_flops_per_pixel(net.config) / 1e9,
-            )
-        del big
-
-    for key, msg in errors.items():
+        _bench_tiled(ctx, y, sigma_values(y, exptime, response.wavelength), tiled_size)
+    for key, msg in ctx.errors.items():
         say(f"  {key} failed: {msg}")
-    meta["errors"] = errors
-    return {"meta": meta, "results": results, "ratios": _ratios(results)}
+    meta["errors"] = ctx.errors
+    methods = {r["method"]: _describe(r["method"]) for r in ctx.results}
+    return {
+        "meta": meta,
+        "results": ctx.results,
+        "ratios": _ratios(ctx.results),
+        "methods": methods,
+    }
 
 
-def _bench_size(
-    size,
-    y,
-    sigma,
-    response,
-    basis,
-    nets,
-    rng,
-    record,
-    highs_pixels,
-    demreg_pixels,
-    with_f64,
-    peak,
-    errors,
-) -> None:
-    """All methods on one ``size`` x ``size`` scene ``y`` (same pixels for every method)."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Context:
+    """What every measurement of a run shares; ``results`` and ``errors`` are filled in."""
+
+    response: Any
+    channels: u.Quantity
+    nets: dict[str, Any]
+    peak_flops: float
+    results: list[dict[str, Any]]
+    errors: dict[str, str]
+    say: Callable[[str], None]
+
+    def record(self, method, scene_size, pixels, pixel_set, m, fit, same=None, **extra) -> None:
+        row = {
+            "method": method,
+            "size": scene_size,
+            "pixels": pixels,
+            "pixel_set": pixel_set,
+            **m,
+            **fit,
+            "same_pixels": same,
+            **extra,
+        }
+        self.results.append(row)
+        chi2 = "n/a" if fit["chi2_median"] is None else f"{fit['chi2_median']:.3g}"
+        self.say(
+            f"  {method:<26s} {scene_size:>5d}^2  {m['pixels_per_s']:>12,.0f} px/s  "
+            f"compile {_fmt(m['compile_seconds'], '.2f') or 'n/a'} s  chi2 median {chi2}"
+        )
+
+    def invert_kwargs(self, sigma: np.ndarray) -> dict[str, Any]:
+        return {
+            "sigma": sigma,
+            "channels": self.channels,
+            "response": self.response,
+            "degradation": False,
+        }
+
+
+def _bench_size(ctx: _Context, scene: _Scene, with_f64: bool) -> None:
+    """Every method on one scene (same pixels for every method)."""
     from . import bp
+    from .pipeline import invert
 
-    n = size * size
-    flat_y, flat_s = y.reshape(-1, 6), sigma.reshape(-1, 6)
-    sub = rng.choice(n, size=min(highs_pixels, n), replace=False)
-    record(
-        "bp_highs",
-        size,
-        _measure(
-            lambda: bp.solve(flat_y[sub], flat_s[sub], response, basis, method="highs"),
-            len(sub),
-            warm=False,
+    n, size = scene.n, scene.size
+    common = scene.common
+    k = len(common)
+
+    def record_result(method, res, m, pixel_set, pixels, idx_same, **extra):
+        em = res.em.reshape(pixels, -1)
+        chi2 = res.chi2.reshape(pixels)
+        same = {"pixels": k, **_fit_stats(em[idx_same], chi2[idx_same])}
+        fit = _fit_stats(em, chi2)
+        counts = res.status_counts()
+        ctx.record(method, size, pixels, pixel_set, m, fit, same, status_counts=counts, **extra)
+
+    ys, ss = scene.flat(scene.subset[: scene.n_highs])
+    kw = ctx.invert_kwargs(ss)
+    res, m = _measure(
+        lambda: invert(ys, "bp", solver=bp.HiGHS(), **kw),
+        scene.n_highs,
+        warmup=lambda: invert(
+            ys[:_HIGHS_WARMUP],
+            "bp",
+            solver=bp.HiGHS(),
+            **ctx.invert_kwargs(ss[:_HIGHS_WARMUP]),
         ),
+        warm_pixels=min(_HIGHS_WARMUP, scene.n_highs),
     )
-    out: dict[str, Any] = {}
+    record_result("bp_highs", res, m, "random subset", scene.n_highs, slice(0, k))
 
-    def run32():
-        out["r"] = bp.solve(y, sigma, response, basis, precision="float32")
+    kw = ctx.invert_kwargs(scene.sigma)
+    for prec in ("float32", "float64") if with_f64 else ("float32",):
+        solver = bp.DualSimplex(precision=prec)
+        res, m = _measure(lambda solver=solver: invert(scene.y, "bp", solver=solver, **kw), n)
+        record_result(f"bp_jax_f{prec[-2:]}", res, m, "all", n, common)
 
-    m = _measure(run32, n)
-    record("bp_jax_f32", size, m, solved_fraction=float((np.asarray(out["r"].status) == 0).mean()))
-    if with_f64:
-        record(
-            "bp_jax_f64",
-            size,
-            _measure(lambda: bp.solve(y, sigma, response, basis, precision="float64"), n),
-        )
-    for name, net in nets.items():
+    for name, net in ctx.nets.items():
         fpp = _net_flops_per_pixel(net.config)
-        for dt_name, dt in (("f32", jnp.float32), ("bf16", jnp.bfloat16)):
-            m = _measure(lambda net=net, dt=dt: net.predict(y, dtype=dt), n)
-            gflops = m["pixels_per_s"] * fpp / 1e9
-            record(
-                f"net_{name}_{dt_name}",
-                size,
-                m,
-                gflops=gflops,
-                fraction_of_peak=gflops * 1e9 / peak,
+        for consistent in (False, True):
+            res, m = _measure(
+                lambda net=net, c=consistent: invert(
+                    scene.y, "net", predictor=net, consistency=c, **kw
+                ),
+                n,
             )
-        record(
-            f"net_{name}_consistent_f32",
+            method = f"net_{name}_consistent_f32" if consistent else f"net_{name}_f32"
+            extra = {} if consistent else _flops(m, fpp, ctx.peak_flops)
+            record_result(method, res, m, "all", n, common, **extra)
+        em, m = _measure(lambda net=net: net.predict(scene.y, dtype=jnp.bfloat16), n)
+        em = em.reshape(n, -1)
+        y, s = scene.flat()
+        chi2 = _chi2(em, ctx.response.K, y, s)
+        same = {"pixels": k, **_fit_stats(em[common], chi2[common])}
+        ctx.record(
+            f"net_{name}_bf16",
             size,
-            _measure(lambda net=net: net.predict(y, sigma=sigma, response=response), n),
+            n,
+            "all",
+            m,
+            _fit_stats(em, chi2),
+            same,
+            **_flops(m, fpp, ctx.peak_flops),
         )
-    if demreg_pixels and _has_demregpy():
-        k = min(demreg_pixels, n)
-        try:
-            m = _run_demregpy(flat_y[:k], flat_s[:k], response)
-        except (RuntimeError, OSError, ValueError) as err:  # a peer failing is reported
-            errors[f"demregpy {size}"] = f"{type(err).__name__}: {err}"
-        else:
-            record("demregpy", size, m)
+
+    if scene.n_demreg:
+        _bench_demregpy(ctx, scene)
 
 
-def _has_demregpy() -> bool:
+def _bench_demregpy(ctx: _Context, scene: _Scene) -> None:
+    y, s = scene.flat(scene.subset[: scene.n_demreg])
+    try:
+        em, seconds = _run_demregpy(y, s, ctx.response)
+    except (RuntimeError, OSError, ValueError) as err:  # a peer failing is reported
+        ctx.errors[f"demregpy {scene.size}"] = f"{type(err).__name__}: {err}"
+        return
+    chi2 = _chi2(em, ctx.response.K, y, s)
+    k = len(scene.common)
+    m = {
+        "seconds": seconds,
+        "pixels_per_s": scene.n_demreg / seconds,
+        "first_call_seconds": None,
+        "first_call_pixels": None,
+        "compile_seconds": None,
+        "peak_rss_mb": None,
+    }
+    same = {"pixels": k, **_fit_stats(em[:k], chi2[:k])}
+    ctx.record(
+        "demregpy",
+        scene.size,
+        scene.n_demreg,
+        "random subset",
+        m,
+        _fit_stats(em, chi2),
+        same,
+        notes="one call, nothing to compile; memory of the subprocess not measured",
+    )
+
+
+def _flops(m: dict[str, float], flops_per_pixel: float, peak: float) -> dict[str, float]:
+    """Network FLOP/s over the whole measured call and its fraction of the matmul peak."""
+    gflops = m["pixels_per_s"] * flops_per_pixel / 1e9
+    return {"gflops": gflops, "fraction_of_peak": gflops * 1e9 / peak}
+
+
+def _bench_tiled(ctx: _Context, y: np.ndarray, sigma: np.ndarray, tiled_size: int) -> None:
+    """The networks alone (``consistency=False``) on a 256^2 scene tiled to ``tiled_size``
+    (rounded down to a multiple of 256, at least 256); BP is not run."""
+    from .pipeline import invert
+
+    reps = max(tiled_size // 256, 1)
+    big_y = np.tile(y.astype(np.float32), (reps, reps, 1))
+    big_s = np.tile(sigma.astype(np.float32), (reps, reps, 1))
+    size = big_y.shape[0]
+    ctx.say(f"tiled {size}x{size} (networks alone)")
+    n = size * size
+    rows = max(_NET_TILE // size, 1)  # the warm-up call: one network tile
+    kw, kw_warm = ctx.invert_kwargs(big_s), ctx.invert_kwargs(big_s[:rows])
+    for name, net in ctx.nets.items():
+        res, m = _measure(
+            lambda net=net: invert(big_y, "net", predictor=net, consistency=False, **kw),
+            n,
+            warmup=lambda net=net: invert(
+                big_y[:rows], "net", predictor=net, consistency=False, **kw_warm
+            ),
+            warm_pixels=rows * size,
+        )
+        fit = _fit_stats(res.em.reshape(n, -1), res.chi2.reshape(n))
+        del res
+        extra = _flops(m, _net_flops_per_pixel(net.config), ctx.peak_flops)
+        ctx.record(f"net_{name}_f32", size, n, "all (tiled)", m, fit, **extra)
+
+
+def _demregpy_version() -> str | None:
     try:
         import demregpy  # noqa: F401
     except ImportError:
-        return False
-    return True
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("demregpy")
+    except PackageNotFoundError:
+        return "unknown version"
 
 
 _DEMREG_SCRIPT = """
@@ -282,98 +477,142 @@ import contextlib, io, json, sys, time
 import numpy as np
 from demregpy import dn2dem
 d = np.load(sys.argv[1])
+n, nt = d["y"].shape[0], d["logt"].size
 t0 = time.perf_counter()
 with contextlib.redirect_stdout(io.StringIO()):
-    dn2dem(d["y"], d["s"], d["K"], d["logt"], d["edges"])
-print(json.dumps({"seconds": time.perf_counter() - t0}))
+    em = dn2dem(
+        d["y"], d["s"], d["K"], d["logt"], 10.0 ** d["edges"],
+        dem_norm0=np.ones((n, nt)), emd_ret=True,
+    )[0]
+seconds = time.perf_counter() - t0
+np.save(sys.argv[2], np.reshape(em, (n, nt)))
+print(json.dumps({"seconds": seconds}))
 """
 
 
-def _run_demregpy(y: np.ndarray, sigma: np.ndarray, response) -> dict[str, float]:
-    """demregpy's regularised inversion (on the full-resolution default response, 18 DEM bins
-    with edges log T 5.45..7.25) in a separate process: it forks worker processes, which is
-    unsafe inside a process running JAX. Returns the measurement of the call alone."""
-    import json
+def _run_demregpy(y: np.ndarray, sigma: np.ndarray, response) -> tuple[np.ndarray, float]:
+    """demregpy's EM (k, n_T) in cm^-5 per bin of intensities and sigma (k, C), and the seconds
+    of the ``dn2dem`` call, run in a subprocess.
+
+    demregpy is given ``response`` (K at the bin centres) and bin edges half a step either side
+    of its log T grid, so its EM per bin (``emd_ret=True``) resynthesises through the same K.
+    ``dem_norm0`` is passed as ones: demregpy 0.6.2 never replaces its default ``None`` under
+    NumPy 2 (``np.any(None) == None`` is False), and its weights become NaN.
+    """
     import subprocess
     import sys
     import tempfile
 
-    from .response import default_response
-
-    full = default_response().select(response.wavelength)
+    logt = np.asarray(response.logt_array, np.float64)
+    step = np.diff(logt)
+    edges = np.concatenate(
+        [[logt[0] - step[0] / 2], logt[:-1] + step / 2, [logt[-1] + step[-1] / 2]]
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "in.npz")
-        np.savez(
-            path,
-            y=np.maximum(y, 0.0),
-            s=sigma,
-            K=np.asarray(full.K).T,
-            logt=full.logt_array,
-            edges=10 ** np.arange(5.45, 7.2501, 0.1),
-        )
-        proc = subprocess.run(
-            [sys.executable, "-c", _DEMREG_SCRIPT, path],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"demregpy failed: {last}")
-    dt = json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
-    n = y.shape[0]
-    return {"seconds": dt, "pixels": n, "pixels_per_s": n / dt, "peak_rss_mb": float("nan")}
+        inp, out = os.path.join(tmp, "in.npz"), os.path.join(tmp, "em.npy")
+        np.savez(inp, y=y, s=sigma, K=np.asarray(response.K, np.float64).T, logt=logt, edges=edges)
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-c", _DEMREG_SCRIPT, inp, out],
+                capture_output=True,
+                text=True,
+                timeout=DEMREG_TIMEOUT,
+            )
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"demregpy did not finish in {DEMREG_TIMEOUT} s") from None
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"demregpy failed: {last}")
+        em = np.load(out)
+    return em, float(json.loads(proc.stdout.strip().splitlines()[-1])["seconds"])
+
+
+#: (numerator, denominator) throughput ratios reported when both rows exist for a size.
+_RATIO_PAIRS = (
+    ("bp_jax_f32", "bp_highs"),
+    ("bp_jax_f64", "bp_highs"),
+    ("bp_jax_f32", "demregpy"),
+    ("net_deepem_f32", "bp_jax_f32"),
+    ("net_deepem_consistent_f32", "bp_jax_f32"),
+    ("net_small_f32", "bp_jax_f32"),
+    ("net_small_consistent_f32", "bp_jax_f32"),
+    ("net_deepem_f32", "bp_highs"),
+    ("net_deepem_consistent_f32", "bp_highs"),
+    ("net_deepem_consistent_f32", "demregpy"),
+)
 
 
 def _ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rate = {(r["method"], r["size"]): r["pixels_per_s"] for r in results}
+    """Throughput ratios of rows of the same scene, each with the reference spelled out."""
+    rows = {(r["method"], r["size"]): r for r in results if r["pixel_set"] != "all (tiled)"}
     out = []
-    for size in sorted({r["size"] for r in results}):
-
-        def g(m, size=size):
-            return rate.get((m, size))
-
-        row: dict[str, Any] = {"size": size}
-        for num, den in (
-            ("net_deepem_f32", "bp_jax_f32"),
-            ("net_small_f32", "bp_jax_f32"),
-            ("net_deepem_f32", "bp_highs"),
-            ("net_small_f32", "bp_highs"),
-            ("net_deepem_consistent_f32", "bp_jax_f32"),
-            ("net_small_consistent_f32", "bp_jax_f32"),
-            ("bp_jax_f32", "bp_highs"),
-            ("bp_jax_f64", "bp_highs"),
-        ):
-            if g(num) and g(den):
-                row[f"{num}/{den}"] = g(num) / g(den)
-        if len(row) > 1:
-            out.append(row)
+    for size in sorted({s for _, s in rows}):
+        for num, den in _RATIO_PAIRS:
+            a, b = rows.get((num, size)), rows.get((den, size))
+            if a is None or b is None:
+                continue
+            out.append(
+                {
+                    "size": size,
+                    "ratio": f"{num} / {den}",
+                    "value": a["pixels_per_s"] / b["pixels_per_s"],
+                    "reference": (
+                        f"px/s of {num} on {_pixels(a)} / px/s of {den}: {_describe(den)}, on "
+                        f"{_pixels(b)}; same synthetic {size}² scene, same run"
+                    ),
+                }
+            )
     return out
 
 
+def _pixels(row: dict[str, Any]) -> str:
+    if row["pixel_set"] == "all":
+        return f"all {row['pixels']:,} pixels"
+    return f"{row['pixels']:,} random pixels of it"
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "" if x is None or not np.isfinite(x) else format(x, spec)
+
+
+def _same_cell(same: dict[str, Any] | None) -> str:
+    if same is None:
+        return ""
+    return f"{_fmt(same['chi2_median'], '.3g')} ({same['pixels']:,} px)"
+
+
 def to_markdown(report: dict[str, Any]) -> str:
-    """Markdown tables (throughput and ratios) of a :func:`run_suite` report."""
+    """Markdown of a :func:`run_suite` report: throughput and fit per row, ratios with their
+    references, what each method ran."""
     meta = report["meta"]
     lines = [
         f"Device: {meta['device']} ({meta['platform']}), {meta['cpu_count']} cores, "
         f"jax {meta['jax_version']}, measured f32 matmul peak {meta['matmul_peak_gflops']:.1f} "
-        f"GFLOP/s",
+        f"GFLOP/s; demregpy: {meta['demregpy']}",
         "",
-        "| method | size | pixels/s | peak RSS (MB) | GFLOP/s |",
-        "|---|---|---|---|---|",
+        "px/s: second call. compile: first call minus the second call's time for its pixels. "
+        "χ²: mean over channels of ((K·EM − y)/σ)², median over pixels with an EM; "
+        "'same px': over the pixels every method of that size ran on. neg: fraction of pixels "
+        "with an EM that have a negative bin. GFLOP/s: network FLOPs over the whole call.",
+        "",
+        "| method | size | pixels | px/s | compile (s) | peak RSS (MB) | χ² median | "
+        "χ² median, same px | EM frac | neg frac | GFLOP/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
-        gf = f"{r['gflops']:.1f}" if "gflops" in r else ""
         lines.append(
-            f"| {r['method']} | {r['size']}² | {r['pixels_per_s']:,.0f} | "
-            f"{r['peak_rss_mb']:.0f} | {gf} |"
+            f"| {r['method']} | {r['size']}² | {r['pixels']:,} | {r['pixels_per_s']:,.0f} | "
+            f"{_fmt(r['compile_seconds'], '.2f')} | {_fmt(r['peak_rss_mb'], '.0f')} | "
+            f"{_fmt(r['chi2_median'], '.3g')} | {_same_cell(r['same_pixels'])} | "
+            f"{r['em_fraction']:.3f} | "
+            f"{_fmt(r['negative_em_fraction'], '.3f')} | {_fmt(r.get('gflops'), '.1f')} |"
         )
     if report["ratios"]:
-        keys = sorted({k for row in report["ratios"] for k in row if k != "size"})
-        lines += ["", "| size | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-        for row in report["ratios"]:
-            vals = [f"{row[k]:,.1f}" if k in row else "" for k in keys]
-            lines.append(f"| {row['size']}² | " + " | ".join(vals) + " |")
+        lines += ["", "| size | ratio | value | reference |", "|---|---|---|---|"]
+        for q in report["ratios"]:
+            lines.append(f"| {q['size']}² | {q['ratio']} | {q['value']:,.1f} | {q['reference']} |")
+    lines += ["", "Methods:"]
+    lines += [f"- `{m}`: {d}" for m, d in report["methods"].items()]
     for key, msg in meta.get("errors", {}).items():
         lines += ["", f"{key} failed: {msg}"]
     return "\n".join(lines) + "\n"

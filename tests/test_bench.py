@@ -1,0 +1,95 @@
+"""The benchmark suite on a tiny scene: every row present, compile times, named ratio
+references, a working demregpy peer, and the benchmarks/bench_suite.py entry point."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from deepem_jax.bench import run_suite, to_markdown, write_report
+
+SIZE = 16
+INVERT_ROWS = [
+    "bp_highs",
+    "bp_jax_f32",
+    "bp_jax_f64",
+    "net_deepem_f32",
+    "net_deepem_consistent_f32",
+    "net_small_f32",
+    "net_small_consistent_f32",
+]
+PREDICT_ROWS = ["net_deepem_bf16", "net_small_bf16"]
+
+
+@pytest.fixture(scope="module")
+def report():
+    return run_suite([SIZE], None, highs_pixels=6, demreg_pixels=12, log=None)
+
+
+def _rows(report):
+    return {r["method"]: r for r in report["results"]}
+
+
+def test_every_method_row_with_compile_time_and_fit(report):
+    rows = _rows(report)
+    assert set(INVERT_ROWS + PREDICT_ROWS) <= set(rows)
+    for name in INVERT_ROWS + PREDICT_ROWS:
+        r = rows[name]
+        assert r["size"] == SIZE and r["pixels_per_s"] > 0
+        assert math.isfinite(r["compile_seconds"]) and r["first_call_seconds"] > 0
+        assert math.isfinite(r["chi2_median"]) and r["chi2_median"] >= 0
+        assert 0 <= r["em_fraction"] <= 1
+        assert r["same_pixels"]["pixels"] == 6
+    for name in INVERT_ROWS:
+        assert sum(rows[name]["status_counts"].values()) == rows[name]["pixels"]
+    assert rows["bp_highs"]["pixels"] == 6
+    assert rows["bp_jax_f32"]["pixels"] == SIZE * SIZE
+    assert rows["bp_jax_f32"]["status_counts"]["SOLVED"] > 0.9 * SIZE * SIZE
+
+
+def test_ratios_name_their_reference(report):
+    assert report["ratios"]
+    for q in report["ratios"]:
+        num, den = q["ratio"].split(" / ")
+        assert q["value"] > 0
+        assert q["reference"].startswith(f"px/s of {num} on ")
+        assert f"px/s of {den}: {report['methods'][den]}" in q["reference"]
+    md = to_markdown(report)
+    assert "bp_jax_f32 / bp_highs" in md and "linprog(method='highs')" in md
+    assert "compile (s)" in md and "χ² median" in md
+
+
+def test_demregpy_row(report):
+    if report["meta"]["demregpy"].startswith("not run"):
+        pytest.skip("demregpy is not importable here: no peer row to check")
+    assert not report["meta"]["errors"]
+    r = _rows(report)["demregpy"]
+    assert r["pixels"] == 12 and math.isfinite(r["pixels_per_s"]) and r["pixels_per_s"] > 0
+    assert math.isfinite(r["chi2_median"]) and r["em_fraction"] == 1.0
+    assert 0 <= r["negative_em_fraction"] <= 1
+    assert math.isfinite(r["same_pixels"]["chi2_median"])
+    assert any(q["ratio"] == "bp_jax_f32 / demregpy" for q in report["ratios"])
+
+
+def test_write_report(report, tmp_path):
+    jpath, mpath = write_report(report, str(tmp_path))
+    saved = json.loads(Path(jpath).read_text())
+    assert saved["results"] == json.loads(json.dumps(report["results"]))
+    assert Path(mpath).read_text() == to_markdown(report)
+
+
+def test_entry_point_is_the_cli_command():
+    r = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_suite.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "--sizes" in r.stdout and "--highs-pixels" in r.stdout
