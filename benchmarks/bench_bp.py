@@ -78,15 +78,15 @@ def main() -> None:
     }
     results = {}
     for prec in ("float32", "float64"):
-        kw = dict(precision=prec, chunk_size=args.chunk_size)
-        bp.solve(y, sig, resp, basis, **kw)  # compile every shape the run needs
-        res, dt = _timed(lambda kw=kw: bp.solve(y, sig, resp, basis, **kw))
+        solver = bp.DualSimplex(precision=prec, chunk_size=args.chunk_size)
+        bp.solve(y, sig, resp, basis, solver=solver)  # compile every shape the run needs
+        res, dt = _timed(lambda s=solver: bp.solve(y, sig, resp, basis, solver=s))
         results[prec] = res
         out[f"jax_{prec}_px_per_s"] = args.pixels / dt
         out[f"jax_{prec}_status_counts"] = np.bincount(res.status, minlength=5).tolist()
         out[f"jax_{prec}_mean_pivots"] = float(res.iterations.mean())
     m = min(args.highs_pixels, args.pixels)
-    ref, dt = _timed(lambda: bp.solve(y[:m], sig[:m], resp, basis, method="highs"))
+    ref, dt = _timed(lambda: bp.solve(y[:m], sig[:m], resp, basis, solver=bp.HiGHS()))
     out["highs_pixels"] = m
     out["highs_px_per_s"] = m / dt
     for prec in ("float32", "float64"):

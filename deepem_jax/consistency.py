@@ -26,6 +26,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ._linalg import cholesky_solve
+
 __all__ = ["ConsistencyResult", "project_to_band"]
 
 #: EM unit of the internal arithmetic (cm^-5), keeping float32 intermediates near 1.
@@ -48,28 +50,6 @@ class ConsistencyResult(NamedTuple):
     em: jax.Array
     in_band: jax.Array
     changed: jax.Array
-
-
-def _cholesky_solve(M: list[list[jax.Array]], b: list[jax.Array]) -> list[jax.Array]:
-    """Solve ``M x = b`` for symmetric positive definite C x C systems given entry-wise as
-    lists of (N,) arrays (one system per pixel), by an unrolled Cholesky factorisation."""
-    C = len(b)
-    tiny = jnp.finfo(b[0].dtype).tiny
-    L: list[list[jax.Array]] = [[None] * C for _ in range(C)]  # type: ignore[list-item]
-    for j in range(C):
-        d = M[j][j] - sum((L[j][k] ** 2 for k in range(j)), jnp.zeros_like(b[0]))
-        L[j][j] = jnp.sqrt(jnp.maximum(d, tiny))
-        for i in range(j + 1, C):
-            s = M[i][j] - sum((L[i][k] * L[j][k] for k in range(j)), jnp.zeros_like(b[0]))
-            L[i][j] = s / L[j][j]
-    z: list[jax.Array] = []
-    for i in range(C):
-        z.append((b[i] - sum((L[i][k] * z[k] for k in range(i)), jnp.zeros_like(b[0]))) / L[i][i])
-    x: list[jax.Array] = [None] * C  # type: ignore[list-item]
-    for i in reversed(range(C)):
-        s = sum((L[k][i] * x[k] for k in range(i + 1, C)), jnp.zeros_like(b[0]))
-        x[i] = (z[i] - s) / L[i][i]
-    return x
 
 
 def project_to_band(
@@ -132,7 +112,7 @@ def project_to_band(
         M = ((x0 * (z > 0)) @ KK).reshape(-1, C, C) * inv[:, :, None] * inv[:, None, :]
         M = M + (1e-6 * jnp.trace(M, axis1=1, axis2=2) + jnp.finfo(dtype).tiny)[:, None, None] * eye
         d = jnp.stack(
-            _cholesky_solve(
+            cholesky_solve(
                 [[M[:, i, j] for j in range(C)] for i in range(C)], [g[:, i] for i in range(C)]
             ),
             -1,

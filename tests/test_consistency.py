@@ -119,6 +119,7 @@ def test_bad_inputs_are_flagged_not_zeroed():
         project_to_band(jnp.asarray(x0), jnp.asarray(K), lo, hi, margin=0.5)
 
 
+@pytest.mark.slow
 def test_gradient_is_finite_and_matches_finite_differences(x64):
     K, lo, hi, x0 = _case(50, 5)
     i = int(np.flatnonzero(~np.all(((x0 @ K.T) >= lo) & ((x0 @ K.T) <= hi), -1))[0])

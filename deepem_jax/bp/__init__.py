@@ -1,36 +1,37 @@
-"""Basis Pursuit DEMs as a batched, jit-compiled, exact LP (issue 3).
+"""Basis Pursuit DEMs as a batched, jit-compiled, exact linear program.
 
 Per pixel, SolarSoft's ``aia_sparse_em_solve`` problem: minimise ``sum(x)`` over ``x >= 0``
-subject to ``lower <= D x <= upper`` (see :func:`solve`). Public entries:
+subject to ``lower <= D x <= upper``, where ``D`` (C, n_basis) is the dictionary (DN s^-1 pix^-1
+per unit coefficient) and the band comes from the intensities and their uncertainties
+(:func:`bounds`).
 
-* :func:`solve` -- host driver: validation, units, chunking, adaptive tolerance, float64
-  safety net; ``method="highs"`` runs the SciPy HiGHS reference pixel by pixel.
+Entry points
+------------
+* :func:`solve` -- host driver for images: validation, units, chunking, the tolerance schedule
+  (retries of infeasible pixels with a wider band) and per-pixel status codes. Configured by
+  :class:`DualSimplex` or :class:`HiGHS` (``solver=``) and :class:`ToleranceSchedule`.
 * :func:`solve_lp` -- the batched LP itself (jit-able, vmap-able, differentiable).
 * :func:`solve_jax` -- jit-able, differentiable BP of intensities at one tolerance.
-* :func:`bounds`, :class:`BPStatus`, :class:`LPResult`, :class:`BPResult`, :func:`highs_lp`.
+* :func:`highs_lp` -- the same LP with SciPy's HiGHS, one problem at a time (the reference).
 
-Why a bounded dual simplex: on 10^5 BP-shaped pixels on 2 CPU cores
-(``/work/shared/notes/bp-solver-findings.md``) one ``linprog(highs)`` per pixel gives
-~750 px/s; a vmapped bounded dual simplex in JAX ~250k/155k px/s (float32/float64, toy
-response) with HiGHS's answers and identical infeasibility verdicts; first-order methods
-(PDHG, MPAX r2HPDHG, ADMM/OSQP) were 17--660 px/s and missed 2.7--22% of infeasible pixels. The
-all-slack basis of ``[D, -I][x; s] = 0`` is dual feasible (all costs >= 0), so no phase 1 is
-needed and infeasibility is proven exactly. Measured here (``python benchmarks/bench_bp.py
---pixels 20000 --highs-pixels 500``; SolarSoft GENX response on DeepEM's 18-bin grid, 54 basis
-functions, 2 CPU cores shared with other jobs): full driver ``solve`` incl. retries ~49k px/s
-float32 (float64-certified) and ~46k px/s float64, HiGHS per pixel ~450 px/s (100--108x),
-identical statuses, objectives within 6e-8 (float32) / 7e-14 (float64) of HiGHS. The bare
-float32 ``solve_lp`` runs ~70--80k px/s; measured mean 9--10 pivots, max ~40.
+Method and exactness
+--------------------
+A bounded dual simplex, vmapped over pixels. Each problem is written as ``[D, -I][x; s] = 0``
+with ``x >= 0`` and boxed slacks; every cost is non-negative, so the all-slack basis is dual
+feasible, no phase 1 is needed, and a leaving row that no column can repair proves the pixel
+infeasible. The answers are vertices of the LP, not approximations: with ``DualSimplex(
+precision="float64")`` they are HiGHS's; with the default ``precision="float32"`` the pivots run
+in float32 and every final basis is re-evaluated in float64 and certified, either optimal
+(primal and dual feasible) or infeasible, and the pixels without such a certificate are
+re-solved in float64. Measured speed and agreement with HiGHS are in the README.
 
-float32 pivots alone are not guaranteed exact on the real response (the notes measured
-0.2--1.6% of pixels off without scaling safeguards; here 1 pixel in 4096 had no float64
-certificate), so ``solve(precision="float32")`` re-evaluates every final basis in
-float64, certifies optimality (primal and dual feasibility) or infeasibility (a violated row
-no column can repair), and re-solves in float64 the few without a certificate.
-
-Gradients: the returned ``x`` is recomputed from the optimal basis with one linear solve
+Gradients
+---------
+The returned ``x`` is recomputed from the optimal basis with one linear solve
 ``x_B = B^-1 rhs(lower, upper)``; autodiff of that solve is implicit differentiation through
-the active set (no unrolling of pivots), exact where the optimal basis is unique.
+the active set (no unrolling of pivots), exact where the optimal basis is unique. LP solutions
+are only piecewise smooth: at degenerate points the gradient of one adjacent piece is returned,
+and pixels that are not SOLVED get zero gradients.
 """
 
 from ._highs import highs_lp as highs_lp
@@ -39,6 +40,9 @@ from ._simplex import solve_lp as solve_lp
 from ._solve import bounds as bounds
 from ._solve import solve as solve
 from ._solve import solve_jax as solve_jax
+from ._solvers import DualSimplex as DualSimplex
+from ._solvers import HiGHS as HiGHS
+from ._solvers import ToleranceSchedule as ToleranceSchedule
 from ._types import BPResult as BPResult
 from ._types import BPStatus as BPStatus
 from ._types import LPResult as LPResult
@@ -47,7 +51,10 @@ __all__ = [
     "MAX_PIVOTS",
     "BPResult",
     "BPStatus",
+    "DualSimplex",
+    "HiGHS",
     "LPResult",
+    "ToleranceSchedule",
     "bounds",
     "highs_lp",
     "solve",

@@ -1,4 +1,4 @@
-"""Reference LP backend: SciPy's HiGHS, one ``linprog`` call per problem (~450 problems/s here)."""
+"""Reference LP backend: SciPy's HiGHS, one ``linprog`` call per problem (slow; see the README)."""
 
 from __future__ import annotations
 

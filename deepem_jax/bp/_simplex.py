@@ -25,38 +25,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._linalg import small_solve
 from ._types import BPStatus, LPResult
 
 __all__ = ["basic_solution", "certify_infeasible", "certify_optimal", "solve_lp"]
 
-#: Default pivot cap: measured mean 9-10, max ~40 pivots on 54-column AIA dictionaries.
+#: Default pivot cap per problem; the pivot counts measured on AIA dictionaries (README) stay
+#: well below it.
 MAX_PIVOTS = 64
 
 # (primal feasibility, dual feasibility / Harris, pivot magnitude) tolerances in scaled units.
 _TOLS = {4: (1e-6, 1e-7, 1e-6), 8: (1e-10, 1e-11, 1e-9)}
-
-
-def _small_solve(A: jax.Array, b: jax.Array) -> jax.Array:
-    """Solve ``A x = b`` for a small square ``A`` (C x C; ``b`` (C,) or (C, k)) by Gaussian
-    elimination with partial pivoting, unrolled over C.
-
-    Used instead of ``jnp.linalg.solve``: on CPU (jax 0.10.2) the batched LAPACK custom call
-    deadlocked -- the process waited at 0% CPU -- on some 300k-pixel batches (e.g.
-    ``random_dems`` seed 0), while this plain-XLA version has no such path and is as fast
-    for C = 6. A zero pivot is replaced by the smallest normal number, so singular systems
-    give huge or non-finite values that the callers' checks reject."""
-    C = A.shape[0]
-    vec = b.ndim == 1
-    M = jnp.concatenate([A, b[:, None] if vec else b], axis=1)
-    for k in range(C):
-        p = k + jnp.argmax(jnp.abs(M[k:, k]))
-        row_k, row_p = M[k], M[p]
-        M = M.at[k].set(row_p).at[p].set(row_k)
-        piv = M[k, k]
-        M = M.at[k].set(M[k] / jnp.where(piv == 0, jnp.finfo(M.dtype).tiny, piv))
-        M = M - M[:, k].at[k].set(0.0)[:, None] * M[k][None, :]
-    x = M[:, C:]
-    return x[:, 0] if vec else x
 
 
 def _scales(D: jax.Array, lower: jax.Array, upper: jax.Array):
@@ -199,7 +178,7 @@ def _vertex(D, lower, upper, basis, at_upper):
     nonbasic_slack = ~jnp.any(basis[None, :] == (n + jnp.arange(C))[:, None], axis=1)
     rhs = jnp.where(nonbasic_slack, jnp.where(at_upper, upper, lower), 0.0)
     B = _basis_matrix(D, r, S, basis)
-    return _small_solve(B, r * rhs), B, r, S, c_x
+    return small_solve(B, r * rhs), B, r, S, c_x
 
 
 def basic_solution(
@@ -249,7 +228,7 @@ def certify_optimal(
     feasible within 1e-7 in scaled units), in the dtype of the inputs: run in float64 to
     certify a float32 solve. D (C, n); lower, upper (C,); basis (C,) int; at_upper (C,)."""
     k = _bound_checks(D, lower, upper, basis, at_upper)
-    y = _small_solve(k["B"].T, k["c"][basis])
+    y = small_solve(k["B"].T, k["c"][basis])
     d = k["c"] - y @ k["A"]
     wrong = jnp.where(k["upper_nb"], d, -d)
     optimal = ~jnp.any(k["below"] | k["above"]) & jnp.all(k["in_basis"] | (wrong <= _CERT_TOL))
@@ -263,7 +242,7 @@ def certify_infeasible(
     by more than 1e-7 (scaled) and no non-basic column (|pivot| > 1e-9) can reduce the
     violation. Arguments as :func:`certify_optimal`."""
     k = _bound_checks(D, lower, upper, basis, at_upper)
-    alpha = _small_solve(k["B"], k["A"])
+    alpha = small_solve(k["B"], k["A"])
     lower_nb, upper_nb = k["lower_nb"], k["upper_nb"]
     can_raise = jnp.any((lower_nb & (alpha < -_CERT_EPS)) | (upper_nb & (alpha > _CERT_EPS)), 1)
     can_lower = jnp.any((lower_nb & (alpha > _CERT_EPS)) | (upper_nb & (alpha < -_CERT_EPS)), 1)

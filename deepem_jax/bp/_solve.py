@@ -3,8 +3,9 @@ jit-able, differentiable per-pixel entry :func:`solve_jax`."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator
 
 import astropy.units as u
 import jax
@@ -14,15 +15,12 @@ import numpy as np
 from .._units import INTENSITY_UNIT, to_value
 from ..basis import Basis, dictionary
 from ..response import TemperatureResponse
-from ._highs import highs_lp
-from ._simplex import MAX_PIVOTS, certify_infeasible, certify_optimal, solve_lp
+from ._simplex import MAX_PIVOTS, solve_lp
+from ._solvers import DualSimplex, HiGHS, ToleranceSchedule
 from ._types import BPResult, BPStatus, LPResult
 
 __all__ = ["bounds", "solve", "solve_jax"]
 
-#: Pixels per float64 certificate call. With jax 0.10.2 on CPU the vmapped certificate hung
-#: (no progress in minutes) at 10^4 pixels per call while 8000 took 0.6 s; 4096 is safe.
-_CERT_CHUNK = 4096
 #: Pixels per host-side block of :func:`solve` (bounds the float64 temporaries).
 _BLOCK = 1 << 20
 
@@ -85,77 +83,56 @@ def _as_intensity(a, name: str) -> np.ndarray:
     return arr.astype(np.float64)
 
 
-_certify_optimal = jax.jit(jax.vmap(certify_optimal, (None, 0, 0, 0, 0)))
-_certify_infeasible = jax.jit(jax.vmap(certify_infeasible, (None, 0, 0, 0, 0)))
+def _inputs(intensities, sigma, response: TemperatureResponse) -> tuple[np.ndarray, np.ndarray]:
+    """Intensities (..., C) and sigma broadcast to them, float64 DN s^-1 pix^-1; ``sigma="sqrt"``
+    gives ``sqrt(max(y, 0))``."""
+    y = _as_intensity(intensities, "intensities")
+    if y.ndim < 1 or y.shape[-1] != response.n_channels:
+        raise ValueError(
+            f"intensities have shape {y.shape}; the last axis must hold the "
+            f"{response.n_channels} channels {list(response.channels)} of the response"
+        )
+    if isinstance(sigma, str):
+        if sigma != "sqrt":
+            raise ValueError(f"sigma must be an array, a Quantity or 'sqrt', got {sigma!r}")
+        return y, np.sqrt(np.maximum(y, 0.0))
+    sig = _as_intensity(sigma, "sigma")
+    try:
+        return y, np.broadcast_to(sig, y.shape)
+    except ValueError:
+        raise ValueError(
+            f"sigma shape {sig.shape} does not broadcast to intensities {y.shape}"
+        ) from None
 
 
-def _head(tree, m: int):
-    """The first ``m`` rows of every leaf, as numpy."""
-    return jax.tree.map(lambda a: np.asarray(a)[:m], tree)
+def _options(tolfac: float, solver: object, schedule: object) -> float:
+    """``tolfac`` as a float after checking the options of :func:`solve`."""
+    if not isinstance(solver, (DualSimplex, HiGHS)):
+        raise TypeError(f"solver must be bp.DualSimplex(...) or bp.HiGHS(), got {solver!r}")
+    if not isinstance(schedule, ToleranceSchedule):
+        raise TypeError(f"schedule must be a bp.ToleranceSchedule, got {schedule!r}")
+    try:
+        tf = float(tolfac)
+    except (TypeError, ValueError):
+        raise TypeError(f"tolfac must be a number, got {tolfac!r}") from None
+    if not (math.isfinite(tf) and tf > 0):
+        raise ValueError(f"tolfac must be finite and > 0, got {tolfac!r}")
+    return tf
 
 
-def _pad(a: np.ndarray, size: int) -> np.ndarray:
-    out = np.zeros((size, *a.shape[1:]), a.dtype)
-    out[: len(a)] = a
-    return out
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, total: int) -> Iterator:
+    """A tqdm bar over ``total`` pixels, or None."""
+    if not enabled:
+        yield None
+        return
+    from tqdm.auto import tqdm
 
-
-def _bucket(n: int, chunk_size: int) -> int:
-    """Padded batch size: a power of two >= 256 (or ``chunk_size``), so few shapes compile."""
-    return min(chunk_size, max(256, 1 << math.ceil(math.log2(max(n, 1)))))
-
-
-def _lp_chunks(D, lower, upper, dtype, chunk_size, max_pivots, bar=None):
-    """:func:`solve_lp` over (N, C) bounds in padded chunks; returns numpy leaves."""
-    N = lower.shape[0]
-    size = _bucket(N, chunk_size)
-    parts = []
-    with jax.enable_x64(dtype == np.float64):
-        for start in range(0, N, size):
-            sl = slice(start, min(start + size, N))
-            res = solve_lp(
-                D,
-                _pad(lower[sl], size),
-                _pad(upper[sl], size),
-                max_pivots=max_pivots,
-                dtype=dtype,
-            )
-            parts.append(_head(res, sl.stop - sl.start))
-            if bar is not None:
-                bar.update(sl.stop - sl.start)
-    return jax.tree.map(lambda *a: np.concatenate(a), *parts)
-
-
-def _jax_backend(D, lower, upper, precision, chunk_size, max_pivots, bar):
-    """Exact LP for (N, C) bounds with the JAX dual simplex in fixed-size padded chunks.
-
-    float32: pivots in float32, then every final basis is re-evaluated and checked in float64
-    (primal and dual feasibility, or a proof of infeasibility); pixels without that
-    certificate (and MAX_ITER) are re-solved in float64. float64: pivots in float64 directly.
-    """
-    if precision == "float64":
-        res = _lp_chunks(D, lower, upper, np.float64, chunk_size, max_pivots, bar)
-        return res.x, res.status, res.iterations
-    res = _lp_chunks(D, lower, upper, np.float32, chunk_size, max_pivots, bar)
-    x, status, its = res.x.astype(np.float64), res.status.copy(), res.iterations.copy()
-    with jax.enable_x64(True):
-        for check, code in ((_certify_optimal, 0), (_certify_infeasible, 1)):
-            idx = np.flatnonzero(status == code)
-            size = _bucket(idx.size, _CERT_CHUNK)
-            for start in range(0, idx.size, size):
-                sel = idx[start : start + size]
-                args = (lower[sel], upper[sel], res.basis[sel], res.at_upper[sel])
-                out = _head(check(D, *(_pad(a, size) for a in args)), sel.size)
-                if code == 0:
-                    x[sel] = out[0]
-                    out = out[1]
-                status[sel[~out]] = -1  # no float64 certificate: re-solve below
-    redo = np.flatnonzero((status < 0) | (status == int(BPStatus.MAX_ITER)))
-    if redo.size:
-        r64 = _lp_chunks(D, lower[redo], upper[redo], np.float64, chunk_size, max_pivots)
-        x[redo], status[redo] = r64.x, r64.status
-        its[redo] += r64.iterations
-    return x, status, its
+    bar = tqdm(total=total, unit="px", desc="BP")
+    try:
+        yield bar
+    finally:
+        bar.close()
 
 
 def solve(
@@ -165,21 +142,17 @@ def solve(
     basis: Basis,
     *,
     tolfac: float = 1.4,
-    symmbuff: float = 1.0,
-    retry_factors: Sequence[float] = (1.5, 2.25),
-    min_signal: float = 0.01,
-    method: str = "jax",
-    precision: str = "float32",
-    chunk_size: int = 10_000,
-    max_pivots: int = MAX_PIVOTS,
+    solver: DualSimplex | HiGHS = DualSimplex(),
+    schedule: ToleranceSchedule = ToleranceSchedule(),
     progress: bool = False,
 ) -> BPResult:
     """Basis Pursuit DEM of every pixel (SolarSoft ``aia_sparse_em_solve`` semantics).
 
     Per pixel, with ``y = max(intensities, 0)`` (negative values are clipped, as SolarSoft
     does) and ``tol = tolfac * sigma``: minimise ``sum(x)`` subject to ``x >= 0`` and
-    ``max(y - symmbuff * tol, 0) <= D x <= y + tol``. Infeasible pixels are retried with
-    ``tolfac * f`` for each ``f`` in ``retry_factors``; ``result.tolfac`` records the factor used.
+    ``max(y - schedule.symmbuff * tol, 0) <= D x <= y + tol``. Infeasible pixels are retried
+    with ``tolfac * f`` for each ``f`` in ``schedule.retry_factors``; ``result.tolfac`` records
+    the factor used.
 
     Parameters
     ----------
@@ -189,16 +162,12 @@ def solve(
     response : channels in the order of the last axis of ``intensities``, on ``basis.logt``.
     basis : :func:`deepem_jax.basis.cheung_basis`. A dictionary column that is all zero (a basis
         function no channel sees) is kept and gets coefficient 0 (it can only add cost).
-    min_signal : pixels with ``sum(y) < min_signal`` (DN s^-1 pix^-1) are LOW_SIGNAL, not solved.
-    method : ``"jax"`` (batched dual simplex) or ``"highs"`` (``scipy.optimize.linprog``, one
-        call per pixel; the reference, ~450 pixels/s on the 2-core CPU here).
-    precision : ``"float32"`` (float32 pivots, every result certified in float64 and the
-        uncertified re-solved in float64) or ``"float64"``. Only used by ``method="jax"``;
-        the outputs have this dtype.
-    chunk_size : pixels per jitted call (all chunks are padded to it, so it compiles once).
-        Peak XLA scratch per chunk (``memory_analysis``, 54 basis functions, 6 channels,
-        10^4 pixels): 40 MB in float32, 77 MB in float64; it scales linearly with chunk_size.
-    progress : show a tqdm bar over pixels (per chunk for ``"jax"``).
+    tolfac : width of the band in units of sigma (finite, > 0).
+    solver : :class:`DualSimplex` (batched, exact; its ``precision`` sets the output dtype) or
+        :class:`HiGHS` (SciPy ``linprog`` per pixel, float64; the slow reference).
+    schedule : :class:`ToleranceSchedule` (``symmbuff``, ``retry_factors``, ``min_signal``).
+    progress : show a tqdm bar over pixels; it reaches the number of pixels once every pixel
+        has a first verdict (retries are shown in its postfix, not counted again).
 
     Returns
     -------
@@ -208,113 +177,65 @@ def solve(
 
     Raises
     ------
-    ValueError on mismatched shapes, grids or channel counts, or bad options;
+    ValueError on mismatched shapes, grids or channel counts, or a non-finite or non-positive
+    ``tolfac``; TypeError on a wrong kind of ``solver`` or ``schedule``;
     ``astropy.units.UnitConversionError`` on Quantities in the wrong units.
     """
-    if method not in ("jax", "highs"):
-        raise ValueError(f"method must be 'jax' or 'highs', got {method!r}")
-    if precision not in ("float32", "float64"):
-        raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
-    if not (tolfac > 0 and symmbuff >= 0 and chunk_size >= 1 and min_signal >= 0):
-        raise ValueError("need tolfac > 0, symmbuff >= 0, min_signal >= 0 and chunk_size >= 1")
-    if any(not f > 0 for f in retry_factors):
-        raise ValueError(f"retry_factors must be positive, got {retry_factors}")
-    y = _as_intensity(intensities, "intensities")
-    if y.ndim < 1 or y.shape[-1] != response.n_channels:
-        raise ValueError(
-            f"intensities have shape {y.shape}; the last axis must hold the "
-            f"{response.n_channels} channels {list(response.channels)} of the response"
-        )
-    sqrt_sigma = isinstance(sigma, str)
-    if sqrt_sigma:
-        if sigma != "sqrt":
-            raise ValueError(f"sigma must be an array, a Quantity or 'sqrt', got {sigma!r}")
-        sig = np.sqrt(np.maximum(y, 0.0))
-    else:
-        sig = _as_intensity(sigma, "sigma")
-        try:
-            sig = np.broadcast_to(sig, y.shape)
-        except ValueError:
-            raise ValueError(
-                f"sigma shape {sig.shape} does not broadcast to intensities {y.shape}"
-            ) from None
+    tolfac = _options(tolfac, solver, schedule)
+    y, sig = _inputs(intensities, sigma, response)
     with jax.enable_x64(True):
         D = np.asarray(dictionary(response, basis), dtype=np.float64)
     shape, C = y.shape[:-1], y.shape[-1]
-    yf = y.reshape(-1, C)
-    sf = sig.reshape(-1, C)
-    N, n = yf.shape[0], D.shape[1]
-    out_dt = np.float32 if (method == "jax" and precision == "float32") else np.float64
-    B = np.asarray(basis.B, np.float64)
-    coeffs = np.empty((N, n), out_dt)
-    em = np.empty((N, B.shape[1]), out_dt)
-    synth = np.empty((N, C), out_dt)
-    status = np.empty(N, np.int8)
-    used = np.empty(N)
-    its = np.empty(N, np.int32)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    yf, sf = y.reshape(-1, C), sig.reshape(-1, C)
+    with _progress_bar(progress, len(yf)) as bar:
+        res = _solve_flat(yf, sf, D, basis, tolfac, solver, schedule, isinstance(sigma, str), bar)
+    return jax.tree.map(lambda a: a.reshape((*shape, *a.shape[1:])), res)
 
-        bar = tqdm(total=N, unit="px", desc="BP")
-    opts = dict(
-        tolfac=tolfac,
-        symmbuff=symmbuff,
-        retry_factors=retry_factors,
-        min_signal=min_signal,
-        method=method,
-        precision=precision,
-        chunk_size=chunk_size,
-        max_pivots=max_pivots,
-        sqrt_sigma=sqrt_sigma,
-        bar=bar,
+
+def _solve_flat(yf, sf, D, basis, tolfac, solver, schedule, sqrt_sigma, bar) -> BPResult:
+    """:func:`solve` of (N, C) pixels as a flat BPResult. Host memory stays bounded: each block
+    of ``_BLOCK`` pixels is solved (with its retries) and written into the outputs, which are
+    allocated once in the output dtype."""
+    (N, C), n, dt = yf.shape, D.shape[1], solver.dtype
+    B = np.asarray(basis.B, np.float64)
+    res = BPResult(
+        coeffs=np.empty((N, n), dt),
+        em=np.empty((N, B.shape[1]), dt),
+        status=np.empty(N, np.int8),
+        tolfac=np.empty(N),
+        iterations=np.empty(N, np.int32),
+        synthetic=np.empty((N, C), dt),
+        objective=np.empty(N, dt),
     )
-    # Host memory stays bounded: each block of pixels is solved (with its retries) and written
-    # into the outputs, which are allocated once in the output dtype.
     for b0 in range(0, N, _BLOCK):
         sl = slice(b0, min(b0 + _BLOCK, N))
-        x, status[sl], used[sl], its[sl] = _solve_block(yf[sl], sf[sl], D, **opts)
-        coeffs[sl] = x
-        synth[sl] = x @ D.T
-        em[sl] = basis.scale * (x @ B)
-    if bar is not None:
-        bar.close()
-    return BPResult(
-        coeffs=coeffs.reshape(*shape, n),
-        em=em.reshape(*shape, em.shape[-1]),
-        status=status.reshape(shape),
-        tolfac=used.reshape(shape),
-        iterations=its.reshape(shape),
-        synthetic=synth.reshape(*shape, C),
-        objective=coeffs.sum(-1, dtype=np.float64).reshape(shape).astype(out_dt),
-    )
+        x, res.status[sl], res.tolfac[sl], res.iterations[sl] = _solve_block(
+            yf[sl], sf[sl], D, tolfac, solver, schedule, sqrt_sigma, bar
+        )
+        res.coeffs[sl] = x
+        res.synthetic[sl] = x @ D.T
+        res.em[sl] = basis.scale * (x @ B)
+        res.objective[sl] = x.sum(-1)
+    return res
 
 
-def _solve_block(
-    yf,
-    sf,
-    D,
-    *,
-    tolfac,
-    symmbuff,
-    retry_factors,
-    min_signal,
-    method,
-    precision,
-    chunk_size,
-    max_pivots,
-    sqrt_sigma,
-    bar,
-):
-    """BP of (N, C) pixels with adaptive tolerance; returns float64 coefficients (N, n),
-    status, the tolerance factor used and pivot counts."""
+def _flags(yf, sf, sqrt_sigma: bool, min_signal: float):
+    """Clipped intensities and sigma of (N, C) pixels (zeros where invalid), and the
+    INVALID_INPUT and LOW_SIGNAL masks (N,)."""
     invalid = ~(np.all(np.isfinite(yf), -1) & np.all(np.isfinite(sf), -1))
     if not sqrt_sigma:
         invalid |= np.any(~(sf > 0), -1)
     yc = np.where(invalid[:, None], 0.0, np.maximum(yf, 0.0))
     sc = np.where(invalid[:, None], 0.0, sf)
     low = ~invalid & (yc.sum(-1) < min_signal)
+    return yc, sc, invalid, low
 
+
+def _solve_block(yf, sf, D, tolfac, solver, schedule, sqrt_sigma, bar):
+    """BP of (N, C) pixels with the tolerance schedule; returns float64 coefficients (N, n),
+    status, the tolerance factor used and pivot counts. The bar advances once per pixel:
+    flagged pixels at once, the others during the first pass; retries only set its postfix."""
+    yc, sc, invalid, low = _flags(yf, sf, sqrt_sigma, schedule.min_signal)
     N, n = yf.shape[0], D.shape[1]
     x = np.zeros((N, n))
     status = np.full(N, int(BPStatus.INFEASIBLE), np.int32)
@@ -323,25 +244,20 @@ def _solve_block(
     used = np.full(N, np.nan)
     its = np.zeros(N, np.int32)
     if bar is not None:
-        bar.update(int((low | invalid).sum()))  # flagged, not solved
-    for f in (1.0, *retry_factors):
+        bar.update(int((low | invalid).sum()))
+    for k, f in enumerate(schedule.factors):
         todo = np.flatnonzero(status == BPStatus.INFEASIBLE)
         if todo.size == 0:
             break
+        if bar is not None and k > 0:
+            bar.set_postfix_str(f"retrying {todo.size} px at tolfac {tolfac * f:g}")
         with jax.enable_x64(True):
-            lo, hi = (np.asarray(a) for a in bounds(yc[todo], sc[todo], tolfac * f, symmbuff))
-        if method == "highs":
-            r = highs_lp(D, lo, hi, None if bar is None else _ticking(bar, todo.size))
-            xs, st, it = r.x, r.status, r.iterations
-        else:
-            xs, st, it = _jax_backend(D, lo, hi, precision, chunk_size, max_pivots, bar)
-        x[todo], status[todo], used[todo] = xs, st, tolfac * f
+            lo, hi = (
+                np.asarray(a) for a in bounds(yc[todo], sc[todo], tolfac * f, schedule.symmbuff)
+            )
+        tick = bar.update if bar is not None and k == 0 else None
+        x[todo], status[todo], it = solver._lp(D, lo, hi, tick)
+        used[todo] = tolfac * f
         its[todo] += it
     x[invalid] = np.nan
     return x, status, used, its
-
-
-def _ticking(bar, n: int):
-    for i in range(n):
-        yield i
-        bar.update(1)

@@ -77,7 +77,8 @@ class BPResult:
     status : (...) int8 :class:`BPStatus` code.
     tolfac : (...) tolerance factor used (``tolfac`` times the retry factor that succeeded;
         the last factor tried for INFEASIBLE pixels, NaN for LOW_SIGNAL / INVALID_INPUT).
-    iterations : (...) dual-simplex pivots of the accepted solve (summed over precisions).
+    iterations : (...) dual-simplex pivots (HiGHS simplex iterations with :class:`HiGHS`), summed
+        over the tolerance retries and the float32 and float64 passes.
     synthetic : (..., C) resynthesised intensities ``D @ coeffs``, DN s^-1 pix^-1.
     objective : (...) ``sum(coeffs)`` (units of ``basis.scale`` cm^-5).
     """
