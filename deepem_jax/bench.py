@@ -168,8 +168,9 @@ def _net_flops_per_pixel(config) -> float:
 def _chi2(em: np.ndarray, K: np.ndarray, y: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     """chi^2 of EMs (..., n_T) that do not come from :func:`deepem_jax.invert` (demregpy,
     bfloat16), as :attr:`deepem_jax.DEMResult.chi2` defines it without degradation."""
-    synth = np.asarray(em, np.float64) @ np.asarray(K, np.float64).T
-    return np.mean(((synth - y) / sigma) ** 2, axis=-1)
+    from .forward import chi2
+
+    return chi2(np.asarray(em, np.float64) @ np.asarray(K, np.float64).T, y, sigma)
 
 
 def _fit_stats(em: np.ndarray, chi2: np.ndarray) -> dict[str, Any]:

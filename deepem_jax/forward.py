@@ -18,6 +18,7 @@ from .response import TemperatureResponse
 from .uncertainty import V3_ERROR_TABLE, ErrorTable
 
 __all__ = [
+    "chi2",
     "forward",
     "gaussian_dem",
     "multi_gaussian_dem",
@@ -39,6 +40,14 @@ def forward(K: jax.Array, em: jax.Array) -> jax.Array:
         raise ValueError(f"EM has {em.shape[-1]} temperature bins but K has {K.shape[-1]}")
     # Scale EM down before the product so float32 never sees 1e-24 * 1e28 round-offs.
     return jnp.einsum("ct,...t->...c", K * 1e26, em * 1e-26)
+
+
+def chi2(synthetic: np.ndarray, intensities: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """Mean over channels of ``((synthetic - intensities) / sigma)**2`` (shape (...)), the
+    chi^2 every deepem_jax result reports; all three (..., C) in DN s^-1 pix^-1. NaN where an
+    input is NaN or sigma is 0."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.mean(np.square((synthetic - intensities) / sigma), axis=-1)
 
 
 def predict_intensities(response: TemperatureResponse, em: u.Quantity) -> u.Quantity:

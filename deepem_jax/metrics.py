@@ -35,7 +35,7 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from .forward import forward
+from .forward import chi2, forward
 
 __all__ = [
     "GROUPS",
@@ -105,7 +105,6 @@ def _group_metrics(
     lt_b, ok_b = _weighted_logt(em_bp, logt)
     both = ok_p & ok_b
     rel_lt = np.abs(lt_p[both] - lt_b[both]) / np.abs(lt_b[both])
-    chi2 = lambda yy: ((yy - y) / sigma) ** 2  # noqa: E731
     return FidelityMetrics(
         n_pixels=n,
         n_invalid=n_invalid,
@@ -113,8 +112,8 @@ def _group_metrics(
         mse_sqrt_per_bin=per_bin,
         rel_err_total_em=_mean(rel_total),
         rel_err_mean_logt=_mean(rel_lt),
-        chi2_pred=_mean(chi2(y_pred).mean(axis=-1)),
-        chi2_bp=_mean(chi2(y_bp).mean(axis=-1)),
+        chi2_pred=_mean(chi2(y_pred, y, sigma)),
+        chi2_bp=_mean(chi2(y_bp, y, sigma)),
         frac_in_band=math.nan if in_band is None else _mean(in_band.astype(float)),
         mean_em_pred=em_pred.mean(axis=0) if n else np.full(n_t, np.nan),
         mean_em_bp=em_bp.mean(axis=0) if n else np.full(n_t, np.nan),

@@ -309,14 +309,14 @@ def invert(
 def _result(obs, em, status, used, logt, resp, factors, method, tolfac, cards, timings):
     from . import __version__
     from .checkpoint import ResponseId
+    from .forward import chi2
 
     has_em = (status == DEMStatus.SOLVED) | (status == DEMStatus.OUTSIDE_BAND)
     em = np.where(has_em[..., None], em, np.nan).astype(np.float32)
-    K = np.asarray(resp.K, dtype=np.float64)
-    synth = (np.nan_to_num(em).astype(np.float64) @ K.T) * factors
-    synth = np.where(has_em[..., None], synth, np.nan)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        chi2 = np.mean(((synth - obs.y) / obs.sigma) ** 2, axis=-1)
+    # float32 throughout: no float64 copy of a full-disk EM cube
+    Kf = (np.asarray(resp.K, dtype=np.float64) * factors[:, None]).T.astype(np.float32)
+    synth = np.where(has_em[..., None], np.nan_to_num(em) @ Kf, np.nan)
+    chi = chi2(synth, obs.y, obs.sigma)
     rid = ResponseId.of(resp)
     provenance = {
         "METHOD": method,
@@ -332,7 +332,7 @@ def _result(obs, em, status, used, logt, resp, factors, method, tolfac, cards, t
         em=em,
         logt=np.asarray(logt, dtype=np.float64),
         status=status,
-        chi2=chi2.astype(np.float32),
+        chi2=chi.astype(np.float32),
         synthetic=synth.astype(np.float32),
         intensities=obs.y.astype(np.float32),
         sigma=obs.sigma.astype(np.float32),
