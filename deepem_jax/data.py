@@ -12,7 +12,9 @@ The data directory is ``$DEEPEM_JAX_DATA`` when set, otherwise the user cache di
 (``pooch.os_cache("deepem_jax")``, e.g. ``~/.cache/deepem_jax`` on Linux).
 
 Licences differ by source and some files have none (see each entry's ``licence``); none of them
-ships with the package.
+ships with the package. What does ship is a small real observation for demos and examples,
+:func:`sample_observation` (six AIA channels of a flaring active region at two times; provenance
+and licence in ``deepem_jax/sample_data/flare_2011-02-15/README.md``).
 """
 
 import dataclasses
@@ -30,6 +32,7 @@ __all__ = [
     "DataFileNotFoundError",
     "data_dir",
     "fetch",
+    "sample_observation",
 ]
 
 #: Environment variable naming the data directory.
@@ -171,6 +174,10 @@ REGISTRY: types.MappingProxyType[str, DataFile] = types.MappingProxyType(
 
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
+_SAMPLE_DIR = Path(__file__).parent / "sample_data" / "flare_2011-02-15"
+_SAMPLE_TIMES = ("01:44", "01:46")
+_SAMPLE_CHANNELS = (94, 131, 171, 193, 211, 335)
+
 
 def data_dir() -> Path:
     """The data directory: ``$DEEPEM_JAX_DATA`` if set, else the user cache directory."""
@@ -180,6 +187,37 @@ def data_dir() -> Path:
     import pooch
 
     return Path(pooch.os_cache("deepem_jax"))
+
+
+def sample_observation(time: str = "01:44") -> list[Path]:
+    """The six AIA level-1 files (94, 131, 171, 193, 211, 335 Å, in that order) of NOAA AR 11158
+    on 2011-02-15 at ``time`` UTC ("01:44" or "01:46"), as installed with the package.
+
+    67x67-pixel cutouts in DN per exposure, each channel with its own pointing:
+    ``deepem_jax.load_aia(sample_observation())`` puts them on one pixel grid.
+
+    Raises
+    ------
+    ValueError
+        ``time`` is not one of the shipped times.
+    FileNotFoundError
+        A file is missing from the installation.
+    """
+    if time not in _SAMPLE_TIMES:
+        raise ValueError(
+            f"no sample observation at {time!r}: the package ships 2011-02-15 {_SAMPLE_TIMES} UTC"
+        )
+    tag = time.replace(":", "-")
+    paths = []
+    for chan in _SAMPLE_CHANNELS:
+        found = sorted(_SAMPLE_DIR.glob(f"aia_flare_2011-02-15T{tag}-*_{chan:03d}.fits"))
+        if len(found) != 1:
+            raise FileNotFoundError(
+                f"expected one sample file for {chan} Å at {time} in {_SAMPLE_DIR}, found "
+                f"{len(found)}: the installation is damaged; reinstall deepem_jax"
+            )
+        paths.append(found[0])
+    return paths
 
 
 def _sha256(path: Path) -> str:

@@ -3,11 +3,14 @@ only when asked (pooch is replaced by a stub here: no test touches the network).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pooch
 import pytest
 from conftest import shared_path
@@ -19,6 +22,7 @@ from deepem_jax.data import (
     DataFileNotFoundError,
     data_dir,
     fetch,
+    sample_observation,
 )
 
 RESP = "deepem/HelioML_HelioML/book/04/DeepEM_Data/AIA_Resp.npy"
@@ -146,3 +150,55 @@ def test_fetched_synoptic_files_load(shared_root, no_network):
     names = [n for n in REGISTRY if n.startswith("aia/") and "CORRUPT" not in n]
     stack = load_aia([fetch(n) for n in names], [131, 171, 193, 211, 335] * u.AA, rebin=16)
     assert stack.data.shape == (64, 64, 5)
+
+
+# -- the observation shipped inside the package --------------------------------------------
+
+SAMPLE_CHANNELS = (94, 131, 171, 193, 211, 335)
+
+
+def test_sample_observation_files_match_the_published_checksums():
+    lines = shared_path("aia", "flare_2011-02-15", "SHA256SUMS").read_text().splitlines()
+    published = {name: sha for sha, name in (line.split() for line in lines if line.strip())}
+    shipped = []
+    for time in ("01:44", "01:46"):
+        paths = sample_observation(time)
+        for path, chan in zip(paths, SAMPLE_CHANNELS, strict=True):
+            assert path.is_file() and path.name.endswith(f"_{chan:03d}.fits")
+            assert f"2011-02-15T{time.replace(':', '-')}-" in path.name
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == published[path.name]
+        shipped += paths
+    folder = shipped[0].parent
+    assert sorted(folder.glob("*.fits")) == sorted(shipped)  # the twelve files, nothing else
+    names = {p.name for p in shipped}
+    sums = (folder / "SHA256SUMS").read_text().splitlines()
+    assert sorted(sums) == sorted(line for line in lines if line.split()[-1] in names)
+    readme = (folder / "README.md").read_text()
+    for part in ("MIT License", "CC0", "Courtesy of NASA/SDO", "aia.lev1_euv_12s", "demregpy"):
+        assert part in readme
+
+
+def test_sample_observation_loads_on_one_grid():
+    import astropy.units as u
+    from astropy.io import fits
+
+    from deepem_jax.io import load_aia
+
+    paths = sample_observation()
+    stack = load_aia(paths)
+    assert stack.data.shape == (67, 67, 6) and stack.n_sample == 1
+    assert list(stack.channels.to_value(u.AA)) == list(SAMPLE_CHANNELS)
+    assert stack.resampled == SAMPLE_CHANNELS[1:]  # level 1: each on the 94 Å grid
+    assert stack.sources == tuple(str(p) for p in paths)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the files' BLANK card does not apply to float data
+        t_obs = [fits.getval(path, "T_OBS") for path in paths]
+    assert [t.isot for t in stack.obstime] == t_obs
+    assert stack.obstime.min().isot.startswith("2011-02-15T01:44")
+    assert not stack.saturated_count.any()
+    assert np.isfinite(stack.data[1:-1, 1:-1]).all()
+
+
+def test_sample_observation_other_times_are_refused():
+    with pytest.raises(ValueError, match=r"no sample observation at '01:48'.*01:44.*01:46"):
+        sample_observation("01:48")

@@ -2,8 +2,11 @@
 
 import dataclasses
 import enum
+import gzip
+import io
 import os
 import warnings
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,8 +15,11 @@ import astropy.units as u
 import numpy as np
 from astropy.coordinates import SkyCoord
 from astropy.io import fits
+from astropy.io.fits.verify import VerifyError
 from astropy.time import Time
 from astropy.wcs import WCS
+from astropy.wcs.utils import proj_plane_pixel_area
+from scipy.ndimage import map_coordinates
 
 from .._units import INTENSITY_UNIT
 from ..response import AIA_CHANNELS
@@ -32,6 +38,14 @@ _FITS_SUFFIXES = (".fits", ".fts", ".fit", ".fits.gz", ".fts.gz")
 # 14-bit ADC: raw AIA pixels saturate at 16383 DN; level-1 processing (dark subtraction,
 # flat field) leaves saturated pixels a little below that.
 _DEFAULT_SATURATION = 15000.0 * u.DN
+#: Nominal plate scale of the AIA CCDs (arcsec per level-1 pixel), used without IMSCL_MP.
+_AIA_NATIVE_SCALE = 0.6
+# Relative tolerance for IMSCL_MP to be AIA's native scale (the four telescopes have
+# 0.5995-0.6008) and for a plate-scale ratio to be a whole binning factor.
+_SCALE_RTOL = 0.02
+_GZIP_MAGIC = b"\x1f\x8b"
+# Output rows resampled per block, bounding the memory of the coordinate arrays.
+_RESAMPLE_ROWS = 512
 
 
 class AIAFileError(ValueError):
@@ -44,23 +58,28 @@ class AIAFileError(ValueError):
 class PixelFlag(enum.IntFlag):
     """Per-pixel, per-channel quality bits in :attr:`AIAStack.flags`."""
 
-    #: NaN or Inf in the input (the output pixel is NaN).
+    #: A NaN or Inf input pixel contributes to this pixel (through resampling or rebinning);
+    #: the pixel is NaN.
     NONFINITE = 1
     #: Negative intensity, clipped to zero (as SolarSoft does before a DEM solve).
     NEGATIVE = 2
-    #: At least one input pixel at or above the saturation level (DN, before rebinning).
+    #: An input pixel at or above the saturation level (DN per exposure) contributes to this
+    #: pixel (through resampling or rebinning).
     SATURATED = 4
+    #: Outside the channel's image after resampling onto the reference grid (the pixel is NaN).
+    NO_COVERAGE = 8
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class AIAStack:
-    """Co-aligned AIA images as one channels-last array.
+    """AIA images on one pixel grid as one channels-last array.
 
     Attributes
     ----------
     data : ndarray, shape (ny, nx, n_channels)
         Intensities in DN s^-1 pix^-1 (float64). Negative values are clipped to 0;
-        non-finite input pixels are NaN. See :attr:`flags`.
+        pixels touched by a non-finite input pixel, or outside a resampled channel's image,
+        are NaN. See :attr:`flags`.
     channels : Quantity, shape (n_channels,)
         Wavelength of each channel (Å), in the order of the last axis of ``data``.
     exptime : Quantity, shape (n_channels,)
@@ -68,15 +87,19 @@ class AIAStack:
     obstime : Time, shape (n_channels,)
         Observation time of each channel (``T_OBS``, the exposure mid-point, when present).
     meta : dict
-        FITS header of the first channel after cutout and rebinning: it carries the spatial WCS
-        shared by all channels.
+        FITS header of the first channel (the reference) after cutout and rebinning: it carries
+        the spatial WCS shared by all channels.
     n_sample : int
-        Number of native pixels averaged into each output pixel (``rebin**2``), the ``n_sample``
-        of :func:`deepem_jax.estimate_error`.
+        Number of native level-1 pixels averaged into each output pixel: the binning of the
+        input read from its header (16 for 4x4-binned synoptic images) times ``rebin**2``. The
+        ``n_sample`` of :func:`deepem_jax.estimate_error`.
     flags : ndarray of uint8, shape (ny, nx, n_channels)
         Bitwise OR of :class:`PixelFlag` values.
     sources : tuple of str
         The file (or ``"map #i"``) each channel came from.
+    resampled : tuple of int
+        Channels (Å) that were resampled onto the reference channel's pixel grid because their
+        pointing, plate scale, roll or shape differed from it; empty when none was.
     """
 
     data: np.ndarray
@@ -87,6 +110,7 @@ class AIAStack:
     n_sample: int
     flags: np.ndarray
     sources: tuple[str, ...]
+    resampled: tuple[int, ...] = ()
 
     @property
     def intensity(self) -> u.Quantity:
@@ -105,14 +129,15 @@ class AIAStack:
 
     @property
     def mask(self) -> np.ndarray:
-        """(ny, nx) bool: True where any channel has a NONFINITE or SATURATED flag."""
-        bad = PixelFlag.NONFINITE | PixelFlag.SATURATED
+        """(ny, nx) bool: True where any channel has a NONFINITE, SATURATED or NO_COVERAGE
+        flag."""
+        bad = PixelFlag.NONFINITE | PixelFlag.SATURATED | PixelFlag.NO_COVERAGE
         return np.any(self.flags & bad, axis=-1)
 
     @property
     def masked_data(self) -> np.ndarray:
-        """``data`` with NaN in every channel of the pixels in :attr:`mask` (NaN/Inf or
-        saturated), so solvers flag them as invalid input rather than fit them."""
+        """``data`` with NaN in every channel of the pixels in :attr:`mask` (NaN/Inf, saturated
+        or not covered), so solvers flag them as invalid input rather than fit them."""
         return np.where(self.mask[..., None], np.nan, self.data)
 
     def sigma(self, **kwargs) -> np.ndarray:
@@ -172,6 +197,35 @@ def _image_hdu(path: Path, hdul: fits.HDUList):
     raise AIAFileError(f"{path}: no 2-D image HDU found")
 
 
+def _gunzip(path: Path) -> bytes | None:
+    """The decompressed bytes of a gzip file, or None if ``path`` is not gzip-compressed.
+
+    Raises AIAFileError naming the file when the gzip stream is cut short or damaged.
+    """
+    with open(path, "rb") as fh:
+        if fh.read(2) != _GZIP_MAGIC:
+            return None
+    try:
+        with gzip.open(path, "rb") as fh:
+            return fh.read()
+    except EOFError as err:
+        raise AIAFileError(f"{path}: gzip file is truncated (stream ends early: {err})") from err
+    except (OSError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        raise AIAFileError(f"{path}: gzip file is corrupt ({err})") from err
+
+
+def _repair_cards(header: fits.Header) -> fits.Header:
+    """Fix cards astropy cannot parse (real AIA headers carry e.g. ``OSCNMEAN= nan``) in place,
+    as ``sunpy.map.Map(path)`` does with astropy's 'silentfix', so the header converts to a
+    dict."""
+    for card in header.cards:
+        try:
+            card.value  # noqa: B018 -- parsing the value is the test
+        except VerifyError:
+            card.verify("silentfix")
+    return header
+
+
 def _read_header(path: Path) -> fits.Header:
     # astropy's verification warnings (non-ASCII cards, stray padding) are not errors for the
     # header; a file that cannot be decoded fails in _read_data.
@@ -179,18 +233,22 @@ def _read_header(path: Path) -> fits.Header:
         warnings.simplefilter("ignore")
         try:
             with fits.open(path, memmap=False) as hdul:
-                return _image_hdu(path, hdul).header.copy()
-        except AIAFileError:
-            raise
+                return _repair_cards(_image_hdu(path, hdul).header.copy())
         except Exception as err:
+            _gunzip(path)  # a cut-short or damaged gzip stream is the cause: say so
+            if isinstance(err, AIAFileError):
+                raise
             raise AIAFileError(f"{path}: not a readable FITS file ({err})") from err
 
 
 def _read_data(path: Path) -> np.ndarray:
+    # A gzip stream is decompressed (and so verified to the end) here, not by astropy, which
+    # reads a stream missing its end without complaint.
+    blob = _gunzip(path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            with fits.open(path, memmap=False) as hdul:
+            with fits.open(path if blob is None else io.BytesIO(blob), memmap=False) as hdul:
                 data = np.array(_image_hdu(path, hdul).data, dtype=np.float64)
         except AIAFileError:
             raise
@@ -329,26 +387,96 @@ def _obstime(src: _Source) -> Time:
     raise AIAFileError(f"{src.label}: header has neither T_OBS nor DATE-OBS")
 
 
-def _check_geometry(maps, labels: Sequence[str], tol_pix: float) -> None:
-    ref = maps[0]
+def _header_float(meta, key: str) -> float | None:
+    """A finite number from a header card, or None when the card is absent, empty or NaN."""
+    try:
+        value = float(meta.get(key))
+    except (TypeError, ValueError):
+        return None
+    return value if np.isfinite(value) else None
+
+
+def _native_pixels(m, label: str) -> int:
+    """Number of level-1 pixels averaged into each pixel of map ``m``, from its header.
+
+    The per-axis binning factor is the plate scale (CDELT, or the PC/CD matrix, in arcsec per
+    pixel) over the native scale ``IMSCL_MP`` (AIA's nominal 0.6 arcsec per pixel when the card
+    is absent); each must be a whole number within 2 %. ``TOTVALS``, the pixel count of the
+    detector frame, is the cross-check: the image cannot hold more native pixels than that.
+    """
+    hint = "pass n_native= to load_aia to state the binning"
+    native = _header_float(m.meta, "imscl_mp")
+    if native is None:
+        native = _AIA_NATIVE_SCALE
+    elif abs(native / _AIA_NATIVE_SCALE - 1.0) > _SCALE_RTOL:
+        raise ValueError(
+            f"{label}: IMSCL_MP = {native} arcsec/pix is not AIA's native plate scale "
+            f"(~{_AIA_NATIVE_SCALE}); {hint}"
+        )
+    n = 1
+    for scale in (m.scale.axis1, m.scale.axis2):
+        ratio = abs(scale.to_value(u.arcsec / u.pix)) / native
+        factor = max(round(ratio), 1)
+        if abs(ratio - factor) > _SCALE_RTOL * factor:
+            raise ValueError(
+                f"{label}: plate scale {abs(scale):.5g} is {ratio:.4g} times the native "
+                f"{native} arcsec/pix, not a whole binning factor; {hint}"
+            )
+        n *= factor
+    totvals = _header_float(m.meta, "totvals")
+    if totvals is not None and m.data.size * n > totvals:
+        raise ValueError(
+            f"{label}: inconsistent header: {m.data.shape[1]}x{m.data.shape[0]} pixels of {n} "
+            f"native pixels each exceed TOTVALS = {totvals:.0f}; {hint}"
+        )
+    return n
+
+
+def _pointing_offset(ref, m) -> float:
+    """Largest distance (pixels of ``ref``) between the world coordinates ``ref`` and ``m``
+    give the corners and centre of ``ref``'s image; inf when the image shapes differ."""
+    if m.data.shape != ref.data.shape:
+        return np.inf
     ny, nx = ref.data.shape
     corners = np.array([[0, 0], [nx - 1, 0], [0, ny - 1], [nx - 1, ny - 1], [nx / 2, ny / 2]])
     ref_world = ref.wcs.wcs_pix2world(corners, 0)
     scale = np.abs(ref.scale.axis1.to_value(u.deg / u.pix))
-    for m, label in zip(maps[1:], labels[1:], strict=True):
-        if m.data.shape != ref.data.shape:
-            raise ValueError(
-                f"{label}: image shape {m.data.shape} differs from {labels[0]} {ref.data.shape}"
-            )
-        world = m.wcs.wcs_pix2world(corners, 0)
-        diff = (world - ref_world + 180.0) % 360.0 - 180.0  # longitudes wrap at 360 deg
-        off = np.max(np.abs(diff)) / scale
-        if off > tol_pix:
-            raise ValueError(
-                f"{label}: pointing differs from {labels[0]} by {off:.3g} pixels "
-                f"(tolerance {tol_pix} pix); co-align level-1 images first "
-                "(aiapy.calibrate.update_pointing and register)"
-            )
+    diff = (m.wcs.wcs_pix2world(corners, 0) - ref_world + 180.0) % 360.0 - 180.0  # lon wraps
+    return float(np.max(np.abs(diff)) / scale)
+
+
+def _resample(
+    rate: np.ndarray, marks: list[np.ndarray], wcs_in: WCS, wcs_out: WCS, shape: tuple[int, int]
+) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """Bilinear resampling of one channel onto the pixel grid ``wcs_out`` of ``shape``.
+
+    ``rate`` (DN s^-1 per input pixel, finite) is interpolated at each output pixel centre's
+    position in the input image and scaled by the ratio of output to input pixel solid angle,
+    so it stays DN s^-1 per output pixel. Positions are mapped through the world coordinates
+    (Tx, Ty) of the two WCS directly: co-temporal images share one observer. Each boolean map
+    in ``marks`` comes back True wherever a marked input pixel has a non-zero interpolation
+    weight. The third result is True where the position falls outside the input image (more
+    than half a pixel beyond its outermost pixel centres).
+    """
+    ny_in, nx_in = rate.shape
+    area = proj_plane_pixel_area(wcs_out) / proj_plane_pixel_area(wcs_in)
+    out = np.empty(shape)
+    out_marks = [np.empty(shape, dtype=bool) for _ in marks]
+    outside = np.empty(shape, dtype=bool)
+    for r0 in range(0, shape[0], _RESAMPLE_ROWS):
+        rows = slice(r0, min(r0 + _RESAMPLE_ROWS, shape[0]))
+        yy, xx = np.mgrid[rows, 0 : shape[1]]
+        px, py = wcs_in.wcs_world2pix(*wcs_out.wcs_pix2world(xx, yy, 0), 0)
+        with np.errstate(invalid="ignore"):
+            inside = (px >= -0.5) & (px <= nx_in - 0.5) & (py >= -0.5) & (py <= ny_in - 0.5)
+        coords = np.array([np.clip(py, 0, ny_in - 1), np.clip(px, 0, nx_in - 1)])
+        coords[:, ~inside] = 0.0
+        out[rows] = map_coordinates(rate, coords, order=1, mode="nearest") * area
+        for mark, dest in zip(marks, out_marks, strict=True):
+            weight = map_coordinates(mark.astype(np.float64), coords, order=1, mode="nearest")
+            dest[rows] = inside & (weight > 0)
+        outside[rows] = ~inside
+    return out, out_marks, outside
 
 
 def _cutout_bounds(ref, cutout) -> tuple[slice, slice]:
@@ -384,6 +512,63 @@ def _cutout_bounds(ref, cutout) -> tuple[slice, slice]:
     return slice(y0, y1 + 1), slice(x0, x1 + 1)
 
 
+def _requested(channels: u.Quantity, rebin, n_native) -> list[int]:
+    """The requested channels as whole Å, after checking them and the integer options."""
+    wanted = [int(round(c)) for c in np.atleast_1d(channels.to_value(u.AA))]
+    if len(set(wanted)) != len(wanted):
+        raise ValueError(f"duplicate channels requested: {wanted} Å")
+    bad = [c for c in wanted if c not in AIA_EUV_CHANNELS]
+    if bad:
+        raise ValueError(f"requested channel(s) {bad} Å are not AIA EUV channels")
+    for name, value in (("rebin", rebin), ("n_native", 1 if n_native is None else n_native)):
+        if not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return wanted
+
+
+def _check_times(times: Time, labels: Sequence[str], tolerance: u.Quantity) -> None:
+    spread = (times.max() - times.min()).to(u.s)
+    if spread > tolerance:
+        first, last = labels[int(np.argmin(times.jd))], labels[int(np.argmax(times.jd))]
+        raise ValueError(
+            f"observation times span {spread:.1f} (> {tolerance}): {first} at "
+            f"{times.min().isot}, {last} at {times.max().isot}"
+        )
+
+
+def _binning(maps, labels: Sequence[str], wanted: Sequence[int]) -> int:
+    """Native pixels per input pixel, the same for every channel (see :func:`_native_pixels`)."""
+    per_channel = [_native_pixels(m, label) for m, label in zip(maps, labels, strict=True)]
+    if len(set(per_channel)) > 1:
+        listed = ", ".join(f"{c} Å: {n}" for c, n in zip(wanted, per_channel, strict=True))
+        raise ValueError(f"the channels average different numbers of native pixels ({listed})")
+    return per_channel[0]
+
+
+def _output_grid(ref, cutout, rebin: int):
+    """The reference map cut to ``cutout`` and trimmed to a multiple of ``rebin`` (before
+    rebinning), and the (y, x) slices of ``ref``'s image it covers."""
+    ys, xs = (slice(None), slice(None)) if cutout is None else _cutout_bounds(ref, cutout)
+    y0, x0 = ys.start or 0, xs.start or 0
+    ny = len(range(*ys.indices(ref.data.shape[0])))
+    nx = len(range(*xs.indices(ref.data.shape[1])))
+    if ny < rebin or nx < rebin:
+        raise ValueError(f"image of shape {(ny, nx)} is smaller than rebin={rebin}")
+    ny, nx = (ny // rebin) * rebin, (nx // rebin) * rebin
+    grid = ref.submap([x0, y0] * u.pix, top_right=[x0 + nx - 1, y0 + ny - 1] * u.pix)
+    return grid, (slice(y0, y0 + ny), slice(x0, x0 + nx))
+
+
+def _rates(m, exptime: float, per_second: bool, saturation_dn: float):
+    """Rate (DN s^-1 per pixel, 0 where not finite), non-finite mask and saturation mask
+    (DN per exposure >= ``saturation_dn``) of one map."""
+    raw = m.data
+    finite = np.isfinite(raw)
+    saturated = finite & ((raw * exptime if per_second else raw) >= saturation_dn)
+    rate = np.where(finite, raw if per_second else raw / exptime, 0.0)
+    return rate, ~finite, saturated
+
+
 def _block_reduce(a: np.ndarray, n: int, op) -> np.ndarray:
     """Reduce (ny, nx, ...) over n x n blocks with ``op``; ny and nx are multiples of n."""
     ny, nx = a.shape[0] // n, a.shape[1] // n
@@ -400,104 +585,124 @@ def load_aia(
     rebin: int = 1,
     cutout: tuple[SkyCoord, SkyCoord] | None = None,
     saturation_level: u.Quantity[u.DN] = _DEFAULT_SATURATION,
+    n_native: int | None = None,
 ) -> AIAStack:
     """Load co-temporal AIA EUV images into one (ny, nx, n_channels) stack in DN s^-1 pix^-1.
 
     Parameters
     ----------
     inputs
-        A FITS file, a directory of FITS files, a ``sunpy.map.Map``, or a sequence of files and
-        Maps. Level-1.5 (co-aligned) images; level 1 works when the channels share pointing.
+        A FITS file (``.fits``, ``.fits.gz``, RICE-compressed or not), a directory of FITS
+        files, a ``sunpy.map.Map``, or a sequence of files and Maps: level 1.5 (co-aligned) or
+        level 1 (each channel with its own pointing, plate scale and roll; see Co-registration).
         In a directory, files of AIA channels that were not requested are ignored; an explicitly
         given input whose channel was not requested is an error.
     channels
         Channels to return, in this order (Å). Default: 94, 131, 171, 193, 211, 335.
+        The first is the reference channel whose pixel grid (WCS) the stack uses.
     time_tolerance
         Largest allowed spread of the observation times (s).
     pointing_tolerance
-        Largest allowed difference of the channels' WCS at the image corners and centre (pixels).
+        A channel whose image has the reference's shape and whose WCS places the reference's
+        corners and centre within this many pixels of the reference's is used as it is; any
+        other channel is resampled onto the reference grid.
     rebin
         ``n``: average ``n x n`` blocks (the image is trimmed to a multiple of ``n``);
-        :attr:`AIAStack.n_sample` is then ``n**2``.
+        :attr:`AIAStack.n_sample` is then ``n**2`` times the input's own binning.
     cutout
-        ``(bottom_left, top_right)`` SkyCoord corners, applied before rebinning.
+        ``(bottom_left, top_right)`` SkyCoord corners on the reference image, applied before
+        rebinning.
     saturation_level
-        Pixels with at least this many DN per exposure (before rebinning) get
-        :attr:`PixelFlag.SATURATED`.
+        Input pixels with at least this many DN per exposure get :attr:`PixelFlag.SATURATED`,
+        and so do the output pixels they touch through resampling or rebinning.
+    n_native
+        Level-1 pixels averaged into each input pixel (16 for 4x4-binned synoptic images).
+        Default: read from each header (all channels must agree) as (plate scale / IMSCL_MP)^2,
+        IMSCL_MP being the native level-1 plate scale (AIA's nominal 0.6 arcsec/pix when absent),
+        each factor a whole number within 2 %, cross-checked against TOTVALS (the detector
+        frame's pixel count: the image cannot hold more native pixels). A header that fails
+        these checks is refused with a message naming the file; pass ``n_native`` to load it
+        anyway. Inputs must hold averages, not sums, of native pixels (as AIA synoptic and
+        level-1.5 products do).
 
-    Units: images in DN per exposure (BUNIT ``DN``, ``DN/pix`` or absent) are divided by
-    ``EXPTIME``; images whose BUNIT is ``DN/s`` (per pixel or not) are used as they are.
-    ``EXPTIME`` must be positive in both cases (the error model needs the counts).
-    Negative pixels are clipped to 0 after rebinning and flagged; NaN/Inf pixels become NaN and
-    are flagged.
+    Units: images in DN per exposure (BUNIT ``DN``, ``DN/pix`` or absent) are divided by their
+    own ``EXPTIME`` (automatic exposure control shortens exposures during flares); images
+    whose BUNIT is ``DN/s`` (per pixel or not) are used as they are. ``EXPTIME`` must be
+    positive in both cases (the error model needs the counts). Negative pixels are clipped to 0
+    after rebinning and flagged; NaN/Inf pixels become NaN and are flagged.
+
+    Co-registration: a channel that needs it is resampled onto the reference grid by bilinear
+    interpolation (scipy ``map_coordinates``) at each reference pixel centre's position, found
+    through the two headers' world coordinates (Tx, Ty) with no change of observer; values are
+    scaled by the ratio of pixel solid angles, so each output pixel holds DN s^-1 per output
+    pixel (flux per pixel kept: the interpolated quantity is surface brightness, on pixels of
+    nearly equal area). ``aiapy.calibrate.register`` is not used because it accepts only
+    full-disk images (cutouts are refused) and fills uncovered pixels with the image minimum;
+    ``reproject`` is not used because it transforms between the observer frames that sunpy
+    builds from each file's time, and for channels taken seconds apart that makes every
+    off-disk pixel NaN. Output pixels outside the channel's image are NaN and flagged
+    :attr:`PixelFlag.NO_COVERAGE`; output pixels with a non-zero interpolation weight on a
+    non-finite or saturated input pixel keep that flag. The interpolation does not change
+    :attr:`AIAStack.n_sample`. Resampled channels are listed in :attr:`AIAStack.resampled`.
 
     Raises
     ------
     AIAFileError
-        A file is unreadable, truncated or corrupt, or lacks/has a bad EXPTIME, WAVELNTH, time
-        or BUNIT; the message names the file.
+        A file is unreadable, truncated or corrupt (also a cut-short ``.fits.gz``), or lacks or
+        has a bad EXPTIME, WAVELNTH, time or BUNIT; the message names the file.
     ValueError
-        A channel is missing, duplicated or not an AIA EUV channel, or the images differ in
-        shape, pointing or time beyond the tolerances.
+        A channel is missing, duplicated or not an AIA EUV channel; the times differ beyond the
+        tolerance; a header's binning is inconsistent or differs between channels; or a
+        channel's image does not overlap the reference image.
     """
     import sunpy.map
 
-    wanted = [int(round(c)) for c in np.atleast_1d(channels.to_value(u.AA))]
-    if len(set(wanted)) != len(wanted):
-        raise ValueError(f"duplicate channels requested: {wanted} Å")
-    bad = [c for c in wanted if c not in AIA_EUV_CHANNELS]
-    if bad:
-        raise ValueError(f"requested channel(s) {bad} Å are not AIA EUV channels")
-    if not isinstance(rebin, int | np.integer) or rebin < 1:
-        raise ValueError(f"rebin must be a positive integer, got {rebin!r}")
+    wanted = _requested(channels, rebin, n_native)
     rebin = int(rebin)
-
     srcs = _select(_sources(inputs), wanted)
     labels = [s.label for s in srcs]
     exptime = np.array([_exptime_of(s) for s in srcs])
     per_second = [_per_second(s) for s in srcs]
     times = Time([_obstime(s) for s in srcs])
-    spread = (times.max() - times.min()).to(u.s)
-    if spread > time_tolerance:
-        first, last = labels[int(np.argmin(times.jd))], labels[int(np.argmax(times.jd))]
-        raise ValueError(
-            f"observation times span {spread:.1f} (> {time_tolerance}): {first} at "
-            f"{times.min().isot}, {last} at {times.max().isot}"
-        )
+    _check_times(times, labels, time_tolerance)
 
     maps = [sunpy.map.Map(s.load(), s.header) for s in srcs]
-    _check_geometry(maps, labels, float(pointing_tolerance.to_value(u.pix)))
+    if n_native is None:
+        n_native = _binning(maps, labels, wanted)
 
-    ys, xs = slice(None), slice(None)
     ref = maps[0]
-    if cutout is not None:
-        ys, xs = _cutout_bounds(ref, cutout)
-    raw = np.stack([m.data[ys, xs] for m in maps], axis=-1)
-    if raw.shape[0] < rebin or raw.shape[1] < rebin:
-        raise ValueError(f"image of shape {raw.shape[:2]} is smaller than rebin={rebin}")
-    ny, nx = (raw.shape[0] // rebin) * rebin, (raw.shape[1] // rebin) * rebin
-    raw = raw[:ny, :nx]
-    ref = ref.submap(
-        [xs.start or 0, ys.start or 0] * u.pix,
-        top_right=[(xs.start or 0) + nx - 1, (ys.start or 0) + ny - 1] * u.pix,
-    )
-    if rebin > 1:
-        ref = ref.superpixel((rebin, rebin) * u.pix, func=np.mean)
+    grid, box = _output_grid(ref, cutout, rebin)
+    shape = grid.data.shape
+    tol = float(pointing_tolerance.to_value(u.pix))
+    rate = np.empty((*shape, len(maps)))
+    nonfinite, saturated, outside = (np.zeros((*shape, len(maps)), dtype=bool) for _ in range(3))
+    resampled = []
+    for c, m in enumerate(maps):
+        r, bad, sat = _rates(m, exptime[c], per_second[c], saturation_level.to_value(u.DN))
+        if c == 0 or _pointing_offset(ref, m) <= tol:
+            rate[..., c], nonfinite[..., c], saturated[..., c] = r[box], bad[box], sat[box]
+            continue
+        rate[..., c], (nonfinite[..., c], saturated[..., c]), outside[..., c] = _resample(
+            r, [bad, sat], m.wcs, grid.wcs, shape
+        )
+        if outside[..., c].all():
+            raise ValueError(f"{labels[c]}: image does not overlap the reference {labels[0]}")
+        resampled.append(wanted[c])
+    rate[nonfinite | outside] = np.nan
 
-    finite = np.isfinite(raw)
-    sat_dn = saturation_level.to_value(u.DN)
-    counts_dn = np.where(per_second, raw * exptime, raw)
-    saturated = finite & (counts_dn >= sat_dn)
-    rate = np.where(finite, np.where(per_second, raw, raw / exptime), np.nan)
     if rebin > 1:
+        grid = grid.superpixel((rebin, rebin) * u.pix, func=np.mean)
         rate = _block_reduce(rate, rebin, np.mean)
-        saturated = _block_reduce(saturated, rebin, np.any)
+        nonfinite, saturated, outside = (
+            _block_reduce(a, rebin, np.any) for a in (nonfinite, saturated, outside)
+        )
     negative = rate < 0
     data = np.where(negative, 0.0, rate)
     flags = (
-        np.isnan(data) * PixelFlag.NONFINITE
+        nonfinite * PixelFlag.NONFINITE
         + negative * PixelFlag.NEGATIVE
         + saturated * PixelFlag.SATURATED
+        + outside * PixelFlag.NO_COVERAGE
     ).astype(np.uint8)
 
     return AIAStack(
@@ -505,8 +710,9 @@ def load_aia(
         channels=np.array(wanted) * u.AA,
         exptime=exptime * u.s,
         obstime=times,
-        meta=dict(ref.meta),
-        n_sample=rebin**2,
+        meta=dict(grid.meta),
+        n_sample=n_native * rebin**2,
         flags=flags,
         sources=tuple(labels),
+        resampled=tuple(resampled),
     )
