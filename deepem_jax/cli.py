@@ -1,8 +1,10 @@
 """The ``deepem-jax`` command: a thin layer that parses arguments and calls the library.
 
-Exit codes: 0 success; 1 unexpected failure; 2 bad usage (click); 3 bad input data (unreadable,
-corrupt or inconsistent AIA files, missing channels); 4 output already exists (use
-``--overwrite``).
+Exit codes: 0 success; 1 unexpected failure; 2 bad usage (bad options, an output directory
+that cannot be written, a training directory whose checkpoint is corrupt or does not fit);
+3 bad input data (unreadable, corrupt or inconsistent AIA files, missing channels, unreadable
+or corrupt weights or response tables); 4 output already
+exists (use ``--overwrite``); 5 training stopped on a non-finite loss.
 """
 
 from __future__ import annotations
@@ -12,13 +14,13 @@ import pickle
 import sys
 from pathlib import Path
 
+import astropy.units as u
 import click
 import numpy as np
 
-from ._atomic import save_figure
-
 EXIT_INPUT = 3
 EXIT_EXISTS = 4
+EXIT_DIVERGED = 5
 
 _EXAMPLES_INVERT = """
 \b
@@ -37,9 +39,11 @@ class _ExistsError(click.ClickException):
     exit_code = EXIT_EXISTS
 
 
-def _channels(text: str | None):
-    import astropy.units as u
+class _DivergedError(click.ClickException):
+    exit_code = EXIT_DIVERGED
 
+
+def _channels(text: str | None):
     if text is None:
         return None
     try:
@@ -48,6 +52,15 @@ def _channels(text: str | None):
         raise click.BadParameter(
             f"channels must be comma-separated integers, got {text!r}", param_hint="--channels"
         ) from None
+    if not vals:
+        raise click.BadParameter(f"no channel given in {text!r}", param_hint="--channels")
+    from .pipeline import MIN_CHANNELS
+
+    if len(vals) < MIN_CHANNELS or len(set(vals)) != len(vals):
+        raise click.BadParameter(
+            f"a DEM needs at least {MIN_CHANNELS} different channels, got {vals}",
+            param_hint="--channels",
+        )
     return np.array(vals) * u.AA
 
 
@@ -57,127 +70,65 @@ def main() -> None:
     """DEM inversion of SDO/AIA images: exact Basis Pursuit and the DeepEM network in JAX."""
 
 
-def _png_maps(path: Path, em, logt, status, wcs) -> None:
-    from matplotlib.colors import LogNorm
-    from matplotlib.figure import Figure
-
-    from .products import mean_logt, total_em
-
-    tot = total_em(em).value
-    mt = mean_logt(em, logt)
-    fig = Figure(figsize=(11, 4.6))
-    ax1 = fig.add_subplot(1, 2, 1, projection=wcs)
-    ax2 = fig.add_subplot(1, 2, 2, projection=wcs)
-    bad = (status != 0) | ~(tot > 0)
-    pos = tot[~bad]
-    norm = LogNorm(*np.percentile(pos, [1, 99.5])) if pos.size else None
-    im1 = ax1.imshow(np.ma.masked_where(bad, tot), norm=norm, cmap="inferno", origin="lower")
-    fig.colorbar(im1, ax=ax1, label="total EM [cm$^{-5}$]", shrink=0.8)
-    im2 = ax2.imshow(
-        np.ma.masked_where(bad, mt),
-        cmap="viridis",
-        origin="lower",
-        vmin=float(logt[0]),
-        vmax=float(logt[-1]),
-    )
-    fig.colorbar(im2, ax=ax2, label="EM-weighted log T [K]", shrink=0.8)
-    ax1.set_title("Total EM (flagged pixels masked)")
-    ax2.set_title("EM-weighted mean log T")
-    fig.tight_layout()
-    save_figure(fig, path)
+def _finite_positive(ctx, param, value):
+    if value is not None and not (np.isfinite(value) and value > 0):
+        raise click.BadParameter(f"must be a finite number > 0, got {value}")
+    return value
 
 
-def _load_one(inputs, method, channels, rebin, weights, response_path):
-    """Read one observation, the network (``net``) and the response; every failure here is
-    bad input (exit 3). Returns (stack, predictor or None, response on the grid, logt)."""
-    import astropy.units as u
+def _writable_dir(path: str) -> Path:
+    """``path`` created if needed and checked writable before any work (exit 2 otherwise)."""
+    import tempfile
 
-    from .io import AIAFileError, load_aia
-    from .pretrained import load_default_predictor
-    from .response import AIA_CHANNELS, DEEPEM_LOGT, default_response
-
-    predictor = None
+    out = Path(path)
     try:
-        if method == "net":
-            predictor = (
-                load_default_predictor(channels) if weights is None else _load_weights(weights)
-            )
-            want = np.array(predictor.channels) * u.AA
-            if channels is not None and list(channels.to_value(u.AA)) != list(predictor.channels):
-                raise click.BadParameter(
-                    f"the network takes channels {list(predictor.channels)} Å; got "
-                    f"{list(channels.to_value(u.AA).astype(int))}",
-                    param_hint="--channels",
-                )
-            logt = predictor.logt_array
-        else:
-            want = AIA_CHANNELS if channels is None else channels
-            logt = DEEPEM_LOGT
-        stack = load_aia(inputs, want, rebin=rebin)
-        response = default_response() if response_path is None else _load_response(response_path)
-        response = response.regrid(logt).select(stack.channels)
-    except (AIAFileError, FileNotFoundError) as err:
-        raise _InputError(str(err)) from err
-    except (ValueError, pickle.UnpicklingError) as err:  # bad files, channels, weights, tables
-        raise _InputError(f"{inputs}: {err}") from err
-    return stack, predictor, response, logt
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".deepem_probe_"):
+            pass
+    except OSError as err:
+        raise click.BadParameter(
+            f"cannot write to {out}: {err.strerror or err}", param_hint="--out"
+        ) from None
+    return out
 
 
-def _invert_one(stack, predictor, response, logt, method, tolfac, progress):
-    """Invert a loaded stack; returns (em, status, chi2)."""
-    from . import bp
-    from .basis import cheung_basis
-    from .forward import forward
-
-    y = stack.masked_data  # NaN/saturated pixels -> INVALID_INPUT, NaN EM (never fitted)
-    sigma = stack.sigma()
-    if method == "bp":
-        res = bp.solve(y, sigma, response, cheung_basis(logt), tolfac=tolfac, progress=progress)
-        em = np.asarray(res.em, dtype=np.float64)
-        status = np.asarray(res.status).astype(np.int16)
-        synth = np.asarray(res.synthetic, dtype=np.float64)
-    else:
-        # the network's EM moved into BP's tolerance band (the consistency step); pixels it
-        # cannot bring inside keep that EM and are flagged INFEASIBLE
-        em, valid, in_band = predictor.predict(
-            y,
-            sigma=sigma,
-            response=response,
-            tolfac=tolfac,
-            return_valid=True,
-            return_in_band=True,
-            progress=progress,
-        )
-        em = np.asarray(em, dtype=np.float64)
-        status = np.where(in_band, 0, int(bp.BPStatus.INFEASIBLE))
-        status = np.where(valid, status, int(bp.BPStatus.INVALID_INPUT)).astype(np.int16)
-        synth = np.asarray(forward(np.asarray(response.K), np.nan_to_num(em)))
-    with np.errstate(invalid="ignore"):
-        chi2 = np.mean(((synth - y) / sigma) ** 2, axis=-1)
-    chi2 = np.where(status == 0, chi2, np.nan)
-    return em, status, chi2
-
-
-def _load_response(path: str):
+def _load_response(path: str | None):
+    """The response table at ``path`` (by suffix), or None for the embedded default; every
+    failure is bad input naming the file."""
     from .response import TemperatureResponse
 
-    p = str(path).lower()
-    if p.endswith(".genx"):
-        return TemperatureResponse.from_genx(path)
-    if p.endswith(".csv"):
-        return TemperatureResponse.from_csv(path)
-    if p.endswith(".npy"):
-        return TemperatureResponse.from_deepem_npy(path)
-    return TemperatureResponse.from_idl_save(path)
+    if path is None:
+        return None
+    loaders = {
+        ".genx": TemperatureResponse.from_genx,
+        ".csv": TemperatureResponse.from_csv,
+        ".npy": TemperatureResponse.from_deepem_npy,
+    }
+    loader = loaders.get(Path(path).suffix.lower(), TemperatureResponse.from_idl_save)
+    try:
+        return loader(path)
+    except Exception as err:  # each table format fails with its own exception types
+        raise _InputError(
+            f"--response {path}: not a readable temperature response table "
+            f"({type(err).__name__}: {err or 'no details'})"
+        ) from err
 
 
-def _load_weights(path: str):
+def _load_weights(path: str | None, channels):
+    """The network at ``path`` (.msgpack checkpoint or original .pth), or the shipped one."""
     from .checkpoint import load_predictor
     from .io import load_pytorch_deepem
+    from .pretrained import load_default_predictor
 
-    if str(path).endswith((".pth", ".pt")):
-        return load_pytorch_deepem(path)
-    return load_predictor(path)
+    try:
+        if path is None:
+            return load_default_predictor(channels)
+        if str(path).endswith((".pth", ".pt")):
+            return load_pytorch_deepem(path)
+        return load_predictor(path)
+    except (ValueError, OSError, pickle.UnpicklingError) as err:
+        what = f"--weights {path}" if path else "shipped weights"
+        raise _InputError(f"{what}: {err}") from err
 
 
 def _observations(files: tuple[str, ...]) -> list:
@@ -193,6 +144,21 @@ def _observations(files: tuple[str, ...]) -> list:
     return obs
 
 
+def _output_stem(method: str, stack) -> str:
+    """``dem_<method>_<time>_<id>``: the id is a digest of the input files' absolute paths,
+    so two inputs never share an output name and the same input always gets the same one."""
+    import hashlib
+
+    paths = "\n".join(sorted(str(Path(s).resolve()) for s in stack.sources))
+    digest = hashlib.sha256(paths.encode()).hexdigest()[:8]
+    stamp = stack.obstime.min().strftime("%Y%m%dT%H%M%S")
+    return f"dem_{method}_{stamp}_{digest}"
+
+
+def _label(obs) -> str:
+    return str(obs) if not isinstance(obs, list) else f"{obs[0]} (+{len(obs) - 1} files)"
+
+
 @main.command(epilog=_EXAMPLES_INVERT)
 @click.argument("files", nargs=-1, required=True)
 @click.option(
@@ -200,7 +166,7 @@ def _observations(files: tuple[str, ...]) -> list:
     type=click.Choice(["net", "bp"]),
     default="net",
     show_default=True,
-    help="DeepEM network or exact Basis Pursuit.",
+    help="DeepEM network (with its consistency step) or exact Basis Pursuit.",
 )
 @click.option(
     "--out",
@@ -212,7 +178,7 @@ def _observations(files: tuple[str, ...]) -> list:
 @click.option(
     "--channels",
     default=None,
-    help="Comma-separated channels in Å (default: all six; BP accepts a subset).",
+    help="Comma-separated channels in Å (default: all six; BP accepts a subset of >= 3).",
 )
 @click.option(
     "--rebin",
@@ -232,67 +198,109 @@ def _observations(files: tuple[str, ...]) -> list:
     "response_path",
     default=None,
     type=click.Path(exists=True, dir_okay=False),
-    help="Temperature response table (.genx, .csv, .npy, IDL save); default: embedded.",
+    help="Undegraded temperature response (.genx, .csv, .npy, IDL save); default: embedded.",
+)
+@click.option(
+    "--correction-table",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="aiapy degradation correction table; default: the one shipped with deepem_jax.",
+)
+@click.option(
+    "--no-degradation",
+    is_flag=True,
+    help="Do not correct for the instrument's degradation at the observation time.",
 )
 @click.option(
     "--tolfac",
     default=1.4,
     show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
-    help="Tolerance factor of the band |K EM - y| <= tolfac sigma (BP; for the "
-    "network, the band its EM is moved into; outside it: STATUS 1).",
+    type=float,
+    callback=_finite_positive,
+    help="Tolerance band max(y - tolfac*sigma, 0) <= K EM <= y + tolfac*sigma: BP solves in "
+    "it; the network's EM is moved into it (pixels left outside: STATUS 5).",
 )
 @click.option("--png/--no-png", default=False, help="Also write PNG maps.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
-def invert(files, method, out_dir, channels, rebin, weights, response_path, tolfac, png, overwrite):
+def invert(
+    files,
+    method,
+    out_dir,
+    channels,
+    rebin,
+    weights,
+    response_path,
+    correction_table,
+    no_degradation,
+    tolfac,
+    png,
+    overwrite,
+):
     """Invert AIA images (six channel FITS files, or one directory per observation) to DEM
     cubes: FITS (T x y x with WCS, cm^-5 per log T bin) plus STATUS and CHI2 maps."""
-    import astropy.units as u
-
-    from .io import write_dem_cube
+    from .io import AIAFileError, load_aia
+    from .pipeline import invert as invert_one
+    from .response import AIA_CHANNELS
 
     chans = _channels(channels)
+    if no_degradation and correction_table:
+        raise click.BadParameter("--correction-table contradicts --no-degradation")
     observations = _observations(files)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _writable_dir(out_dir)
+    response = _load_response(response_path)
+    predictor = _load_weights(weights, chans) if method == "net" else None
+    want = chans
+    if want is None:
+        want = np.array(predictor.channels) * u.AA if predictor is not None else AIA_CHANNELS
+    degradation = False if no_degradation else (correction_table or True)
     with click.progressbar(
         observations, label="observations", file=sys.stderr, show_pos=True
     ) as bar:
         for obs in bar:
-            stack, predictor, response, logt = _load_one(
-                obs, method, chans, rebin, weights, response_path
-            )
-            stamp = stack.obstime.min().strftime("%Y%m%dT%H%M%S")
-            fits_path = out / f"dem_{method}_{stamp}.fits"
-            png_path = out / f"dem_{method}_{stamp}.png"
+            try:
+                stack = load_aia(obs, want, rebin=rebin)
+            except (AIAFileError, OSError, ValueError) as err:
+                raise _InputError(str(err)) from err
+            stem = _output_stem(method, stack)
+            fits_path, png_path = out / f"{stem}.fits", out / f"{stem}.png"
             existing = [p for p in (fits_path, png_path if png else None) if p and p.exists()]
             if existing and not overwrite:
                 raise _ExistsError(
                     f"{existing[0]} exists; pass --overwrite to replace it "
                     "(nothing was written for this observation)"
                 )
-            em, status, chi2 = _invert_one(
-                stack, predictor, response, logt, method, tolfac, progress=True
-            )
-            write_dem_cube(
-                fits_path,
-                em * u.cm**-5,
-                logt,
-                stack.wcs,
-                extras={"status": status, "chi2": chi2},
-                meta={
-                    "METHOD": method,
-                    "CHANNELS": ",".join(str(int(c)) for c in stack.channels.to_value(u.AA)),
-                },
-                overwrite=overwrite,
-            )
+            try:
+                result = invert_one(
+                    stack,
+                    method,
+                    response=response,
+                    predictor=predictor,
+                    tolfac=tolfac,
+                    degradation=degradation,
+                    progress=True,
+                )
+            except ValueError as err:
+                raise _InputError(f"{_label(obs)}: {err}") from err
+            result.to_fits(fits_path, overwrite=overwrite)
             if png:
-                _png_maps(png_path, em, logt, status, stack.wcs)
-            n_bad = int((status != 0).sum())
-            click.echo(
-                f"\nwrote {fits_path} ({em.shape[0]}x{em.shape[1]} px, "
-                f"{n_bad} flagged = {100 * n_bad / status.size:.2f}%)"
-            )
+                from .products import dem_maps
+
+                dem_maps(
+                    result.em,
+                    result.logt,
+                    result.status,
+                    wcs=result.wcs,
+                    path=str(png_path),
+                    title=f"{method.upper()} DEM, {stem}",
+                )
+            counts = ", ".join(f"{k} {v}" for k, v in result.status_counts().items())
+            click.echo(f"\nwrote {fits_path} ({result.shape[0]}x{result.shape[1]} px: {counts})")
+
+
+def _finite_nonnegative(ctx, param, value):
+    if value is not None and not (np.isfinite(value) and value >= 0):
+        raise click.BadParameter(f"must be a finite number >= 0, got {value}")
+    return value
 
 
 @main.command()
@@ -308,13 +316,20 @@ def invert(files, method, out_dir, channels, rebin, weights, response_path, tolf
     "data_dirs",
     multiple=True,
     type=click.Path(exists=True),
-    help="Observation directory (six AIA channels); repeatable. Default: synthetic.",
+    help="Observation directory (AIA FITS files of --channels); repeatable. Default: synthetic.",
+)
+@click.option(
+    "--channels",
+    default="94,131,171,193,211,335",
+    show_default=True,
+    help="Comma-separated input channels of the network in Å.",
 )
 @click.option(
     "--synthetic",
     "n_synthetic",
     default=4,
     show_default=True,
+    type=click.IntRange(min=1),
     help="Number of synthetic scenes when no --data is given.",
 )
 @click.option(
@@ -324,13 +339,53 @@ def invert(files, method, out_dir, channels, rebin, weights, response_path, tolf
     type=click.IntRange(min=8),
     help="Side of each synthetic scene (pixels).",
 )
-@click.option("--model", default="small", show_default=True, type=click.Choice(["small", "deepem"]))
-@click.option("--epochs", default=30, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch-size", default=4096, show_default=True, type=click.IntRange(min=1))
-@click.option("--physics-weight", default=0.0, show_default=True, type=float)
-@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--model",
+    default="small",
+    show_default=True,
+    type=click.Choice(["small", "deepem"]),
+    help="Architecture: 'deepem' is the original 6-300-300-18, 'small' 6-64-64-18.",
+)
+@click.option(
+    "--epochs",
+    default=30,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Passes over the training pixels (a rerun continues up to this number).",
+)
+@click.option(
+    "--batch-size",
+    default=4096,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Pixels per optimisation step.",
+)
+@click.option(
+    "--physics-weight",
+    default=0.0,
+    show_default=True,
+    type=float,
+    callback=_finite_nonnegative,
+    help="Weight of the chi^2 term of the resynthesised intensities in the loss.",
+)
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Seed of the synthetic scenes, the validation split and the initialisation.",
+)
 def train(
-    workdir, data_dirs, n_synthetic, synthetic_size, model, epochs, batch_size, physics_weight, seed
+    workdir,
+    data_dirs,
+    channels,
+    n_synthetic,
+    synthetic_size,
+    model,
+    epochs,
+    batch_size,
+    physics_weight,
+    seed,
 ):
     """Train the network on deepem_jax's own BP targets (resumable: rerun to continue).
 
@@ -338,6 +393,7 @@ def train(
     Example:
       deepem-jax train --out runs/small --synthetic 8 --epochs 50
     """
+    from .checkpoint import CheckpointError
     from .response import DEEPEM_LOGT, default_response
     from .train import (
         TrainConfig,
@@ -347,27 +403,37 @@ def train(
         train_and_evaluate,
     )
 
-    response = default_response().regrid(DEEPEM_LOGT)
+    try:
+        response = default_response().regrid(DEEPEM_LOGT).select(_channels(channels))
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--channels") from None
     try:
         obs = (
             observations_from_dirs(data_dirs, response)
             if data_dirs
             else synthetic_observations(response, n_synthetic, (synthetic_size,) * 2, seed)
         )
-    except (FileNotFoundError, ValueError) as err:
+        click.echo(f"BP targets for {len(obs)} observation(s)...", err=True)
+        data = build_dataset(obs, response, progress=True)
+    except (OSError, ValueError) as err:
         raise _InputError(str(err)) from err
-    click.echo(f"BP targets for {len(obs)} observation(s)...", err=True)
-    data = build_dataset(obs, response, progress=True)
     tr, va = data.split(0.1, seed=seed)
-    cfg = TrainConfig(
-        model=model, epochs=epochs, batch_size=batch_size, physics_weight=physics_weight, seed=seed
-    )
-    from .checkpoint import CheckpointError
-
+    try:
+        cfg = TrainConfig(
+            model=model,
+            epochs=epochs,
+            batch_size=batch_size,
+            physics_weight=physics_weight,
+            seed=seed,
+        )
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
     try:
         _, hist = train_and_evaluate(cfg, tr, va, response, workdir, log=click.echo)
     except CheckpointError as err:
         raise click.UsageError(str(err)) from err
+    except FloatingPointError as err:
+        raise _DivergedError(str(err)) from err
     if hist:
         click.echo(
             f"best val loss {min(h['val_loss'] for h in hist):.4f}; checkpoints in {workdir}"

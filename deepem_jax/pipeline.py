@@ -76,7 +76,8 @@ def _stack_observation(stack, channels: list[int] | None) -> _Observation:
         sigma=sigma,
         channels=tuple(have[i] for i in idx),
         obstime=stack.obstime[idx],
-        invalid=np.any(flags & PixelFlag.NONFINITE, axis=-1),
+        invalid=np.any(flags & (PixelFlag.NONFINITE | PixelFlag.NO_COVERAGE), axis=-1)
+        | ~np.all(np.isfinite(stack.data[..., idx]), axis=-1),
         saturated=np.any(flags & PixelFlag.SATURATED, axis=-1),
         wcs=stack.wcs,
         info={"NSAMPLE": int(stack.n_sample)},

@@ -33,13 +33,14 @@ def real_header_and_shape() -> tuple[fits.Header, tuple[int, int]]:
 
 
 def true_intensity(shape: tuple[int, int], channels: Sequence[int]) -> np.ndarray:
-    """Noiseless intensities (ny, nx, C) in DN s^-1 pix^-1 of a smooth Gaussian-DEM scene."""
+    """Noiseless intensities (ny, nx, C) in DN s^-1 pix^-1 of a smooth Gaussian-DEM scene, seen
+    through the response degraded to ``T0`` (as AIA would have recorded them)."""
     ny, nx = shape
     yy, xx = np.mgrid[0:ny, 0:nx]
     peak = 5.8 + 1.0 * xx / nx
     total = 10 ** (26.5 + 1.0 * yy / ny)
     em = gaussian_dem(DEEPEM_LOGT, total, peak, 0.15)
-    K = default_response().regrid(DEEPEM_LOGT).select(np.asarray(channels) * u.AA).K
+    K = default_response().regrid(DEEPEM_LOGT).select(np.asarray(channels) * u.AA).degrade(T0).K
     return np.asarray(forward(np.asarray(K), em), dtype=np.float64)
 
 

@@ -14,8 +14,8 @@ from deepem_jax import bp
 from deepem_jax.basis import cheung_basis
 from deepem_jax.cli import main
 from deepem_jax.forward import forward, noisy_observation, random_dems
-from deepem_jax.pipeline import DEMWarning, invert
 from deepem_jax.io import load_aia, read_dem_cube
+from deepem_jax.pipeline import DEMWarning, invert
 from deepem_jax.response import DEEPEM_LOGT, default_response
 from deepem_jax.status import DEMStatus
 from deepem_jax.uncertainty import sigma_values
