@@ -187,3 +187,35 @@ def test_invert_equals_what_the_cli_writes(tmp_path):
         np.testing.assert_array_equal(cube.em.to_value(u.cm**-5), res.em)
         np.testing.assert_array_equal(cube.extras["chi2"], res.chi2)
         assert cube.header["METHOD"] == method and cube.header["DEGTABLE"].startswith("aia_V10")
+
+
+@pytest.mark.slow
+def test_real_synoptic_bp_with_default_calibration(tmp_path):
+    """Issue 11: the real 2024-10-04 synoptic set, five channels, default options."""
+    from conftest import shared_path
+
+    data = shared_path("aia", "synoptic_2024-10-04")
+    args = ["invert", str(data), "--method", "bp", "--channels", "131,171,193,211,335"]
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    (path,) = tmp_path.glob("dem_bp_*.fits")
+    cube = read_dem_cube(path)
+    status = cube.extras["status"]
+    valid = status != DEMStatus.INVALID_INPUT
+    assert (status[valid] == DEMStatus.INFEASIBLE).mean() <= 0.01
+    h = cube.header
+    assert h["NSAMPLE"] == 16 and h["DEGTABLE"].startswith("aia_V10") and h["DEGVER"] == 10
+    got = [h[f"DEGF{c:04d}"] for c in (131, 171, 193, 211, 335)]
+    np.testing.assert_allclose(got, [0.51, 0.74, 0.49, 0.40, 0.17], atol=0.005)
+    # without the correction, a central block is solved as BP does with the undegraded response
+    stack = load_aia(data, FIVE)
+    block = (slice(384, 512), slice(384, 512))
+    y, s = stack.data[block], stack.sigma()[block]
+    res = invert(y, "bp", sigma=s, channels=FIVE, degradation=False)
+    ref = bp.solve(
+        y, s, default_response().regrid(DEEPEM_LOGT).select(FIVE), cheung_basis(DEEPEM_LOGT)
+    )
+    np.testing.assert_array_equal(res.status, ref.status)
+    assert (res.status == DEMStatus.INFEASIBLE).sum() > (
+        status[block] == DEMStatus.INFEASIBLE
+    ).sum()
