@@ -1,11 +1,16 @@
 """Load the three real AIA temperature-response tables and plot them side by side with the
 embedded default (demregpy's table).
 
-    DEEPEM_JAX_DATA=../shared/data python examples/plot_responses.py [out.png]
+    DEEPEM_JAX_DATA=../shared/data python examples/plot_responses.py [OUT.png]
+
+The tables are registered data files (:func:`deepem_jax.data.fetch`: the data directory is
+``$DEEPEM_JAX_DATA``, else the user cache). Writes the PNG to OUT.png (default
+``aia_responses.png`` in the temporary directory) and prints, per channel, the range of the
+ratio of DeepEM's matrix to the GENX table on DeepEM's grid.
 """
 
-import os
-import sys
+import argparse
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -14,20 +19,28 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from deepem_jax.data import fetch
 from deepem_jax.response import TemperatureResponse, default_response
 
 
-def main(out: str = "aia_responses.png") -> None:
-    root = Path(os.environ.get("DEEPEM_JAX_DATA", "../shared/data"), "deepem")
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "out",
+        nargs="?",
+        default=str(Path(tempfile.gettempdir(), "aia_responses.png")),
+        help="PNG to write (default: aia_responses.png in the temporary directory)",
+    )
+    out = ap.parse_args().out
     tables = {
         "SSW GENX (2020)": TemperatureResponse.from_genx(
-            root / "PaulJWright_DeepEM/DeepEM_Data/aia_temperature_resp.genx"
+            fetch("deepem/PaulJWright_DeepEM/DeepEM_Data/aia_temperature_resp.genx")
         ),
         "CSV (pi-DEM, 2022)": TemperatureResponse.from_csv(
-            root / "RobertJaro_DeepEM/data/aia_temperature_response.csv"
+            fetch("deepem/RobertJaro_DeepEM/data/aia_temperature_response.csv")
         ),
         "DeepEM AIA_Resp.npy (6x18)": TemperatureResponse.from_deepem_npy(
-            root / "HelioML_HelioML/book/04/DeepEM_Data/AIA_Resp.npy"
+            fetch("deepem/HelioML_HelioML/book/04/DeepEM_Data/AIA_Resp.npy")
         ),
         "default: demregpy aia_tresp_en": default_response(),
     }
@@ -38,7 +51,7 @@ def main(out: str = "aia_responses.png") -> None:
         ax.set_xlim(5.0, 7.6)
         ax.set_ylim(1e-28, 3e-24)
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("log10 T [K]")
+        ax.set_xlabel("log$_{10}$(T / K)")
     axes[0].set_ylabel("K [DN cm$^5$ s$^{-1}$ pix$^{-1}$]")
     axes[-1].legend(fontsize=7)
     fig.tight_layout()
@@ -51,4 +64,4 @@ def main(out: str = "aia_responses.png") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main()

@@ -3,30 +3,39 @@
     python examples/train_pretrained.py --channels 6 --out deepem_jax/weights
     DEEPEM_JAX_DATA=../shared/data python examples/train_pretrained.py --channels 5 \
         --out deepem_jax/weights
+    python examples/train_pretrained.py --channels 6 --out DIR --evaluate   # DIR holds weights
 
-Targets are deepem_jax's own Basis Pursuit solutions (default basis, tolfac 1.4 with retries)
-on the embedded response (demregpy's table) regridded to DeepEM's grid (log T 5.5-7.2, 18 bins):
+Targets are deepem_jax's own Basis Pursuit solutions (:func:`deepem_jax.train.build_dataset`,
+which runs :func:`deepem_jax.invert`: default basis, tolfac 1.4 with retries) on the embedded
+response (demregpy's table) regridded to DeepEM's grid (log T 5.5-7.2, 18 bins):
 
 * synthetic pixels from the documented prior (:func:`deepem_jax.forward.random_dems`: 1-3
   Gaussian components, total EM log-uniform 1e26-1e29 cm^-5, peaks log T 5.6-7.1, widths
   0.05-0.3) with AIA photon and read noise at exposure times 2.9 s (94, 131, 211, 335 Å) and
   2.0 s (171, 193 Å);
 * for the five-channel model, also every pixel of the real AIA synoptic observation of
-  2024-10-04 (131-335 Å) when ``$DEEPEM_JAX_DATA`` has it.
+  2024-10-04 (131-335 Å, calibrated by ``invert``: error model with the files' ``n_sample``,
+  degradation at the observation time) when the data directory (:mod:`deepem_jax.data`) has it.
 
 10% of the pixels are held out for validation (early stopping) and 10% for the test metrics the
-script prints (markdown) and stores in the checkpoint.
+script prints (markdown), writes to ``<out>/<model>.metrics.md`` and stores in the checkpoint:
+the network alone (``invert(..., consistency=False)``) and with the consistency step.
+``--figure`` draws Figure 1 (AIA 171 Å | BP EM | network EM at log T 5.9) on the 2011-02-15
+01:44 cutouts shipped with deepem_jax, which no model has seen. ``--pixels``, ``--epochs`` and
+``--rebin`` make small runs (e.g. ``--pixels 2000 --epochs 2 --model small --rebin 16``).
 """
 
 import argparse
 import json
-import os
+import tempfile
 from pathlib import Path
 
 import astropy.units as u
 import numpy as np
 
+from deepem_jax import DEMStatus, invert, load_aia
 from deepem_jax.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from deepem_jax.data import DataFileNotFoundError, fetch, sample_observation
 from deepem_jax.forward import forward, noisy_observation, random_dems
 from deepem_jax.metrics import evaluate_fidelity, format_metrics_table
 from deepem_jax.response import DEEPEM_LOGT, default_response
@@ -39,6 +48,7 @@ NAMES = {6: "deepem_aia6.msgpack", 5: "deepem_aia5_no94.msgpack"}
 
 
 def synthetic_pixels(response, n, seed):
+    """``n`` noisy synthetic pixels: intensities and their AIA sigma (n, C), DN s^-1 pix^-1."""
     rng = np.random.default_rng(seed)
     t = np.array([EXPTIME[c] for c in response.channels])
     y_true = np.asarray(forward(np.asarray(response.K), random_dems(DEEPEM_LOGT, n, rng)))
@@ -46,31 +56,37 @@ def synthetic_pixels(response, n, seed):
     return y, sigma_values(y, t, response.wavelength)
 
 
-def real_pixels(response):
-    from deepem_jax.io import load_aia
-
-    root = os.environ.get("DEEPEM_JAX_DATA")
-    d = Path(root or "", "aia", "synoptic_2024-10-04")
-    if not root or not (d / "AIAsynoptic0171.fits").exists():
+def real_observation(response, rebin):
+    """The 2024-10-04 synoptic AIAStack for the response's channels, or None when the data
+    directory lacks it."""
+    try:
+        files = [
+            fetch(f"aia/synoptic_2024-10-04/AIAsynoptic{c:04d}.fits") for c in response.channels
+        ]
+    except DataFileNotFoundError:
         return None
-    stack = load_aia(
-        [d / f"AIAsynoptic{c:04d}.fits" for c in response.channels], response.wavelength
-    )
-    n = response.n_channels
-    return stack.masked_data.reshape(-1, n), stack.sigma().reshape(-1, n)
+    return load_aia(files, response.wavelength, rebin=rebin)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--channels", type=int, choices=(5, 6), default=6)
-    ap.add_argument("--out", default="deepem_jax/weights")
+    ap.add_argument("--channels", type=int, choices=(5, 6), default=6, help="input channels")
+    ap.add_argument("--out", default="deepem_jax/weights", help="directory of the weights")
     ap.add_argument("--pixels", type=int, default=300_000, help="synthetic pixels")
+    ap.add_argument(
+        "--rebin", type=int, default=1, help="average n x n blocks of the real observation"
+    )
     ap.add_argument("--epochs", type=int, default=40)
-    ap.add_argument("--model", default="deepem")
+    ap.add_argument("--model", default="deepem", help="architecture (deepem_jax.model)")
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--patience", type=int, default=20)
-    ap.add_argument("--workdir", default=None, help="checkpoint dir (default: a temp dir)")
+    ap.add_argument(
+        "--workdir",
+        default=None,
+        help="checkpoint dir, resumed if it holds one "
+        "(default: deepem_pretrain_<channels> in the temporary directory)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--figure", default=None, help="write a Figure-1-style PNG here")
     ap.add_argument(
@@ -87,56 +103,67 @@ def main() -> None:
         action="store_true",
         help="do not train: evaluate the weights in --out on the same held-out split",
     )
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     response = default_response().regrid(DEEPEM_LOGT).select(CHANNELS[args.channels] * u.AA)
     observations = [synthetic_pixels(response, args.pixels, args.seed)]
     sources = [f"{args.pixels:,} synthetic pixels from the documented prior"]
-    if args.channels == 5:
-        real = real_pixels(response)
-        if real is not None:
-            observations.append(real)
-            sources.append(
-                f"{real[0].shape[0]:,} pixels of the real AIA synoptic observation "
-                "2024-10-04 16:18 UTC (131-335 Å)"
-            )
+    real = real_observation(response, args.rebin) if args.channels == 5 else None
+    if real is not None:
+        observations.append(real)
+        binned = f", {args.rebin}x{args.rebin} rebinned" if args.rebin > 1 else ""
+        sources.append(
+            f"{real.data[..., 0].size:,} pixels of the real AIA synoptic observation "
+            f"2024-10-04 16:18 UTC (131-335 Å{binned})"
+        )
     print("data:", "; ".join(sources))
     data = build_dataset(observations, response, progress=True)
     print(f"BP solved {data.solved.mean():.4f} of {len(data):,} pixels")
     rest, test = data.split(0.1, seed=args.seed)
     train, val = rest.split(0.1 / 0.9, seed=args.seed + 1)
-    out = Path(args.out) / NAMES[args.channels]
+    out = out_dir / NAMES[args.channels]
     if args.evaluate:
         ckpt = load_checkpoint(out, response=response, strict_response=True)
         pred, cfg_text, metrics = ckpt.predictor(), "(evaluated, not trained)", {}
     else:
-        cfg = TrainConfig(
-            model=args.model,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            learning_rate=args.lr,
-            schedule="cosine",
-            patience=args.patience,
-            seed=args.seed,
-            physics_weight=args.physics_weight,
-            physics=args.physics,
-        )
-        workdir = args.workdir or os.path.join("/tmp", f"deepem_pretrain_{args.channels}")
-        pred, hist = train_and_evaluate(cfg, train, val, response, workdir)
-        cfg_text = json.dumps(cfg.to_dict())
-        metrics = {
-            "epochs_run": float(len(hist)),
-            "best_val_loss": float(min(h["val_loss"] for h in hist)),
-        }
+        pred, cfg_text, metrics = train_network(args, train, val, response)
 
-    tables = []
-    for name, em in [
-        ("network alone", pred.predict(test.intensity)),
-        (
-            "network + consistency step (tolfac 1.4)",
-            pred.predict(test.intensity, sigma=test.sigma, response=response),
-        ),
+    table, test_metrics = evaluate(pred, test, response)
+    metrics |= test_metrics
+    print(table)
+    if not args.evaluate:
+        save_checkpoint(out, Checkpoint.from_predictor(pred, response, metrics))
+        print(f"wrote {out} ({out.stat().st_size:,} bytes)")
+    report = out_dir / f"{out.stem}.metrics.md"
+    report.write_text(f"Data: {'; '.join(sources)}\n\nConfig: {cfg_text}\n\n{table}\n")
+    print(f"wrote {report}")
+    if args.figure:
+        figure(args.figure, pred, response)
+
+
+def evaluate(pred, test, response):
+    """Markdown tables and flat metrics of the network against BP on ``test``, alone and with
+    the consistency step."""
+    tables, metrics = [], {}
+    for name, prefix, consistency in [
+        ("network alone", "", False),
+        ("network + consistency step (tolfac 1.4)", "consistent.", True),
     ]:
+        em = invert(
+            test.intensity,
+            "net",
+            sigma=test.sigma,
+            channels=response.wavelength,
+            response=response,
+            predictor=pred,
+            consistency=consistency,
+            degradation=False,
+        ).em
         fid = evaluate_fidelity(
             em,
             test.em,
@@ -148,53 +175,54 @@ def main() -> None:
             *test.band(),
         )
         tables.append(f"### {name}\n\n{format_metrics_table(fid)}")
-        prefix = "" if name == "network alone" else "consistent."
         metrics |= {
             f"{prefix}{g}.{k}": float(v) for g, m in fid.items() for k, v in m.scalars().items()
         }
-    table = "\n\n".join(tables)
-    print(table)
-    if not args.evaluate:
-        save_checkpoint(out, Checkpoint.from_predictor(pred, response, metrics))
-        print(f"wrote {out} ({out.stat().st_size:,} bytes)")
-    (Path(args.out) / f"{out.stem}.metrics.md").write_text(
-        f"Data: {'; '.join(sources)}\n\nConfig: {cfg_text}\n\n{table}\n"
+    return "\n\n".join(tables), metrics
+
+
+def train_network(args, train_data, val_data, response):
+    """Train a network: (predictor with the best validation loss, config JSON, metrics)."""
+    cfg = TrainConfig(
+        model=args.model,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        schedule="cosine",
+        patience=args.patience,
+        seed=args.seed,
+        physics_weight=args.physics_weight,
+        physics=args.physics,
     )
-    if args.figure:
-        figure(args.figure, data, pred, response, real_shape=len(observations) > 1)
+    workdir = args.workdir or Path(tempfile.gettempdir(), f"deepem_pretrain_{args.channels}")
+    pred, hist = train_and_evaluate(cfg, train_data, val_data, response, workdir)
+    metrics = {
+        "epochs_run": float(len(hist)),
+        "best_val_loss": float(min(h["val_loss"] for h in hist)),
+    }
+    return pred, json.dumps(cfg.to_dict()), metrics
 
 
-def figure(path, data, pred, response, real_shape: bool) -> None:
-    """AIA 171 | BP EM at log T 5.9 (failed pixels black) | network EM at log T 5.9, on the real
-    observation (the last group) when there is one, else on a synthetic scene."""
-    from deepem_jax.forward import synthetic_scene
+def figure(path, pred, response) -> None:
+    """Figure 1 (AIA 171 Å | BP EM at log T 5.9 | network EM at log T 5.9) of the shipped
+    2011-02-15 01:44 cutouts, through :func:`deepem_jax.invert` with both methods."""
     from deepem_jax.products import figure1
 
-    if real_shape:
-        sel = data.group == data.group.max()
-        side = int(round(np.sqrt(sel.sum())))
-        shape = (side, side)
-        y, sig = data.intensity[sel], data.sigma[sel]
-        em_bp, status = data.em[sel], data.status[sel]
-        title = "real AIA synoptic 2024-10-04 (pixels partly seen in training)"
-    else:
-        _, y = synthetic_scene(response, (256, 256), np.random.default_rng(123), 2.0)
-        shape = y.shape[:2]
-        t = np.array([EXPTIME[c] for c in response.channels])
-        sig = sigma_values(y, t, response.wavelength)
-        d = build_dataset([(y, sig)], response)
-        y, sig, em_bp, status = d.intensity, d.sigma, d.em, d.status
-        title = "synthetic scene (not seen in training)"
-    i171 = list(response.channels).index(171)
+    files = dict(zip(CHANNELS[6], sample_observation("01:44"), strict=True))
+    stack = load_aia([files[c] for c in response.channels], response.wavelength)
+    bp = invert(stack, "bp", response=response)
+    net = invert(stack, "net", response=response, predictor=pred)
     figure1(
-        y[:, i171].reshape(shape),
-        em_bp.reshape(*shape, -1),
-        status.reshape(shape),
-        pred.predict(y, sigma=sig, response=response).reshape(*shape, -1),
-        DEEPEM_LOGT,
+        bp.intensities[..., bp.channels.index(171)],
+        bp.em,
+        bp.status,
+        net.em,
+        bp.logt,
         at_logt=5.9,
+        wcs=bp.wcs,
         path=path,
-        title=title,
+        title="NOAA AR 11158, AIA 2011-02-15 01:44 UTC (not seen in training)",
+        net_out_of_band=net.status == DEMStatus.OUTSIDE_BAND,
     )
     print(f"wrote {path}")
 

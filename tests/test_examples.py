@@ -1,0 +1,137 @@
+"""Every script in ``examples/`` runs (in a subprocess, at small sizes, writing into tmp_path),
+exits 0 and writes the files it says it wrote."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, shared_path
+
+import deepem_jax as dj
+
+EXAMPLES = REPO / "examples"
+TESTED = ("invert_quickstart.py", "plot_responses.py", "train_pretrained.py")
+#: Small training run: a few seconds of training after BP on the synthetic pixels.
+SMALL = ("--pixels", "1500", "--epochs", "2", "--model", "small", "--batch-size", "256")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """``run(script, *args, cwd=..., env=...)``: stdout of ``python examples/<script> args``
+    run in ``cwd``, failing on a non-zero exit. The scripts share one JAX compilation cache
+    (most of a small run is compiling the BP kernels, the same in several scripts)."""
+    cache = {
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+
+    def run_script(script: str, *args, cwd: Path, env: dict[str, str] | None = None) -> str:
+        proc = subprocess.run(
+            [sys.executable, str(EXAMPLES / script), *map(str, args)],
+            cwd=cwd,
+            env={**os.environ, **cache, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+        return proc.stdout
+
+    return run_script
+
+
+def written(stdout: str, root: Path) -> list[Path]:
+    """The files a script reports with ``wrote <path>``, checked to exist under ``root`` and
+    to be non-empty."""
+    paths = [Path(m) for m in re.findall(r"^wrote (.+?)(?: \([\d,]+ bytes\))?$", stdout, re.M)]
+    assert paths, f"the script reported no file:\n{stdout}"
+    for p in paths:
+        assert p.is_file() and p.stat().st_size > 0, p
+        assert p.resolve().is_relative_to(root.resolve()), f"{p} written outside {root}"
+    return paths
+
+
+def metrics_table(stdout: str, title: str) -> str:
+    """The markdown table printed under ``### title``."""
+    lines = stdout.split(f"### {title}\n\n", 1)[1].splitlines()
+    return "\n".join(itertools.takewhile(lambda line: line.startswith("|"), lines))
+
+
+def test_every_example_is_tested():
+    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(TESTED)
+
+
+def test_plot_responses(run, tmp_path):
+    shared_path("deepem", "PaulJWright_DeepEM", "DeepEM_Data", "aia_temperature_resp.genx")
+    shared_path("deepem", "RobertJaro_DeepEM", "data", "aia_temperature_response.csv")
+    shared_path("deepem", "HelioML_HelioML", "book", "04", "DeepEM_Data", "AIA_Resp.npy")
+    out = run("plot_responses.py", tmp_path / "responses.png", cwd=tmp_path)
+    assert written(out, tmp_path) == [tmp_path / "responses.png"]
+    assert "DeepEM/GENX 171 Å: min 0.745 max 0.745" in out
+
+
+def test_invert_quickstart_default_dir_is_temporary(run, tmp_path):
+    """Without OUT_DIR the quick start writes into a new temporary directory ($TMPDIR here)."""
+    out = run("invert_quickstart.py", cwd=tmp_path, env={"TMPDIR": str(tmp_path)})
+    paths = written(out, tmp_path)
+    assert sorted(p.name for p in paths) == ["dem_bp.fits", "dem_net.fits", "figure1.png"]
+    assert paths[0].parent.name.startswith("deepem_quickstart_")
+    for method in ("bp", "net"):
+        assert re.search(rf"^{method}: 4,489 pixels: SOLVED [\d,]+", out, re.M), out
+        chi2 = float(re.search(rf"^{method}: median chi2 (\S+)", out, re.M).group(1))
+        assert 0 < chi2 < 10
+        cube = dj.read_dem_cube(paths[0].parent / f"dem_{method}.fits")
+        assert cube.em.shape == (67, 67, 18)
+        assert cube.header["METHOD"] == method
+        assert cube.extras["status"].shape == (67, 67)
+
+
+@pytest.fixture(scope="module")
+def trained6(run, tmp_path_factory):
+    """A small six-channel training run: (output directory, stdout)."""
+    tmp = tmp_path_factory.mktemp("train6")
+    args = ("--channels", 6, "--out", tmp / "w", "--workdir", tmp / "work")
+    return tmp, run("train_pretrained.py", *args, *SMALL, "--figure", tmp / "f.png", cwd=tmp)
+
+
+def test_train_pretrained(trained6):
+    tmp, out = trained6
+    paths = written(out, tmp)
+    assert sorted(p.name for p in paths) == [
+        "deepem_aia6.metrics.md",
+        "deepem_aia6.msgpack",
+        "f.png",
+    ]
+    pred = dj.load_predictor(tmp / "w" / "deepem_aia6.msgpack")
+    assert pred.channels == (94, 131, 171, 193, 211, 335)
+    assert "1,500 synthetic pixels" in out
+    assert "| in BP band " in metrics_table(out, "network + consistency step (tolfac 1.4)")
+
+
+def test_train_pretrained_evaluate(run, trained6, tmp_path):
+    """--evaluate rebuilds the same held-out split: the weights score what training reported."""
+    tmp, trained = trained6
+    args = ("--channels", 6, "--out", tmp / "w", *SMALL, "--evaluate")
+    out = run("train_pretrained.py", *args, cwd=tmp_path)
+    assert [p.name for p in written(out, tmp)] == ["deepem_aia6.metrics.md"]
+    for title in ("network alone", "network + consistency step (tolfac 1.4)"):
+        assert metrics_table(out, title) == metrics_table(trained, title)
+
+
+@pytest.mark.slow
+def test_train_pretrained_five_channels_with_real_data(run, tmp_path):
+    shared_path("aia", "synoptic_2024-10-04", "AIAsynoptic0131.fits")
+    args = ("--channels", 5, "--out", tmp_path / "w", "--workdir", tmp_path / "work")
+    out = run("train_pretrained.py", *args, *SMALL, "--rebin", 16, cwd=tmp_path)
+    assert "4,096 pixels of the real AIA synoptic observation" in out
+    assert [p.name for p in written(out, tmp_path)] == [
+        "deepem_aia5_no94.msgpack",
+        "deepem_aia5_no94.metrics.md",
+    ]
