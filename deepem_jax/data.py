@@ -73,6 +73,7 @@ _SYNOPTIC = ("mohithnovoct/Geomagnetic_storms-may2024-", "2350fca7f23ce0e291d741
 _SYNOPTIC_LICENCE = "NASA SDO data (public); the hosting repository has no licence file"
 
 
+# Long by nature: one literal entry per registered file, nothing else.
 def _entries() -> list[DataFile]:
     files = [
         DataFile(

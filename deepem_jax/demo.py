@@ -56,7 +56,7 @@ def _observation(rebin: int, log: Callable[[str], None]):
 
 def run_demo(out: Path, log: Callable[[str], None] = print, rebin: int = 1) -> str:
     """Run the demo into ``out``; returns the markdown report (also written to a file)."""
-    from .metrics import evaluate_fidelity, format_metrics_table
+    from .metrics import evaluate_fidelity
     from .pipeline import invert
     from .products import figure1
     from .status import DEMStatus
@@ -97,6 +97,22 @@ def run_demo(out: Path, log: Callable[[str], None] = print, rebin: int = 1) -> s
         title=source,
         net_out_of_band=net.status == DEMStatus.OUTSIDE_BAND,
     )
+    lines = _report_lines(stack, source, bp_res, net, fid, fid_raw, fig_path)
+    report = "\n".join(lines) + "\n"
+    with atomic_write(out / "demo_report.md") as fh:
+        fh.write(report.encode())
+    return report
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in counts.items())
+
+
+def _report_lines(stack, source, bp_res, net, fid, fid_raw, fig_path) -> list[str]:
+    """The markdown lines of the demo report."""
+    from .metrics import format_metrics_table
+    from .status import DEMStatus
+
     n = bp_res.status.size
     t_bp, t_net = bp_res.timings["solve"], net.timings["solve"]
     lines = [
@@ -129,11 +145,4 @@ def run_demo(out: Path, log: Callable[[str], None] = print, rebin: int = 1) -> s
         "",
         f"Figure: {fig_path.name}",
     ]
-    report = "\n".join(lines) + "\n"
-    with atomic_write(out / "demo_report.md") as fh:
-        fh.write(report.encode())
-    return report
-
-
-def _counts(counts: dict[str, int]) -> str:
-    return ", ".join(f"{k} {v:,}" for k, v in counts.items())
+    return lines

@@ -205,8 +205,9 @@ def figure1(
     if oob.dtype != bool:
         raise TypeError(f"net_out_of_band must be a boolean mask, got dtype {oob.dtype}")
     failed = (status != 0) | ~np.isfinite(bp)
-    flagged = oob | ~np.isfinite(net)
-    norm = _em_norm(bp[~failed], net[~flagged])
+    no_net = ~np.isfinite(net)  # no network EM (invalid input): drawn like a BP failure
+    flagged = oob & ~no_net
+    norm = _em_norm(bp[~failed], net[~(flagged | no_net)])
     fig = _figure(3, img.shape)
     axes = _map_axes(fig, 3, wcs)
     pos = img[np.isfinite(img) & (img > 0)]
@@ -219,7 +220,8 @@ def figure1(
     _colorbar(fig, im0, axes[0], "AIA 171 Å [DN s$^{-1}$ pix$^{-1}$]")
     label = "EM per log T bin [cm$^{-5}$]"
     low = _draw(fig, axes[1], bp, norm, "inferno", [(failed, FAILED_COLOR)], label)
-    _draw(fig, axes[2], net, norm, "inferno", [(flagged, OUT_OF_BAND_COLOR)], label)
+    net_flags = [(no_net, FAILED_COLOR), (flagged, OUT_OF_BAND_COLOR)]
+    _draw(fig, axes[2], net, norm, "inferno", net_flags, label)
     axes[0].set_title("AIA 171 Å")
     axes[1].set_title(f"Basis Pursuit: EM at log T = {at_logt:.2f}")
     axes[2].set_title(f"DeepEM network: EM at log T = {at_logt:.2f}")
@@ -227,7 +229,10 @@ def figure1(
         fig,
         [
             (low, f"EM ≤ {norm.vmin:.1e} cm$^{{-5}}$, zero included"),
-            (FAILED_COLOR, f"BP failed ({failed.mean():.2%})"),
+            (
+                FAILED_COLOR,
+                f"no EM: BP failed ({failed.mean():.2%}), network ({no_net.mean():.2%})",
+            ),
             (OUT_OF_BAND_COLOR, f"network EM outside BP's band ({flagged.mean():.2%})"),
         ],
         ncols=3,

@@ -670,41 +670,22 @@ def load_aia(
     if n_native is None:
         n_native = _binning(maps, labels, wanted)
 
-    ref = maps[0]
-    grid, box = _output_grid(ref, cutout, rebin)
-    shape = grid.data.shape
-    tol = float(pointing_tolerance.to_value(u.pix))
-    rate = np.empty((*shape, len(maps)))
-    nonfinite, saturated, outside = (np.zeros((*shape, len(maps)), dtype=bool) for _ in range(3))
-    resampled = []
-    for c, m in enumerate(maps):
-        r, bad, sat = _rates(m, exptime[c], per_second[c], saturation_level.to_value(u.DN))
-        if c == 0 or _pointing_offset(ref, m) <= tol:
-            rate[..., c], nonfinite[..., c], saturated[..., c] = r[box], bad[box], sat[box]
-            continue
-        rate[..., c], (nonfinite[..., c], saturated[..., c]), outside[..., c] = _resample(
-            r, [bad, sat], m.wcs, grid.wcs, shape
-        )
-        if outside[..., c].all():
-            raise ValueError(f"{labels[c]}: image does not overlap the reference {labels[0]}")
-        resampled.append(wanted[c])
-    rate[nonfinite | outside] = np.nan
-
+    grid, box = _output_grid(maps[0], cutout, rebin)
+    rate, masks, resampled = _on_grid(
+        maps,
+        labels,
+        grid,
+        box,
+        exptime,
+        per_second,
+        float(pointing_tolerance.to_value(u.pix)),
+        saturation_level.to_value(u.DN),
+    )
     if rebin > 1:
         grid = grid.superpixel((rebin, rebin) * u.pix, func=np.mean)
         rate = _block_reduce(rate, rebin, np.mean)
-        nonfinite, saturated, outside = (
-            _block_reduce(a, rebin, np.any) for a in (nonfinite, saturated, outside)
-        )
-    negative = rate < 0
-    data = np.where(negative, 0.0, rate)
-    flags = (
-        nonfinite * PixelFlag.NONFINITE
-        + negative * PixelFlag.NEGATIVE
-        + saturated * PixelFlag.SATURATED
-        + outside * PixelFlag.NO_COVERAGE
-    ).astype(np.uint8)
-
+        masks = [_block_reduce(a, rebin, np.any) for a in masks]
+    data, flags = _flagged(rate, *masks)
     return AIAStack(
         data=data,
         channels=np.array(wanted) * u.AA,
@@ -714,5 +695,40 @@ def load_aia(
         n_sample=n_native * rebin**2,
         flags=flags,
         sources=tuple(labels),
-        resampled=tuple(resampled),
+        resampled=tuple(wanted[c] for c in resampled),
     )
+
+
+def _on_grid(maps, labels, grid, box, exptime, per_second, tol_pix, sat_dn):
+    """Rates (ny, nx, C) in DN s^-1 pix^-1 of every channel on the reference ``grid`` (NaN where
+    non-finite or uncovered), the (nonfinite, saturated, outside) masks, and the indices of the
+    channels resampled (pointing beyond ``tol_pix`` from the first channel's)."""
+    shape = grid.data.shape
+    rate = np.empty((*shape, len(maps)))
+    nonfinite, saturated, outside = (np.zeros((*shape, len(maps)), dtype=bool) for _ in range(3))
+    resampled = []
+    for c, m in enumerate(maps):
+        r, bad, sat = _rates(m, exptime[c], per_second[c], sat_dn)
+        if c == 0 or _pointing_offset(maps[0], m) <= tol_pix:
+            rate[..., c], nonfinite[..., c], saturated[..., c] = r[box], bad[box], sat[box]
+            continue
+        rate[..., c], (nonfinite[..., c], saturated[..., c]), outside[..., c] = _resample(
+            r, [bad, sat], m.wcs, grid.wcs, shape
+        )
+        if outside[..., c].all():
+            raise ValueError(f"{labels[c]}: image does not overlap the reference {labels[0]}")
+        resampled.append(c)
+    rate[nonfinite | outside] = np.nan
+    return rate, [nonfinite, saturated, outside], resampled
+
+
+def _flagged(rate, nonfinite, saturated, outside) -> tuple[np.ndarray, np.ndarray]:
+    """Rates with negative values clipped to 0, and the :class:`PixelFlag` bits per pixel."""
+    negative = rate < 0
+    flags = (
+        nonfinite * PixelFlag.NONFINITE
+        + negative * PixelFlag.NEGATIVE
+        + saturated * PixelFlag.SATURATED
+        + outside * PixelFlag.NO_COVERAGE
+    ).astype(np.uint8)
+    return np.where(negative, 0.0, rate), flags
