@@ -240,18 +240,7 @@ def run_suite(
     }
     peak = matmul_peak_flops()
     demregpy_version = _demregpy_version() if demreg_pixels else None
-    meta = {
-        "device": str(jax.devices()[0].device_kind),
-        "platform": jax.default_backend(),
-        "jax_version": jax.__version__,
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-        "matmul_peak_gflops": peak / 1e9,
-        "response": response.name,
-        "exptime_s": exptime,
-        "demregpy": demregpy_version or "not run (not installed, or demreg_pixels=0)",
-    }
+    meta = _run_meta(response, exptime, peak, demregpy_version)
     say(
         f"device {meta['device']} ({meta['platform']}), jax {meta['jax_version']}, "
         f"{meta['cpu_count']} cores, matmul peak {peak / 1e9:.1f} GFLOP/s"
@@ -259,18 +248,8 @@ def run_suite(
     ctx = _Context(response, channels, nets, peak, [], {}, say)
     for size in sizes:
         say(f"size {size}x{size}")
-        _, y = synthetic_scene(response, (size, size), rng, exptime)
-        n = size * size
-        n_highs = min(highs_pixels, n)
-        n_demreg = min(demreg_pixels, n) if demregpy_version else 0
-        scene = _Scene(
-            size,
-            y,
-            sigma_values(y, exptime, response.wavelength),
-            rng.permutation(n)[: max(n_highs, n_demreg)],
-            n_highs,
-            n_demreg,
-        )
+        n_demreg = demreg_pixels if demregpy_version else 0
+        scene = _make_scene(response, size, rng, exptime, highs_pixels, n_demreg)
         _bench_size(ctx, scene, size <= f64_max_size)
     if tiled_size:
         _, y = synthetic_scene(response, (256, 256), rng, exptime)
@@ -285,6 +264,47 @@ def run_suite(
         "ratios": _ratios(ctx.results),
         "methods": methods,
     }
+
+
+def _run_meta(
+    response, exptime: float, peak: float, demregpy_version: str | None
+) -> dict[str, Any]:
+    """The run's ``meta`` record: device, software versions, measured matmul peak (FLOP/s),
+    response name, exposure time (s) of the synthetic scenes and the demregpy version."""
+    return {
+        "device": str(jax.devices()[0].device_kind),
+        "platform": jax.default_backend(),
+        "jax_version": jax.__version__,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "matmul_peak_gflops": peak / 1e9,
+        "response": response.name,
+        "exptime_s": exptime,
+        "demregpy": demregpy_version or "not run (not installed, or demreg_pixels=0)",
+    }
+
+
+def _make_scene(
+    response, size: int, rng: np.random.Generator, exptime: float, highs_pixels: int, demreg: int
+) -> _Scene:
+    """A noisy synthetic ``size`` x ``size`` scene with its AIA sigma, and a random subset of
+    ``max(highs_pixels, demreg)`` pixels (each count capped at the scene's pixels; ``demreg``
+    0 when demregpy does not run)."""
+    from .forward import synthetic_scene
+    from .uncertainty import sigma_values
+
+    _, y = synthetic_scene(response, (size, size), rng, exptime)
+    n = size * size
+    n_highs, n_demreg = min(highs_pixels, n), min(demreg, n)
+    return _Scene(
+        size,
+        y,
+        sigma_values(y, exptime, response.wavelength),
+        rng.permutation(n)[: max(n_highs, n_demreg)],
+        n_highs,
+        n_demreg,
+    )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -328,20 +348,42 @@ class _Context:
 
 def _bench_size(ctx: _Context, scene: _Scene, with_f64: bool) -> None:
     """Every method on one scene (same pixels for every method)."""
+    _bench_highs(ctx, scene)
+    _bench_bp_jax(ctx, scene, with_f64)
+    for name, net in ctx.nets.items():
+        _bench_net(ctx, scene, name, net)
+    if scene.n_demreg:
+        _bench_demregpy(ctx, scene)
+
+
+def _same_pixels(em: np.ndarray, chi2: np.ndarray, idx) -> dict[str, Any]:
+    """:func:`_fit_stats` over the pixels ``idx`` every method of the scene ran on, with
+    their count; EM (k, n_T), chi2 (k,)."""
+    return {"pixels": len(chi2[idx]), **_fit_stats(em[idx], chi2[idx])}
+
+
+def _record_invert(ctx: _Context, scene: _Scene, method, res, m, pixel_set, idx_same, **extra):
+    """Record the row of a :class:`~deepem_jax.DEMResult`: fit over all its pixels, fit over
+    the common pixels ``idx_same`` (indices into its flattened pixels), status counts."""
+    em = res.em.reshape(-1, res.em.shape[-1])
+    chi2 = res.chi2.reshape(em.shape[0])
+    ctx.record(
+        method,
+        scene.size,
+        em.shape[0],
+        pixel_set,
+        m,
+        _fit_stats(em, chi2),
+        _same_pixels(em, chi2, idx_same),
+        status_counts=res.status_counts(),
+        **extra,
+    )
+
+
+def _bench_highs(ctx: _Context, scene: _Scene) -> None:
+    """BP with HiGHS on the HiGHS subset; the warm-up call is on its first pixels only."""
     from . import bp
     from .pipeline import invert
-
-    n, size = scene.n, scene.size
-    common = scene.common
-    k = len(common)
-
-    def record_result(method, res, m, pixel_set, pixels, idx_same, **extra):
-        em = res.em.reshape(pixels, -1)
-        chi2 = res.chi2.reshape(pixels)
-        same = {"pixels": k, **_fit_stats(em[idx_same], chi2[idx_same])}
-        fit = _fit_stats(em, chi2)
-        counts = res.status_counts()
-        ctx.record(method, size, pixels, pixel_set, m, fit, same, status_counts=counts, **extra)
 
     ys, ss = scene.flat(scene.subset[: scene.n_highs])
     kw = ctx.invert_kwargs(ss)
@@ -356,44 +398,49 @@ def _bench_size(ctx: _Context, scene: _Scene, with_f64: bool) -> None:
         ),
         warm_pixels=min(_HIGHS_WARMUP, scene.n_highs),
     )
-    record_result("bp_highs", res, m, "random subset", scene.n_highs, slice(0, k))
+    _record_invert(ctx, scene, "bp_highs", res, m, "random subset", slice(0, len(scene.common)))
+
+
+def _bench_bp_jax(ctx: _Context, scene: _Scene, with_f64: bool) -> None:
+    """BP with the JAX dual simplex on every pixel, float32 (and float64 if ``with_f64``)."""
+    from . import bp
+    from .pipeline import invert
 
     kw = ctx.invert_kwargs(scene.sigma)
     for prec in ("float32", "float64") if with_f64 else ("float32",):
         solver = bp.DualSimplex(precision=prec)
-        res, m = _measure(lambda solver=solver: invert(scene.y, "bp", solver=solver, **kw), n)
-        record_result(f"bp_jax_f{prec[-2:]}", res, m, "all", n, common)
+        res, m = _measure(lambda solver=solver: invert(scene.y, "bp", solver=solver, **kw), scene.n)
+        _record_invert(ctx, scene, f"bp_jax_f{prec[-2:]}", res, m, "all", scene.common)
 
-    for name, net in ctx.nets.items():
-        fpp = _net_flops_per_pixel(net.config)
-        for consistent in (False, True):
-            res, m = _measure(
-                lambda net=net, c=consistent: invert(
-                    scene.y, "net", predictor=net, consistency=c, **kw
-                ),
-                n,
-            )
-            method = f"net_{name}_consistent_f32" if consistent else f"net_{name}_f32"
-            extra = {} if consistent else _flops(m, fpp, ctx.peak_flops)
-            record_result(method, res, m, "all", n, common, **extra)
-        em, m = _measure(lambda net=net: net.predict(scene.y, dtype=jnp.bfloat16), n)
-        em = em.reshape(n, -1)
-        y, s = scene.flat()
-        chi2 = _chi2(em, ctx.response.K, y, s)
-        same = {"pixels": k, **_fit_stats(em[common], chi2[common])}
-        ctx.record(
-            f"net_{name}_bf16",
-            size,
-            n,
-            "all",
-            m,
-            _fit_stats(em, chi2),
-            same,
-            **_flops(m, fpp, ctx.peak_flops),
+
+def _bench_net(ctx: _Context, scene: _Scene, name: str, net) -> None:
+    """One network on every pixel: alone and with the consistency step (float32, through
+    :func:`deepem_jax.invert`), then alone in bfloat16 (:meth:`Predictor.predict`)."""
+    from .pipeline import invert
+
+    n = scene.n
+    fpp = _net_flops_per_pixel(net.config)
+    kw = ctx.invert_kwargs(scene.sigma)
+    for consistent in (False, True):
+        res, m = _measure(
+            lambda c=consistent: invert(scene.y, "net", predictor=net, consistency=c, **kw), n
         )
-
-    if scene.n_demreg:
-        _bench_demregpy(ctx, scene)
+        method = f"net_{name}_consistent_f32" if consistent else f"net_{name}_f32"
+        extra = {} if consistent else _flops(m, fpp, ctx.peak_flops)
+        _record_invert(ctx, scene, method, res, m, "all", scene.common, **extra)
+    em, m = _measure(lambda: net.predict(scene.y, dtype=jnp.bfloat16), n)
+    em = em.reshape(n, -1)
+    chi2 = _chi2(em, ctx.response.K, *scene.flat())
+    ctx.record(
+        f"net_{name}_bf16",
+        scene.size,
+        n,
+        "all",
+        m,
+        _fit_stats(em, chi2),
+        _same_pixels(em, chi2, scene.common),
+        **_flops(m, fpp, ctx.peak_flops),
+    )
 
 
 def _bench_demregpy(ctx: _Context, scene: _Scene) -> None:
@@ -404,7 +451,6 @@ def _bench_demregpy(ctx: _Context, scene: _Scene) -> None:
         ctx.errors[f"demregpy {scene.size}"] = f"{type(err).__name__}: {err}"
         return
     chi2 = _chi2(em, ctx.response.K, y, s)
-    k = len(scene.common)
     m = {
         "seconds": seconds,
         "pixels_per_s": scene.n_demreg / seconds,
@@ -413,7 +459,6 @@ def _bench_demregpy(ctx: _Context, scene: _Scene) -> None:
         "compile_seconds": None,
         "peak_rss_mb": None,
     }
-    same = {"pixels": k, **_fit_stats(em[:k], chi2[:k])}
     ctx.record(
         "demregpy",
         scene.size,
@@ -421,7 +466,7 @@ def _bench_demregpy(ctx: _Context, scene: _Scene) -> None:
         "random subset",
         m,
         _fit_stats(em, chi2),
-        same,
+        _same_pixels(em, chi2, slice(0, len(scene.common))),
         notes="one call, nothing to compile; memory of the subprocess not measured",
     )
 

@@ -268,6 +268,63 @@ def _check_response(path: Path, ckpt: Checkpoint, response: TemperatureResponse,
             )
 
 
+def _checkpoint_of(payload: dict[str, Any]) -> Checkpoint:
+    """The :class:`Checkpoint` of a verified payload (``opt_state`` left as a state dict);
+    KeyError, TypeError or ValueError where a field is missing or of the wrong type."""
+    config = ModelConfig.from_dict(payload["config"])
+    resp = payload["response"]
+    return Checkpoint(
+        params=jax.tree.map(jax.numpy.asarray, payload["params"]),
+        config=config,
+        logt=tuple(float(t) for t in payload["logt"]),
+        channels=tuple(int(c) for c in payload["channels"]),
+        response=None
+        if resp is None
+        else ResponseId(
+            str(resp["name"]),
+            tuple(int(c) for c in resp["channels"]),
+            tuple(float(t) for t in resp["logt"]),
+            str(resp["sha256"]),
+        ),
+        opt_state=payload["opt_state"],
+        epoch=int(payload["epoch"]),
+        step=int(payload["step"]),
+        rng=_decode_rng(payload["rng"]),
+        metrics={str(k): float(v) for k, v in payload["metrics"].items()},
+        extra=payload["extra"],
+    )
+
+
+def _check_params(path: Path, ckpt: Checkpoint) -> None:
+    """CheckpointError unless the params have the structure and shapes of the checkpoint's
+    architecture and are all finite."""
+    params, config = ckpt.predictor().params, ckpt.config
+    template = jax.eval_shape(
+        lambda: Predictor.init(jax.random.key(0), config, ckpt.logt, ckpt.channels).params
+    )
+    leaves, got = jax.tree.leaves(template), jax.tree.leaves(params)
+    if jax.tree.structure(template) != jax.tree.structure(params) or any(
+        a.shape != np.shape(b) for a, b in zip(leaves, got, strict=True)
+    ):
+        raise CheckpointError(f"{path}: params do not match the architecture {config}")
+    if not all(bool(np.isfinite(np.asarray(leaf)).all()) for leaf in got):
+        raise CheckpointError(f"{path}: params hold NaN or Inf values (a diverged network)")
+
+
+def _with_opt_state(path: Path, ckpt: Checkpoint, target: Any) -> Checkpoint:
+    """``ckpt`` with its saved optimiser state restored into the structure of ``target``;
+    CheckpointError if there is none or it does not fit."""
+    if ckpt.opt_state is None:
+        raise CheckpointError(f"{path} holds no optimiser state to resume from")
+    try:
+        opt_state = serialization.from_state_dict(target, ckpt.opt_state)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{path}: optimiser state does not match the template given: {err}"
+        ) from err
+    return dataclasses.replace(ckpt, opt_state=opt_state)
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     *,
@@ -295,53 +352,14 @@ def load_checkpoint(
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     payload = _read_payload(path)
     try:
-        config = ModelConfig.from_dict(payload["config"])
-        resp = payload["response"]
-        ckpt = Checkpoint(
-            params=jax.tree.map(jax.numpy.asarray, payload["params"]),
-            config=config,
-            logt=tuple(float(t) for t in payload["logt"]),
-            channels=tuple(int(c) for c in payload["channels"]),
-            response=None
-            if resp is None
-            else ResponseId(
-                str(resp["name"]),
-                tuple(int(c) for c in resp["channels"]),
-                tuple(float(t) for t in resp["logt"]),
-                str(resp["sha256"]),
-            ),
-            opt_state=payload["opt_state"],
-            epoch=int(payload["epoch"]),
-            step=int(payload["step"]),
-            rng=_decode_rng(payload["rng"]),
-            metrics={str(k): float(v) for k, v in payload["metrics"].items()},
-            extra=payload["extra"],
-        )
-        predictor = ckpt.predictor()
-        template = jax.eval_shape(
-            lambda: Predictor.init(jax.random.key(0), config, ckpt.logt, ckpt.channels).params
-        )
-        leaves, got = jax.tree.leaves(template), jax.tree.leaves(predictor.params)
-        if jax.tree.structure(template) != jax.tree.structure(predictor.params) or any(
-            a.shape != np.shape(b) for a, b in zip(leaves, got, strict=True)
-        ):
-            raise CheckpointError(f"{path}: params do not match the architecture {config}")
-        if not all(bool(np.isfinite(np.asarray(leaf)).all()) for leaf in got):
-            raise CheckpointError(f"{path}: params hold NaN or Inf values (a diverged network)")
+        ckpt = _checkpoint_of(payload)
+        _check_params(path, ckpt)
     except (KeyError, TypeError, ValueError) as err:
         if isinstance(err, CheckpointError):
             raise
         raise CheckpointError(f"{path}: malformed deepem_jax checkpoint: {err!r}") from err
     if opt_state_target is not None:
-        if ckpt.opt_state is None:
-            raise CheckpointError(f"{path} holds no optimiser state to resume from")
-        try:
-            opt_state = serialization.from_state_dict(opt_state_target, ckpt.opt_state)
-        except (KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(
-                f"{path}: optimiser state does not match the template given: {err}"
-            ) from err
-        ckpt = dataclasses.replace(ckpt, opt_state=opt_state)
+        ckpt = _with_opt_state(path, ckpt, opt_state_target)
     if response is not None:
         _check_response(path, ckpt, response, strict_response)
     return ckpt

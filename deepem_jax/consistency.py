@@ -88,44 +88,75 @@ def project_to_band(
     if not 0 <= margin < 0.5:
         raise ValueError(f"margin must be in [0, 0.5), got {margin}")
     em = jnp.asarray(em)
-    dtype = em.dtype
-    C, n_t = K.shape
+    n_t = K.shape[1]
     lead = em.shape[:-1]
-    x0 = em.reshape(-1, n_t)
+    p = _scaled_problem(em.reshape(-1, n_t), K, lower, upper, margin)
+    nu = jax.lax.fori_loop(
+        0, n_iter, lambda _, nu: _newton_step(p, nu, max_step), jnp.zeros_like(p.t)
+    )
+    x = p.x0 * jnp.maximum(1.0 + (nu * p.inv) @ p.Ks, 0.0)
+    changed = p.ok & jnp.any((p.r0 < p.lo_m) | (p.r0 > p.hi_m), -1)
+    r = x @ p.Ks.T
+    in_band = p.ok & jnp.all((r >= p.lo) & (r <= p.hi), -1)
+    out = jnp.where(changed[:, None], x * _EM_UNIT, em.reshape(-1, n_t))  # exact if unmoved
+    out = jnp.where(p.ok[:, None], out, jnp.nan)
+    return ConsistencyResult(out.reshape(*lead, n_t), in_band.reshape(lead), changed.reshape(lead))
+
+
+class _Problem(NamedTuple):
+    """The projection of N pixels in scaled units: EM in ``_EM_UNIT`` cm^-5, each channel's
+    intensities divided by its band's upper edge (``inv`` = 1 / upper)."""
+
+    x0: jax.Array  # (N, n_T) starting EM, 0 where the pixel is not ``ok``
+    Ks: jax.Array  # (C, n_T) response times _EM_UNIT
+    KK: jax.Array  # (n_T, C*C) products K_i K_j of channel pairs, per bin
+    inv: jax.Array  # (N, C) channel scales, 1 where the pixel is not ``ok``
+    t: jax.Array  # (N, C) scaled targets
+    lo: jax.Array  # (N, C) the band, DN s^-1 pix^-1
+    hi: jax.Array
+    lo_m: jax.Array  # (N, C) the margin-shrunk band the targets lie in, DN s^-1 pix^-1
+    hi_m: jax.Array
+    r0: jax.Array  # (N, C) resynthesis of x0, DN s^-1 pix^-1 (scaled EM times Ks)
+    ok: jax.Array  # (N,) finite inputs and a valid band (0 < upper, lower <= upper)
+
+
+def _scaled_problem(x0: jax.Array, K: jax.Array, lower, upper, margin: float) -> _Problem:
+    """The scaled projection problem of EM ``x0`` (N, n_T) cm^-5 per bin into the band
+    ``lower``, ``upper`` (..., C) DN s^-1 pix^-1, in the dtype of ``x0``."""
+    dtype = x0.dtype
+    C, n_t = K.shape
     lo = jnp.asarray(lower, dtype).reshape(-1, C)
     hi = jnp.asarray(upper, dtype).reshape(-1, C)
     ok = jnp.all(jnp.isfinite(x0), -1) & jnp.all(jnp.isfinite(lo) & jnp.isfinite(hi), -1)
     ok &= jnp.all((hi > 0) & (hi >= lo), -1)
     x0 = jnp.where(ok[:, None], jnp.maximum(x0, 0.0), 0.0) / _EM_UNIT
-    inv = jnp.where(ok[:, None], 1.0 / jnp.where(hi > 0, hi, 1.0), 1.0)  # channel scales
+    inv = jnp.where(ok[:, None], 1.0 / jnp.where(hi > 0, hi, 1.0), 1.0)
     Ks = jnp.asarray(K, dtype) * _EM_UNIT
-    KK = (Ks[:, None, :] * Ks[None, :, :]).reshape(C * C, n_t).T  # (n_T, C*C)
-    lo_m, hi_m = lo + margin * (hi - lo), hi - margin * (hi - lo)  # the targets' band
+    KK = (Ks[:, None, :] * Ks[None, :, :]).reshape(C * C, n_t).T
+    lo_m, hi_m = lo + margin * (hi - lo), hi - margin * (hi - lo)
     r0 = x0 @ Ks.T
     t = jnp.clip(r0, lo_m, hi_m) * inv
-    eye = jnp.eye(C, dtype=dtype)
+    return _Problem(x0, Ks, KK, inv, t, lo, hi, lo_m, hi_m, r0, ok)
 
-    def step(_, nu):
-        z = 1.0 + (nu * inv) @ Ks
-        x = x0 * jnp.maximum(z, 0.0)
-        g = (x @ Ks.T) * inv - t
-        M = ((x0 * (z > 0)) @ KK).reshape(-1, C, C) * inv[:, :, None] * inv[:, None, :]
-        M = M + (1e-6 * jnp.trace(M, axis1=1, axis2=2) + jnp.finfo(dtype).tiny)[:, None, None] * eye
-        d = jnp.stack(
-            cholesky_solve(
-                [[M[:, i, j] for j in range(C)] for i in range(C)], [g[:, i] for i in range(C)]
-            ),
-            -1,
-        )
-        dz = jnp.max(jnp.abs((d * inv) @ Ks), -1)
-        s = jnp.minimum(1.0, max_step / jnp.maximum(dz, jnp.finfo(dtype).tiny))
-        return nu - s[:, None] * d
 
-    nu = jax.lax.fori_loop(0, n_iter, step, jnp.zeros_like(t))
-    x = x0 * jnp.maximum(1.0 + (nu * inv) @ Ks, 0.0)
-    changed = ok & jnp.any((r0 < lo_m) | (r0 > hi_m), -1)
-    r = x @ Ks.T
-    in_band = ok & jnp.all((r >= lo) & (r <= hi), -1)
-    out = jnp.where(changed[:, None], x * _EM_UNIT, em.reshape(-1, n_t))  # exact if unmoved
-    out = jnp.where(ok[:, None], out, jnp.nan)
-    return ConsistencyResult(out.reshape(*lead, n_t), in_band.reshape(lead), changed.reshape(lead))
+def _newton_step(p: _Problem, nu: jax.Array, max_step: float) -> jax.Array:
+    """One damped semi-smooth Newton step on the dual multipliers ``nu`` (N, C): the change
+    of ``K.T @ nu`` is capped at ``max_step`` per pixel."""
+    C = p.Ks.shape[0]
+    tiny = jnp.finfo(nu.dtype).tiny
+    z = 1.0 + (nu * p.inv) @ p.Ks
+    x = p.x0 * jnp.maximum(z, 0.0)
+    g = (x @ p.Ks.T) * p.inv - p.t
+    M = (jnp.where(z > 0, p.x0, 0.0) @ p.KK).reshape(-1, C, C)
+    M = M * p.inv[:, :, None] * p.inv[:, None, :]
+    ridge = 1e-6 * jnp.trace(M, axis1=1, axis2=2) + tiny
+    M = M + ridge[:, None, None] * jnp.eye(C, dtype=nu.dtype)
+    d = jnp.stack(
+        cholesky_solve(
+            [[M[:, i, j] for j in range(C)] for i in range(C)], [g[:, i] for i in range(C)]
+        ),
+        -1,
+    )
+    dz = jnp.max(jnp.abs((d * p.inv) @ p.Ks), -1)
+    s = jnp.minimum(1.0, max_step / jnp.maximum(dz, tiny))
+    return nu - s[:, None] * d

@@ -120,28 +120,11 @@ def _group_metrics(
     )
 
 
-def evaluate_fidelity(
-    em_pred: np.ndarray,
-    em_bp: np.ndarray,
-    bp_status: np.ndarray,
-    intensities: np.ndarray,
-    sigma: np.ndarray,
-    K: np.ndarray | jax.Array,
-    logt: np.ndarray,
-    lower: np.ndarray | None = None,
-    upper: np.ndarray | None = None,
-) -> dict[str, FidelityMetrics]:
-    """Compare predicted EM with BP EM; returns ``{"all", "bp_solved", "bp_failed"}`` metrics.
-
-    Parameters
-    ----------
-    em_pred, em_bp : (..., n_T) EM in cm^-5 per bin (predicted; BP's).
-    bp_status : (...,) BP status per pixel, 0 = solved.
-    intensities, sigma : (..., n_channels) data and its 1-sigma error, DN s^-1 pix^-1.
-    K : (n_channels, n_T) response in DN cm^5 s^-1 pix^-1.
-    logt : (n_T,) log10(T / K) of the bins.
-    lower, upper : (..., n_channels) BP's tolerance band in DN s^-1 pix^-1 (both or neither).
-    """
+def _flat_inputs(em_pred, em_bp, bp_status, intensities, sigma, K, logt, lower, upper):
+    """The inputs of :func:`evaluate_fidelity` checked and flattened to N pixels, as float64:
+    ``em_pred``, ``em_bp`` (N, n_T) cm^-5, ``status`` (N,), ``y``, ``sigma`` (N, C)
+    DN s^-1 pix^-1, ``logt`` (n_T,), and the band ``(lower, upper)`` (N, C) or None.
+    ValueError on mismatched shapes, one band edge without the other, or sigma <= 0."""
     em_pred = np.asarray(em_pred, dtype=np.float64)
     em_bp = np.asarray(em_bp, dtype=np.float64)
     n_t = em_pred.shape[-1]
@@ -164,17 +147,55 @@ def evaluate_fidelity(
         raise ValueError("give both lower and upper bounds of the tolerance band, or neither")
     if np.any(sig <= 0):
         raise ValueError("sigma must be positive")
-    em_pred, em_bp = em_pred.reshape(-1, n_t), em_bp.reshape(-1, n_t)
-    y, sig, status = y.reshape(-1, n_c), sig.reshape(-1, n_c), status.reshape(-1)
+    band = None
+    if lower is not None:
+        band = tuple(
+            np.broadcast_to(np.asarray(b, np.float64), (*lead, n_c)).reshape(-1, n_c)
+            for b in (lower, upper)
+        )
+    return (
+        em_pred.reshape(-1, n_t),
+        em_bp.reshape(-1, n_t),
+        status.reshape(-1),
+        y.reshape(-1, n_c),
+        sig.reshape(-1, n_c),
+        logt,
+        band,
+    )
+
+
+def evaluate_fidelity(
+    em_pred: np.ndarray,
+    em_bp: np.ndarray,
+    bp_status: np.ndarray,
+    intensities: np.ndarray,
+    sigma: np.ndarray,
+    K: np.ndarray | jax.Array,
+    logt: np.ndarray,
+    lower: np.ndarray | None = None,
+    upper: np.ndarray | None = None,
+) -> dict[str, FidelityMetrics]:
+    """Compare predicted EM with BP EM; returns ``{"all", "bp_solved", "bp_failed"}`` metrics.
+
+    Parameters
+    ----------
+    em_pred, em_bp : (..., n_T) EM in cm^-5 per bin (predicted; BP's).
+    bp_status : (...,) BP status per pixel, 0 = solved.
+    intensities, sigma : (..., n_channels) data and its 1-sigma error, DN s^-1 pix^-1.
+    K : (n_channels, n_T) response in DN cm^5 s^-1 pix^-1.
+    logt : (n_T,) log10(T / K) of the bins.
+    lower, upper : (..., n_channels) BP's tolerance band in DN s^-1 pix^-1 (both or neither).
+    """
+    em_pred, em_bp, status, y, sig, logt, band = _flat_inputs(
+        em_pred, em_bp, bp_status, intensities, sigma, K, logt, lower, upper
+    )
     valid = np.all(np.isfinite(em_pred), axis=-1) & np.all(np.isfinite(em_bp), axis=-1)
     y_pred = np.full_like(y, np.nan)
     y_pred[valid] = np.asarray(forward(K, em_pred[valid]), dtype=np.float64)
     y_bp = np.asarray(forward(K, em_bp), dtype=np.float64)
     in_band = None
-    if lower is not None:
-        lo = np.broadcast_to(np.asarray(lower, np.float64), (*lead, n_c)).reshape(-1, n_c)
-        hi = np.broadcast_to(np.asarray(upper, np.float64), (*lead, n_c)).reshape(-1, n_c)
-        in_band = np.all((lo <= y_pred) & (y_pred <= hi), axis=-1)
+    if band is not None:
+        in_band = np.all((band[0] <= y_pred) & (y_pred <= band[1]), axis=-1)
     solved = status == 0
     masks = {"all": valid, "bp_solved": valid & solved, "bp_failed": valid & ~solved}
     invalid = {"all": ~valid, "bp_solved": ~valid & solved, "bp_failed": ~valid & ~solved}

@@ -287,7 +287,11 @@ def _make_steps(
         (loss, mse), grads = jax.value_and_grad(_loss_fn, has_aux=True)(
             params, batch, w, K, config, physics_weight, physics
         )
-        updates, opt_state = tx.update(grads, opt_state, params)
+        # optax's Adam bias correction computes `decay**count` (a Python float to the power
+        # of an int32 step count), which JAX's strict dtype promotion refuses: the optimiser
+        # update runs under standard promotion whatever the caller set.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, mse
 
     @jax.jit
@@ -464,6 +468,103 @@ def _diverged(what: str, state: _State, workdir: Path) -> FloatingPointError:
     )
 
 
+def _model_config(config: TrainConfig, response: TemperatureResponse) -> ModelConfig:
+    """The named architecture, with input/output sizes taken from the response."""
+    return dataclasses.replace(
+        get_config(config.model),
+        n_channels=response.n_channels,
+        n_temperatures=response.n_temperatures,
+    )
+
+
+def _check_datasets(train: Dataset, val: Dataset, mcfg: ModelConfig) -> None:
+    """ValueError unless both datasets fit the network's channels and bins and hold a
+    BP-solved pixel."""
+    for name, d in (("train", train), ("val", val)):
+        if d.intensity.shape[-1] != mcfg.n_channels or d.em.shape[-1] != mcfg.n_temperatures:
+            raise ValueError(
+                f"{name} dataset has {d.intensity.shape[-1]} channels x {d.em.shape[-1]} bins "
+                f"but the response has {mcfg.n_channels} channels x {mcfg.n_temperatures} bins"
+            )
+        if not d.solved.any():
+            raise ValueError(f"{name} dataset has no BP-solved pixel to learn from")
+
+
+def _optimizer(config: TrainConfig, train: Dataset) -> optax.GradientTransformation:
+    """AdamW with the configured weight decay and a constant learning rate, or one decaying
+    on a cosine over all the steps of ``config.epochs`` epochs of ``train``."""
+    if config.batch_size is None:
+        steps_per_epoch = len(np.unique(train.group[train.solved]))
+    else:
+        steps_per_epoch = math.ceil(int(train.solved.sum()) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    lr = (
+        optax.cosine_decay_schedule(config.learning_rate, total_steps)
+        if config.schedule == "cosine"
+        else config.learning_rate
+    )
+    return optax.adamw(lr, weight_decay=config.weight_decay)
+
+
+def _start_state(
+    workdir: Path,
+    config: TrainConfig,
+    response: TemperatureResponse,
+    mcfg: ModelConfig,
+    tx: optax.GradientTransformation,
+    log: Callable[[str], None] | None,
+) -> _State:
+    """The state of the latest checkpoint in ``workdir``, else freshly initialised params
+    (from ``config.seed``) and optimiser state."""
+    init = Predictor.init(jax.random.PRNGKey(config.seed), mcfg, response.logt, response.channels)
+    state = _restore(workdir, config, response, init.params, tx.init(init.params))
+    if state is None:
+        return _State(init.params, tx.init(init.params), 0, init.params, math.inf, 0, [])
+    if log:
+        log(f"resuming after epoch {state.epoch} from {workdir}")
+    return state
+
+
+def _run_epoch(
+    steps, state: _State, train: Dataset, val: Dataset, config: TrainConfig, K, workdir: Path
+) -> tuple[_State, bool]:
+    """One epoch of training and a validation pass from ``state``: the next state (its
+    history extended by the epoch's record, the best params kept) and whether the validation
+    loss improved. Raises FloatingPointError at a non-finite validation loss."""
+    train_step, eval_step = steps
+    params, opt_state, mse, n, dt = _train_epoch(train_step, state, train, config, K, workdir)
+    val_loss, val_mse = _evaluate(eval_step, params, val, K, config.batch_size or 65536)
+    if not math.isfinite(val_loss):
+        raise _diverged(f"validation loss {val_loss} after epoch {state.epoch + 1}", state, workdir)
+    rec = {
+        "epoch": state.epoch + 1,
+        "loss": mse,
+        "val_loss": val_loss,
+        "val_mse": val_mse,
+        "pixels_per_s": n / dt,
+    }
+    improved = val_loss < state.best_val
+    new = _State(
+        params,
+        opt_state,
+        state.epoch + 1,
+        params if improved else state.best_params,
+        val_loss if improved else state.best_val,
+        0 if improved else state.bad_epochs + 1,
+        [*state.history, rec],
+    )
+    return new, improved
+
+
+def _epoch_line(rec: dict[str, float], epochs: int, improved: bool) -> str:
+    """The progress line of one epoch's record (``*`` marks a better validation loss)."""
+    return (
+        f"epoch {rec['epoch']:4d}/{epochs}  mse {rec['loss']:.4f}  "
+        f"val mse {rec['val_mse']:.4f}  val loss {rec['val_loss']:.4f}"
+        f"{' *' if improved else '  '}  {rec['pixels_per_s']:,.0f} px/s"
+    )
+
+
 def train_and_evaluate(
     config: TrainConfig,
     train: Dataset,
@@ -483,45 +584,14 @@ def train_and_evaluate(
     A training step or a validation pass with a non-finite loss raises FloatingPointError
     naming the epoch (and step); the checkpoints of the epochs before it are kept.
     """
-    # the named architecture, with input/output sizes taken from the response
-    mcfg = dataclasses.replace(
-        get_config(config.model),
-        n_channels=response.n_channels,
-        n_temperatures=response.n_temperatures,
-    )
-    for name, d in (("train", train), ("val", val)):
-        if d.intensity.shape[-1] != mcfg.n_channels or d.em.shape[-1] != mcfg.n_temperatures:
-            raise ValueError(
-                f"{name} dataset has {d.intensity.shape[-1]} channels x {d.em.shape[-1]} bins "
-                f"but the response has {mcfg.n_channels} channels x {mcfg.n_temperatures} bins"
-            )
-        if not d.solved.any():
-            raise ValueError(f"{name} dataset has no BP-solved pixel to learn from")
+    mcfg = _model_config(config, response)
+    _check_datasets(train, val, mcfg)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    n_train = int(train.solved.sum())
-    if config.batch_size is None:
-        steps_per_epoch = len(np.unique(train.group[train.solved]))
-    else:
-        steps_per_epoch = math.ceil(n_train / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    lr = (
-        optax.cosine_decay_schedule(config.learning_rate, total_steps)
-        if config.schedule == "cosine"
-        else config.learning_rate
-    )
-    tx = optax.adamw(lr, weight_decay=config.weight_decay)
+    tx = _optimizer(config, train)
     K = jnp.asarray(response.K, jnp.float32)
-    train_step, eval_step = _make_steps(mcfg, tx, config.physics_weight, config.physics)
-    eval_bs = config.batch_size or 65536
-
-    init = Predictor.init(jax.random.PRNGKey(config.seed), mcfg, response.logt, response.channels)
-    state = _restore(workdir, config, response, init.params, tx.init(init.params))
-    if state is None:
-        state = _State(init.params, tx.init(init.params), 0, init.params, math.inf, 0, [])
-    elif log:
-        log(f"resuming after epoch {state.epoch} from {workdir}")
-
+    steps = _make_steps(mcfg, tx, config.physics_weight, config.physics)
+    state = _start_state(workdir, config, response, mcfg, tx, log)
     done_now = 0
     while state.epoch < config.epochs:
         if config.patience is not None and state.bad_epochs >= config.patience:
@@ -530,36 +600,10 @@ def train_and_evaluate(
             break
         if stop_after_epochs is not None and done_now >= stop_after_epochs:
             break
-        params, opt_state, mse, n, dt = _train_epoch(train_step, state, train, config, K, workdir)
-        val_loss, val_mse = _evaluate(eval_step, params, val, K, eval_bs)
-        if not math.isfinite(val_loss):
-            raise _diverged(
-                f"validation loss {val_loss} after epoch {state.epoch + 1}", state, workdir
-            )
-        rec = {
-            "epoch": state.epoch + 1,
-            "loss": mse,
-            "val_loss": val_loss,
-            "val_mse": val_mse,
-            "pixels_per_s": n / dt,
-        }
-        improved = val_loss < state.best_val
-        state = _State(
-            params,
-            opt_state,
-            state.epoch + 1,
-            params if improved else state.best_params,
-            val_loss if improved else state.best_val,
-            0 if improved else state.bad_epochs + 1,
-            [*state.history, rec],
-        )
+        state, improved = _run_epoch(steps, state, train, val, config, K, workdir)
         _save(workdir, state, config, mcfg, response)
         done_now += 1
         if log:
-            log(
-                f"epoch {rec['epoch']:4d}/{config.epochs}  mse {rec['loss']:.4f}  "
-                f"val mse {val_mse:.4f}  val loss {val_loss:.4f}{' *' if improved else '  '}  "
-                f"{rec['pixels_per_s']:,.0f} px/s"
-            )
+            log(_epoch_line(state.history[-1], config.epochs, improved))
     best = Predictor(state.best_params, mcfg, response.logt, response.channels)
     return best, list(state.history)

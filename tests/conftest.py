@@ -18,6 +18,14 @@ if "DEEPEM_JAX_DATA" not in os.environ and DEFAULT_SHARED.is_dir():
 # float64 is opt-in for library users; tests that need it use the `x64` fixture.
 
 
+@pytest.fixture(scope="session", autouse=True)
+def strict_dtype_promotion():
+    """Every test (and every fixture, module-scoped ones included) runs under JAX's strict
+    dtype promotion, so an implicit float32/float64 (or int/float) mix in jnp code raises."""
+    with jax.numpy_dtype_promotion("strict"):
+        yield
+
+
 @pytest.fixture
 def x64():
     with jax.enable_x64(True):

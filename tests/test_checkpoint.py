@@ -59,7 +59,9 @@ def _make_step(predictor: Predictor, tx):
             return jnp.mean((out - encode_em(em)) ** 2)
 
         grads = jax.grad(loss)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
+        # optax's Adam computes `decay**count` (float ** int32), refused by strict promotion
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
     return step

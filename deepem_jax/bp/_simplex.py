@@ -175,7 +175,8 @@ def _vertex(D, lower, upper, basis, at_upper):
     scaled basis matrix and scales; differentiable in D, lower and upper."""
     C, n = D.shape
     r, S, c_x = jax.lax.stop_gradient(_scales(D, lower, upper))
-    nonbasic_slack = ~jnp.any(basis[None, :] == (n + jnp.arange(C))[:, None], axis=1)
+    slack = n + jnp.arange(C, dtype=basis.dtype)  # column index of each row's slack
+    nonbasic_slack = ~jnp.any(basis[None, :] == slack[:, None], axis=1)
     rhs = jnp.where(nonbasic_slack, jnp.where(at_upper, upper, lower), 0.0)
     B = _basis_matrix(D, r, S, basis)
     return small_solve(B, r * rhs), B, r, S, c_x
@@ -311,7 +312,10 @@ def solve_lp(
     optimal basis (gradients are 0 for problems that are not SOLVED).
     """
     if dtype is None:
-        dtype = jnp.result_type(D, lower, upper, jnp.float32)
+        # the inputs' standard promotion (e.g. float32 D with float64 bounds -> float64) is
+        # the documented default even under strict promotion; every input is cast to it below
+        with jax.numpy_dtype_promotion("standard"):
+            dtype = jnp.result_type(D, lower, upper, jnp.float32)
     dtype = jnp.dtype(dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dtype must be a floating type, got {dtype}")
