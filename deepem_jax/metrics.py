@@ -40,6 +40,7 @@ from .forward import chi2, forward
 __all__ = [
     "GROUPS",
     "FidelityMetrics",
+    "compare_results",
     "evaluate_fidelity",
     "format_metrics_table",
 ]
@@ -249,3 +250,40 @@ def format_metrics_table(results: Mapping[str, FidelityMetrics], style: str = "m
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(rows[0]), sep, *(line(r) for r in rows[1:])])
+
+
+def compare_results(net, bp) -> dict[str, float]:
+    """Issue-12 fidelity of a network :class:`~deepem_jax.DEMResult` against BP's on the same
+    pixels, over the pixels BP solved (and the network got valid input):
+
+    ``pixels``; ``in_band`` -- fraction whose network resynthesis lies in BP's band (network
+    status SOLVED); ``mse_sqrt`` -- mean over pixels and bins of
+    ``(sqrt(EM_net/1e25) - sqrt(EM_bp/1e25))**2``; ``med_rel_total_em`` -- median of
+    ``|sum EM_net / sum EM_bp - 1|``; ``med_abs_dlogt`` -- median ``|<log T>_net - <log T>_bp|``
+    (EM-weighted); ``med_chi2`` and ``med_chi2_bp`` -- median chi^2 of each on those pixels.
+    """
+    from .status import DEMStatus
+
+    if net.shape != bp.shape or net.channels != bp.channels:
+        raise ValueError("the two results must cover the same pixels and channels")
+    sel = (bp.status == DEMStatus.SOLVED) & net.has_em
+    em_n, em_b = net.em[sel].astype(np.float64), bp.em[sel].astype(np.float64)
+    tot_n, tot_b = em_n.sum(-1), em_b.sum(-1)
+    lt_n, ok_n = _weighted_logt(em_n, net.logt)
+    lt_b, ok_b = _weighted_logt(em_b, bp.logt)
+    sq = np.sqrt(np.maximum(em_n, 0) / _SQRT_SCALE) - np.sqrt(np.maximum(em_b, 0) / _SQRT_SCALE)
+    pos = tot_b > 0
+    nan = math.nan
+    return {
+        "pixels": int(sel.sum()),
+        "in_band": float(np.mean(net.status[sel] == DEMStatus.SOLVED)) if sel.any() else nan,
+        "mse_sqrt": float(np.mean(sq**2)) if sel.any() else nan,
+        "med_rel_total_em": float(np.median(np.abs(tot_n[pos] / tot_b[pos] - 1)))
+        if pos.any()
+        else nan,
+        "med_abs_dlogt": float(np.median(np.abs(lt_n - lt_b)[ok_n & ok_b]))
+        if (ok_n & ok_b).any()
+        else nan,
+        "med_chi2": float(np.median(net.chi2[sel])) if sel.any() else nan,
+        "med_chi2_bp": float(np.median(bp.chi2[sel])) if sel.any() else nan,
+    }

@@ -11,11 +11,13 @@ response (demregpy's table) regridded to DeepEM's grid (log T 5.5-7.2, 18 bins):
 
 * synthetic pixels from the documented prior (:func:`deepem_jax.forward.random_dems`: 1-3
   Gaussian components, total EM log-uniform 1e26-1e29 cm^-5, peaks log T 5.6-7.1, widths
-  0.05-0.3) with AIA photon and read noise at exposure times 2.9 s (94, 131, 211, 335 Å) and
-  2.0 s (171, 193 Å);
-* for the five-channel model, also every pixel of the real AIA synoptic observation of
-  2024-10-04 (131-335 Å, calibrated by ``invert``: error model with the files' ``n_sample``,
-  degradation at the observation time) when the data directory (:mod:`deepem_jax.data`) has it.
+  0.05-0.3), and pixels synthesised from a real-DEM prior: the BP solutions of the real
+  observations of ``--prior-dates`` (2024-10-04 synoptic, 2011-02-15 cutouts; through
+  ``invert``, i.e. calibrated), both seen at real noise levels
+  (:func:`deepem_jax.prior.realistic_observations`: n_sample 1-64, exposures 0.005-3 s,
+  degradation of a random epoch; the network sees degradation-corrected intensities). No pixel
+  of a real date enters training itself: hold a date out by leaving it out of
+  ``--prior-dates`` and score it with ``examples/evaluate_by_date.py``.
 
 10% of the pixels are held out for validation (early stopping) and 10% for the test metrics the
 script prints (markdown), writes to ``<out>/<model>.metrics.md`` and stores in the checkpoint:
@@ -36,11 +38,11 @@ import numpy as np
 from deepem_jax import DEMStatus, invert, load_aia
 from deepem_jax.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from deepem_jax.data import DataFileNotFoundError, fetch, sample_observation
-from deepem_jax.forward import forward, noisy_observation, random_dems
+from deepem_jax.forward import random_dems
 from deepem_jax.metrics import evaluate_fidelity, format_metrics_table
+from deepem_jax.prior import real_dem_prior, realistic_observations
 from deepem_jax.response import DEEPEM_LOGT, default_response
 from deepem_jax.train import TrainConfig, build_dataset, train_and_evaluate
-from deepem_jax.uncertainty import sigma_values
 
 EXPTIME = {94: 2.9, 131: 2.9, 171: 2.0, 193: 2.0, 211: 2.9, 335: 2.9}
 CHANNELS = {6: [94, 131, 171, 193, 211, 335], 5: [131, 171, 193, 211, 335]}
@@ -48,24 +50,46 @@ NAMES = {6: "deepem_aia6.msgpack", 5: "deepem_aia5_no94.msgpack"}
 
 
 def synthetic_pixels(response, n, seed):
-    """``n`` noisy synthetic pixels: intensities and their AIA sigma (n, C), DN s^-1 pix^-1."""
+    """``n`` synthetic pixels of the documented prior at real noise levels
+    (:func:`deepem_jax.prior.realistic_observations`): corrected intensities and sigma (n, C)."""
     rng = np.random.default_rng(seed)
-    t = np.array([EXPTIME[c] for c in response.channels])
-    y_true = np.asarray(forward(np.asarray(response.K), random_dems(DEEPEM_LOGT, n, rng)))
-    y = noisy_observation(y_true, t, response.channels, rng)
-    return y, sigma_values(y, t, response.wavelength)
+    return realistic_observations(random_dems(DEEPEM_LOGT, n, rng), response, rng)
 
 
-def real_observation(response, rebin):
-    """The 2024-10-04 synoptic AIAStack for the response's channels, or None when the data
-    directory lacks it."""
-    try:
-        files = [
-            fetch(f"aia/synoptic_2024-10-04/AIAsynoptic{c:04d}.fits") for c in response.channels
-        ]
-    except DataFileNotFoundError:
+def prior_pixels(response, dates, n, seed, rebin):
+    """``n`` pixels synthesised from the BP solutions of the real observations of ``dates``
+    (any channels they have), at real noise levels; ``None`` when no date is available."""
+    results = []
+    for date in dates:
+        for stack in real_stacks(date, rebin):
+            results.append(invert(stack, "bp", progress=True))
+    if not results:
         return None
-    return load_aia(files, response.wavelength, rebin=rebin)
+    em = real_dem_prior(results)
+    rng = np.random.default_rng(seed + 7)
+    pick = rng.choice(len(em), n, replace=len(em) < n)
+    return realistic_observations(em[pick], response, rng), len(em)
+
+
+def real_stacks(date, rebin):
+    """AIAStacks of a real observation date: the 2024-10-04 synoptic set (five channels) or the
+    ten 2011-02-15 cutout times (six channels; saturated pixels are flagged by load_aia)."""
+    import os
+
+    root = os.environ.get("DEEPEM_JAX_DATA")
+    if date == "2024-10-04":
+        try:
+            files = [fetch(f"aia/synoptic_2024-10-04/AIAsynoptic{c:04d}.fits") for c in CHANNELS[5]]
+        except DataFileNotFoundError:
+            return []
+        return [load_aia(files, CHANNELS[5] * u.AA, rebin=rebin)]
+    if date == "2011-02-15":
+        folder = Path(root, "aia", "flare_2011-02-15") if root else None
+        if folder is None or not folder.is_dir():
+            return [load_aia(sample_observation(t)) for t in ("01:44", "01:46")]
+        stamps = sorted({f.name.split("T")[1][:5] for f in folder.glob("*.fits")})
+        return [load_aia(sorted(folder.glob(f"*T{s}-*.fits"))) for s in stamps]
+    raise ValueError(f"unknown observation date {date!r}")
 
 
 def parse_args() -> argparse.Namespace:
@@ -88,6 +112,13 @@ def parse_args() -> argparse.Namespace:
         "(default: deepem_pretrain_<channels> in the temporary directory)",
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--prior-dates",
+        default="2024-10-04",
+        help="comma-separated real dates whose BP solutions are the real-DEM prior "
+        "(2024-10-04, 2011-02-15; empty: synthetic only)",
+    )
+    ap.add_argument("--prior-pixels", type=int, default=300_000, help="pixels from that prior")
     ap.add_argument("--figure", default=None, help="write a Figure-1-style PNG here")
     ap.add_argument(
         "--physics",
@@ -112,14 +143,16 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     response = default_response().regrid(DEEPEM_LOGT).select(CHANNELS[args.channels] * u.AA)
     observations = [synthetic_pixels(response, args.pixels, args.seed)]
-    sources = [f"{args.pixels:,} synthetic pixels from the documented prior"]
-    real = real_observation(response, args.rebin) if args.channels == 5 else None
-    if real is not None:
-        observations.append(real)
-        binned = f", {args.rebin}x{args.rebin} rebinned" if args.rebin > 1 else ""
+    sources = [f"{args.pixels:,} synthetic pixels from the documented prior, real noise levels"]
+    dates = [d for d in args.prior_dates.split(",") if d]
+    prior = (
+        prior_pixels(response, dates, args.prior_pixels, args.seed, args.rebin) if dates else None
+    )
+    if prior is not None:
+        observations.append(prior[0])
         sources.append(
-            f"{real.data[..., 0].size:,} pixels of the real AIA synoptic observation "
-            f"2024-10-04 16:18 UTC (131-335 Å{binned})"
+            f"{args.prior_pixels:,} pixels synthesised from {prior[1]:,} BP solutions of the "
+            f"real observations of {', '.join(dates)} (rebin {args.rebin}), real noise levels"
         )
     print("data:", "; ".join(sources))
     data = build_dataset(observations, response, progress=True)

@@ -16,7 +16,12 @@ from conftest import REPO, shared_path
 import deepem_jax as dj
 
 EXAMPLES = REPO / "examples"
-TESTED = ("invert_quickstart.py", "plot_responses.py", "train_pretrained.py")
+TESTED = (
+    "evaluate_by_date.py",
+    "invert_quickstart.py",
+    "plot_responses.py",
+    "train_pretrained.py",
+)
 #: Small training run: a few seconds of training after BP on the synthetic pixels.
 SMALL = ("--pixels", "1500", "--epochs", "2", "--model", "small", "--batch-size", "256")
 
@@ -135,3 +140,13 @@ def test_train_pretrained_five_channels_with_real_data(run, tmp_path):
         "deepem_aia5_no94.msgpack",
         "deepem_aia5_no94.metrics.md",
     ]
+
+
+def test_evaluate_by_date_on_the_shipped_cutouts(run, tmp_path):
+    out = run("evaluate_by_date.py", "--pixels", "1500", cwd=tmp_path, env={"DEEPEM_JAX_DATA": ""})
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "2011-02-15" in line]
+    assert len(rows) == 4  # two networks x (alone, shipped)
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert int(cells[3].replace(",", "")) > 1000  # pixels BP solved
+        assert "nan" not in row
