@@ -33,7 +33,7 @@ __all__ = ["DEMWarning", "invert"]
 
 #: Smallest number of channels a DEM is computed from.
 MIN_CHANNELS = 3
-METHODS = ("bp", "net")
+METHODS = ("bp", "net", "fit")
 #: Statuses of pixels that were judged against a tolerance band.
 _JUDGED = [DEMStatus.SOLVED, DEMStatus.INFEASIBLE, DEMStatus.MAX_ITER, DEMStatus.OUTSIDE_BAND]
 #: Pixels per jit-compiled network tile.
@@ -205,14 +205,16 @@ def invert(
     response=None,
     predictor=None,
     tolfac: float = 1.4,
-    consistency: bool = True,
+    consistency: bool | str = True,
     degradation: bool | str | os.PathLike = True,
     solver=None,
     rebin: int = 1,
     progress: bool = False,
+    fitter=None,
+    init: str = "bp",
 ) -> DEMResult:
-    """DEM of every pixel of an AIA observation by Basis Pursuit (``"bp"``) or the network
-    (``"net"``).
+    """DEM of every pixel of an AIA observation by Basis Pursuit (``"bp"``), the network
+    (``"net"``) or a gradient-based fit (``"fit"``).
 
     Parameters
     ----------
@@ -223,7 +225,8 @@ def invert(
     method
         ``"bp"``: exact Basis Pursuit (:func:`deepem_jax.bp.solve`). ``"net"``: the DeepEM
         network (the shipped one for the channels unless ``predictor`` is given), followed by
-        the consistency step unless ``consistency=False``.
+        the consistency step unless ``consistency=False``. ``"fit"``:
+        :func:`deepem_jax.fit.fit` with ``fitter``, started from ``init``.
     sigma
         1-sigma errors of array intensities (DN s^-1 pix^-1); for files and stacks the AIA
         error model is used with each channel's exposure and the file's ``n_sample``.
@@ -242,8 +245,11 @@ def invert(
         Tolerance factor of the band ``max(y - tolfac*sigma, 0) <= K EM <= y + tolfac*sigma``
         BP solves in and the network's EM is judged against (finite, > 0).
     consistency
-        ``"net"`` only: move the network's EM into the band (the shipped model). ``False``
-        returns the network's own output (still judged against the band).
+        ``"net"`` only: ``True`` projects the network's EM onto the band
+        (:func:`deepem_jax.consistency.project_to_band`); ``"exact"`` also solves by BP the
+        pixels the projection leaves outside, so every pixel where BP is feasible ends inside
+        (``provenance["BPFALLBK"]`` counts them); ``False`` returns the network's own output
+        (still judged against the band).
     degradation
         ``True``: divide each channel by aiapy's degradation factor at its observation time,
         from the correction table shipped with deepem_jax; a path: from that correction table;
@@ -254,6 +260,11 @@ def invert(
         ``n x n`` block averaging when files are loaded here.
     progress
         Show progress bars.
+    fitter
+        ``"fit"`` only: a :class:`deepem_jax.fit.Fitter` (default ``Fitter()``).
+    init
+        ``"fit"`` only: its starting EM, ``"bp"`` (flat where BP has none), ``"net"`` (the
+        network with the consistency step; ``predictor`` or the shipped one) or ``"flat"``.
 
     Returns
     -------
@@ -268,10 +279,14 @@ def invert(
         pixel, shapes that do not match, no observation time for the degradation.
     """
     t_start = time.perf_counter()
+    if consistency not in (True, False, "exact"):
+        raise ValueError(f"consistency must be True, False or 'exact', got {consistency!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if predictor is not None and method != "net":
-        raise ValueError("predictor= is only used with method='net'")
+    if predictor is not None and not (method == "net" or (method == "fit" and init == "net")):
+        raise ValueError("predictor= is only used with method='net' (or 'fit' with init='net')")
+    if method != "fit" and fitter is not None:
+        raise ValueError("fitter= is only used with method='fit'")
     chans = None if channels is None else channel_list(channels)
     if method == "net" and chans is None and predictor is not None:
         chans = list(predictor.channels)
@@ -283,6 +298,10 @@ def invert(
         em, status, used, prov = _run_bp(obs, factors, response, tolfac, solver, progress)
         logt = prov.pop("_logt")
         resp = prov.pop("_response")
+    elif method == "fit":
+        em, status, used, prov, logt, resp = _run_fit(
+            obs, factors, response, fitter, init, predictor, tolfac, solver, progress
+        )
     else:
         if solver is not None:
             raise ValueError("solver= is only used with method='bp'")
@@ -312,7 +331,7 @@ def _result(obs, em, status, used, logt, resp, factors, method, tolfac, cards, t
     from .checkpoint import ResponseId
     from .forward import chi2
 
-    has_em = (status == DEMStatus.SOLVED) | (status == DEMStatus.OUTSIDE_BAND)
+    has_em = DEMStatus.with_em(status)
     em = np.where(has_em[..., None], em, np.nan).astype(np.float32)
     # float32 throughout: no float64 copy of a full-disk EM cube
     Kf = (np.asarray(resp.K, dtype=np.float64) * factors[:, None]).T.astype(np.float32)
@@ -433,15 +452,105 @@ def _run_net(obs, factors, response, predictor, tolfac, consistency, progress):
     status = np.where(in_band, int(DEMStatus.SOLVED), int(DEMStatus.OUTSIDE_BAND))
     status = np.where(finite, status, int(DEMStatus.NONFINITE_OUTPUT)).reshape(lead)
     used = np.full(lead, float(tolfac))
+    em = np.asarray(em).reshape(*lead, -1)
+    n_bp = 0
+    if consistency == "exact":
+        n_bp = _bp_fallback(y, s, resp, tolfac, em, status, used, progress)
     cfg = predictor.config
     widths = (cfg.n_channels, *cfg.hidden, cfg.n_temperatures)
     prov = {
         "NETWORK": "-".join(str(w) for w in widths),
         "WEIGHTS": _params_sha256(predictor.params)[:16],
-        "CONSIST": bool(consistency),
+        "CONSIST": str(consistency),
+        "BPFALLBK": n_bp,
     }
-    em = np.asarray(em).reshape(*lead, -1)
     return em, status, used, prov, predictor.logt_array, resp
+
+
+def _bp_fallback(y, s, resp, tolfac, em, status, used, progress) -> int:
+    """Solve by BP (in place) the pixels the projection left outside the band: SOLVED with
+    BP's EM and tolerance factor where BP is feasible; the others keep the network's EM and
+    OUTSIDE_BAND. Returns the number of pixels BP solved."""
+    from . import bp
+    from .basis import cheung_basis
+
+    redo = np.flatnonzero(status.reshape(-1) == DEMStatus.OUTSIDE_BAND)
+    if redo.size == 0:
+        return 0
+    C = y.shape[-1]
+    res = bp.solve(
+        y.reshape(-1, C)[redo],
+        s.reshape(-1, C)[redo],
+        resp,
+        cheung_basis(resp.logt_array),
+        tolfac=tolfac,
+        progress=progress,
+    )
+    ok = res.status == bp.BPStatus.SOLVED
+    idx = redo[ok]
+    em.reshape(-1, em.shape[-1])[idx] = res.em[ok]
+    status.reshape(-1)[idx] = int(DEMStatus.SOLVED)
+    used.reshape(-1)[idx] = res.tolfac[ok]
+    return int(ok.sum())
+
+
+def _run_fit(obs, factors, response, fitter, init, predictor, tolfac, solver, progress):
+    from .basis import cheung_basis
+    from .fit import Fitter, fit
+    from .response import DEEPEM_LOGT
+
+    fitter = Fitter() if fitter is None else fitter
+    if init not in ("bp", "net", "flat"):
+        raise ValueError(f"init must be 'bp', 'net' or 'flat', got {init!r}")
+    if init == "bp":
+        em0 = _run_bp(obs, factors, response, tolfac, solver, progress)[0]
+    elif init == "net":
+        em0 = _run_net(obs, factors, response, predictor, tolfac, True, progress)[0]
+    else:
+        em0 = None
+    resp = _fit_response(response, DEEPEM_LOGT, obs.channels)
+    y, s = _corrected(obs, factors)
+    basis = cheung_basis(DEEPEM_LOGT) if fitter.parametrisation == "basis" else None
+    C, lead = len(obs.channels), y.shape[:-1]
+    K = np.asarray(resp.K, np.float32)
+    if fitter.spatial:
+        res = fit(y.astype(np.float32), s.astype(np.float32), K, fitter, em0=em0, basis=basis)
+        em, status = np.asarray(res.em), np.asarray(res.status)
+    else:
+        from ._batching import bucket, map_rows
+
+        yf = y.reshape(-1, C).astype(np.float32)
+        sf = s.reshape(-1, C).astype(np.float32)
+        e0 = np.full((len(yf), len(DEEPEM_LOGT)), np.nan, np.float32)
+        if em0 is not None:
+            e0 = np.asarray(em0, np.float32).reshape(len(yf), -1)
+
+        def rows(a, b, c):
+            r = fit(a, b, K, fitter, em0=c, basis=basis)
+            return r.em, r.status
+
+        bar = _bar(progress, yf.shape[0], "fit")
+        em, status = map_rows(
+            rows,
+            [yf, sf, e0],
+            bucket(yf.shape[0], _TILE, min_size=1),
+            fills=(0.0, 1.0, np.nan),
+            on_chunk=None if bar is None else bar.update,
+        )
+        if bar is not None:
+            bar.close()
+        em, status = np.asarray(em).reshape(*lead, -1), np.asarray(status).reshape(lead)
+    prov = {
+        "FITPARAM": fitter.parametrisation,
+        "FITINIT": init,
+        "FITL1": fitter.l1,
+        "FITTIK0": fitter.tikhonov0,
+        "FITTIK2": fitter.tikhonov2,
+        "FITSPAT": fitter.spatial,
+        "FITSTEPS": fitter.max_steps,
+        "FITGTOL": fitter.gtol,
+    }
+    return em, status.astype(np.int8), np.full(lead, np.nan), prov, DEEPEM_LOGT, resp
 
 
 def _params_sha256(params) -> str:

@@ -12,8 +12,8 @@ __all__ = ["DEMStatus"]
 class DEMStatus(enum.IntEnum):
     """Per-pixel outcome of :func:`deepem_jax.invert`, whatever the method.
 
-    Codes 0--4 are those of :class:`deepem_jax.bp.BPStatus`. Only SOLVED and OUTSIDE_BAND pixels
-    carry an EM; every other pixel has NaN EM (never a silent zero).
+    Codes 0--4 are those of :class:`deepem_jax.bp.BPStatus`. Only SOLVED, OUTSIDE_BAND and
+    MAX_STEPS pixels carry an EM; every other pixel has NaN EM (never a silent zero).
     """
 
     SOLVED = 0
@@ -24,6 +24,7 @@ class DEMStatus(enum.IntEnum):
     OUTSIDE_BAND = 5
     SATURATED = 6
     NONFINITE_OUTPUT = 7
+    MAX_STEPS = 8
 
     @property
     def message(self) -> str:
@@ -33,7 +34,12 @@ class DEMStatus(enum.IntEnum):
     @property
     def has_em(self) -> bool:
         """True if pixels with this status carry an EM estimate."""
-        return self in (DEMStatus.SOLVED, DEMStatus.OUTSIDE_BAND)
+        return self in _WITH_EM
+
+    @classmethod
+    def with_em(cls, status: np.ndarray) -> np.ndarray:
+        """(...) bool: pixels whose status carries an EM."""
+        return np.isin(np.asarray(status), [int(c) for c in _WITH_EM])
 
     @classmethod
     def counts(cls, status: np.ndarray) -> dict[str, int]:
@@ -41,6 +47,8 @@ class DEMStatus(enum.IntEnum):
         codes, n = np.unique(np.asarray(status), return_counts=True)
         return {cls(int(c)).name: int(k) for c, k in zip(codes, n, strict=True)}
 
+
+_WITH_EM = (DEMStatus.SOLVED, DEMStatus.OUTSIDE_BAND, DEMStatus.MAX_STEPS)
 
 _MESSAGES = {
     DEMStatus.SOLVED: "EM found; its resynthesis lies inside the tolerance band",
@@ -56,4 +64,8 @@ _MESSAGES = {
     ),
     DEMStatus.SATURATED: "a channel is saturated (or bloomed) at this pixel; EM is NaN",
     DEMStatus.NONFINITE_OUTPUT: "the method returned a non-finite EM; EM is NaN",
+    DEMStatus.MAX_STEPS: (
+        "EM kept (the fit's last step), but the fit reached its step limit before its "
+        "gradient tolerance"
+    ),
 }

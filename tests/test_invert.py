@@ -219,3 +219,20 @@ def test_real_synoptic_bp_with_default_calibration(tmp_path):
     assert (res.status == DEMStatus.INFEASIBLE).sum() > (
         status[block] == DEMStatus.INFEASIBLE
     ).sum()
+
+
+def test_exact_consistency_puts_every_bp_feasible_pixel_in_band(five_channel_pixels):
+    y, sig, _, deg = five_channel_pixels
+    kw = dict(sigma=sig, channels=FIVE, obstime=T_OBS)
+    res = invert(y, "net", consistency="exact", **kw)
+    ref = bp.solve(y, sig, deg, cheung_basis(DEEPEM_LOGT))  # independent: the degraded response
+    feasible = ref.status == 0
+    assert np.all(res.status[feasible] == DEMStatus.SOLVED)
+    lo, hi = (np.asarray(b, np.float64) for b in res.band())
+    r = res.em.astype(np.float64) @ np.asarray(res.response.K, np.float64).T
+    inside = np.all((r >= lo * (1 - 1e-5)) & (r <= hi * (1 + 1e-5)), -1)
+    assert np.all(inside[res.status == DEMStatus.SOLVED])
+    projected = invert(y, "net", **kw)
+    assert res.provenance["BPFALLBK"] == int(np.sum(feasible & (projected.status != 0)))
+    with pytest.raises(ValueError, match="consistency"):
+        invert(y, "net", consistency="yes", **kw)
