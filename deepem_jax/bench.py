@@ -410,7 +410,54 @@ def _bench_bp_jax(ctx: _Context, scene: _Scene, with_f64: bool) -> None:
     for prec in ("float32", "float64") if with_f64 else ("float32",):
         solver = bp.DualSimplex(precision=prec)
         res, m = _measure(lambda solver=solver: invert(scene.y, "bp", solver=solver, **kw), scene.n)
-        _record_invert(ctx, scene, f"bp_jax_f{prec[-2:]}", res, m, "all", scene.common)
+        extra = _bp_new_process_seconds(ctx, scene) if prec == "float32" else {}
+        _record_invert(ctx, scene, f"bp_jax_f{prec[-2:]}", res, m, "all", scene.common, **extra)
+
+
+_BP_PROCESS_SCRIPT = """
+import sys, time
+import astropy.units as u
+import numpy as np
+from deepem_jax import invert
+from deepem_jax.response import DEEPEM_LOGT, default_response
+d = np.load(sys.argv[1])
+response = default_response().regrid(DEEPEM_LOGT)
+t0 = time.perf_counter()
+kw = dict(sigma=d["s"], channels=d["channels"] * u.AA, response=response, degradation=False)
+invert(d["y"], "bp", **kw)
+print(time.perf_counter() - t0)
+"""
+
+
+def _bp_new_process_seconds(ctx: _Context, scene: _Scene) -> dict[str, float]:
+    """Seconds of the first ``invert(method="bp")`` call (float32) on the scene in a new
+    process, twice with one new persistent compilation cache directory: with the cache empty
+    (everything compiles and is written) and with it filled by the first process."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from ._cache import ENV_VAR
+
+    with tempfile.TemporaryDirectory() as tmp:
+        inp = os.path.join(tmp, "scene.npz")
+        np.savez(inp, y=scene.y, s=scene.sigma, channels=ctx.channels.to_value(u.AA))
+        env = {**os.environ, ENV_VAR: os.path.join(tmp, "jax_cache")}
+        seconds = [
+            float(
+                subprocess.run(
+                    [sys.executable, "-c", _BP_PROCESS_SCRIPT, inp],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout.split()[-1]
+            )
+            for _ in range(2)
+        ]
+    return {
+        "new_process_first_call_seconds": {"empty_cache": seconds[0], "filled_cache": seconds[1]}
+    }
 
 
 def _bench_net(ctx: _Context, scene: _Scene, name: str, net) -> None:

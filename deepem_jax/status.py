@@ -12,8 +12,10 @@ __all__ = ["DEMStatus"]
 class DEMStatus(enum.IntEnum):
     """Per-pixel outcome of :func:`deepem_jax.invert`, whatever the method.
 
-    Codes 0--4 are those of :class:`deepem_jax.bp.BPStatus`. Only SOLVED, OUTSIDE_BAND and
-    MAX_STEPS pixels carry an EM; every other pixel has NaN EM (never a silent zero).
+    The Basis Pursuit solvers use the same enum (``deepem_jax.bp.BPStatus`` is this class) with
+    codes 0--4. In a :class:`~deepem_jax.DEMResult` only SOLVED, OUTSIDE_BAND and MAX_STEPS
+    pixels carry an EM; every other pixel has NaN EM (never a silent zero). The low-level
+    ``bp.solve`` / ``bp.solve_lp`` return coefficients 0 for codes 1--3 and NaN for 4.
     """
 
     SOLVED = 0
@@ -53,17 +55,17 @@ _WITH_EM = (DEMStatus.SOLVED, DEMStatus.OUTSIDE_BAND, DEMStatus.MAX_STEPS)
 _MESSAGES = {
     DEMStatus.SOLVED: "EM found; its resynthesis lies inside the tolerance band",
     DEMStatus.INFEASIBLE: (
-        "no non-negative EM reproduces the data within the tolerance (after all retries); EM is NaN"
+        "no non-negative EM reproduces the data within the tolerance (after all retries)"
     ),
-    DEMStatus.MAX_ITER: "the solver's iteration limit was reached before optimality; EM is NaN",
-    DEMStatus.LOW_SIGNAL: "summed signal below the solver's minimum; not solved, EM is NaN",
-    DEMStatus.INVALID_INPUT: "NaN/Inf intensity, or sigma not finite and positive; EM is NaN",
+    DEMStatus.MAX_ITER: "the solver's iteration limit was reached before optimality",
+    DEMStatus.LOW_SIGNAL: "summed signal below the solver's minimum; not solved",
+    DEMStatus.INVALID_INPUT: "NaN/Inf intensity, or sigma not finite and positive",
     DEMStatus.OUTSIDE_BAND: (
         "EM kept (network estimate), but its resynthesis lies outside the tolerance band in "
         "at least one channel"
     ),
-    DEMStatus.SATURATED: "a channel is saturated (or bloomed) at this pixel; EM is NaN",
-    DEMStatus.NONFINITE_OUTPUT: "the method returned a non-finite EM; EM is NaN",
+    DEMStatus.SATURATED: "a channel is saturated (or bloomed) at this pixel",
+    DEMStatus.NONFINITE_OUTPUT: "the method returned a non-finite EM",
     DEMStatus.MAX_STEPS: (
         "EM kept (the fit's last step), but the fit reached its step limit before its "
         "gradient tolerance"

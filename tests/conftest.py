@@ -14,6 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED = REPO.parent / "shared" / "data"
 if "DEEPEM_JAX_DATA" not in os.environ and DEFAULT_SHARED.is_dir():
     os.environ["DEEPEM_JAX_DATA"] = str(DEFAULT_SHARED)
+# Tests never write to the user's compilation cache (deepem_jax._cache); test_cache.py sets its
+# own directory in subprocesses. Inherited by the subprocesses the tests start.
+os.environ["DEEPEM_JAX_COMPILATION_CACHE"] = "off"
 
 # float64 is opt-in for library users; tests that need it use the `x64` fixture.
 

@@ -36,6 +36,7 @@ and pixels that are not SOLVED get zero gradients.
 
 from ._highs import highs_lp as highs_lp
 from ._simplex import MAX_PIVOTS as MAX_PIVOTS
+from ._simplex import PIVOT_BLOCK as PIVOT_BLOCK
 from ._simplex import solve_lp as solve_lp
 from ._solve import bounds as bounds
 from ._solve import solve as solve
@@ -49,6 +50,7 @@ from ._types import LPResult as LPResult
 
 __all__ = [
     "MAX_PIVOTS",
+    "PIVOT_BLOCK",
     "BPResult",
     "BPStatus",
     "DualSimplex",

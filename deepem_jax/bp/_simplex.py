@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._cache import enable_compilation_cache
 from .._linalg import small_solve
 from ._types import BPStatus, LPResult
 
@@ -72,35 +73,55 @@ def _setup(D, lower, upper):
 
 
 def _init(D):
-    """All-slack starting state (Binv, basis, stat, code, iterations); ``stat`` is 0 for basic,
-    1 at lower, 2 at upper; ``code`` -1 while running, then 0 optimal / 1 infeasible."""
+    """All-slack starting state (Binv, basis, stat, c_B, code, iterations); ``stat`` is 0 for
+    basic, 1 at lower, 2 at upper; ``c_B`` the costs of the basic variables; ``code`` -1 while
+    running, then 0 optimal / 1 infeasible."""
     C, n = D.shape
     return (
         -jnp.eye(C, dtype=D.dtype),
         jnp.arange(n, n + C, dtype=jnp.int32),
         jnp.concatenate([jnp.ones(n, jnp.int8), jnp.zeros(C, jnp.int8)]),
+        jnp.zeros(C, D.dtype),
         jnp.int32(-1),
         jnp.int32(0),
     )
 
 
+def _first_argmax(v: jax.Array) -> jax.Array:
+    """Index of the first maximum of a 1-D array (as ``jnp.argmax`` without NaNs), from a max
+    and a min reduction: XLA's CPU backend runs ``argmax`` (a two-operand reduction) about 5x
+    slower under ``vmap``."""
+    k = v.shape[0]
+    idx = jnp.where(v == jnp.max(v), jnp.arange(k, dtype=jnp.int32), k)
+    return jnp.minimum(jnp.min(idx), k - 1)
+
+
 def _step(D, p, state):
-    """One dual-simplex pivot (or the optimality / infeasibility verdict) of one problem."""
+    """One dual-simplex pivot (or the optimality / infeasibility verdict) of one problem.
+    Selections by index are masks (no gathers or scatters, which are slow under ``vmap`` on
+    CPU)."""
     C, n = D.shape
-    tol_p, tol_d, tol_a = _TOLS[jnp.dtype(D.dtype).itemsize]
+    dt = D.dtype
+    tol_p, tol_d, tol_a = _TOLS[jnp.dtype(dt).itemsize]
     r, S, c, lo, hi = p["r"], p["S"], p["c"], p["lo"], p["hi"]
-    Binv, basis, stat, code, it = state
+    Binv, basis, stat, c_b, code, it = state
+    lo_s, hi_s, stat_s = lo[n:], hi[n:], stat[n:]
     # non-basic x sit at 0, so only the non-basic slacks enter x_B = -B^-1 [D', -I] z_N
-    z_s = jnp.where(stat[n:] == 1, lo[n:], jnp.where(stat[n:] == 2, hi[n:], 0.0))
+    z_s = jnp.where(stat_s == 1, lo_s, jnp.where(stat_s == 2, hi_s, 0.0))
     x_b = Binv @ z_s
-    below = lo[basis] - x_b
-    above = x_b - hi[basis]
+    # bounds of the basic variables: [0, inf) for columns of D, [lo_k, hi_k] for slack k
+    is_slack = basis[:, None] == jnp.arange(n, n + C, dtype=jnp.int32)[None, :]
+    lo_b = jnp.sum(jnp.where(is_slack, lo_s[None, :], 0.0), 1)
+    hi_b = jnp.where(basis >= n, jnp.sum(jnp.where(is_slack, hi_s[None, :], 0.0), 1), jnp.inf)
+    below = lo_b - x_b
+    above = x_b - hi_b
     infeas = jnp.maximum(jnp.maximum(below, above), 0.0)
-    row = jnp.argmax(infeas / jnp.linalg.norm(Binv, axis=1))
-    optimal = infeas[row] <= tol_p
-    go_low = below[row] > 0
-    rho = Binv[row]
-    y = c[basis] @ Binv
+    row = _first_argmax(infeas * jax.lax.rsqrt(jnp.sum(Binv * Binv, 1)))
+    at_row = jnp.arange(C, dtype=jnp.int32) == row
+    optimal = jnp.max(infeas) <= tol_p
+    go_low = jnp.any(at_row & (below > 0))
+    rho = jnp.sum(jnp.where(at_row[:, None], Binv, 0.0), 0)
+    y = c_b @ Binv
     # one product with the shared D for the duals and the pivot row
     yd, rd = ((jnp.stack([y, rho]) * r) @ D) * S
     d = c - jnp.concatenate([yd, -y])
@@ -112,21 +133,26 @@ def _step(D, p, state):
     safe_a = jnp.where(cand, abs_a, 1.0)
     theta = jnp.min(jnp.where(cand, (abs_d + tol_d) / safe_a, jnp.inf))
     ok = cand & (abs_d / safe_a <= theta)
-    q = jnp.argmax(jnp.where(ok, abs_a, -1.0)).astype(jnp.int32)
+    q = _first_argmax(jnp.where(ok, abs_a, -1.0))
     infeasible = ~jnp.any(cand)
-    qx = jnp.minimum(q, n - 1)
-    a_q = jnp.where(q < n, r * D[:, qx] * S[qx], -jax.nn.one_hot(q - n, C, dtype=D.dtype))
+    at_q = jnp.arange(n + C, dtype=jnp.int32) == q
+    a_q = r * (D @ jnp.where(at_q[:n], S, 0.0)) - at_q[n:].astype(dt)
     col = Binv @ a_q
-    new_row = rho / col[row]
-    new_binv = (Binv - jnp.outer(col, new_row)).at[row].set(new_row)
+    new_row = rho / jnp.sum(jnp.where(at_row, col, 0.0))
+    new_binv = jnp.where(at_row[:, None], new_row[None, :], Binv - jnp.outer(col, new_row))
+    leaving = jnp.max(jnp.where(at_row, basis, -1))
     leave = jnp.where(go_low, jnp.int8(1), jnp.int8(2))
-    new_stat = stat.at[basis[row]].set(leave).at[q].set(jnp.int8(0))
+    new_stat = jnp.where(
+        at_q, jnp.int8(0), jnp.where(jnp.arange(n + C, dtype=jnp.int32) == leaving, leave, stat)
+    )
     pivot = ~optimal & ~infeasible
+    swap = pivot & at_row
     code = jnp.where(optimal, jnp.int32(0), jnp.where(infeasible, jnp.int32(1), jnp.int32(-1)))
     return (
         jnp.where(pivot, new_binv, Binv),
-        jnp.where(pivot, basis.at[row].set(q), basis),
+        jnp.where(swap, q, basis),
         jnp.where(pivot, new_stat, stat),
+        jnp.where(swap, jnp.sum(jnp.where(at_q, c, 0.0)), c_b),
         code,
         it + pivot.astype(jnp.int32),
     )
@@ -135,7 +161,7 @@ def _step(D, p, state):
 def _run(D, p, state, limit):
     """Pivot one problem until a verdict or ``limit`` total pivots."""
     return jax.lax.while_loop(
-        lambda s: (s[3] < 0) & (s[4] < limit), lambda s: _step(D, p, s), state
+        lambda s: (s[4] < 0) & (s[5] < limit), lambda s: _step(D, p, s), state
     )
 
 
@@ -153,7 +179,7 @@ def _pivots_batch(D, lower, upper, max_pivots, first_pivots, gather):
     state = run(D, p, state, min(first_pivots, max_pivots))
 
     def unfinished(st):
-        return (st[3] < 0) & (st[4] < max_pivots)
+        return (st[4] < 0) & (st[5] < max_pivots)
 
     def round_(st):
         idx = jnp.nonzero(unfinished(st), size=gather, fill_value=N)[0]
@@ -161,12 +187,12 @@ def _pivots_batch(D, lower, upper, max_pivots, first_pivots, gather):
         sub_p = jax.tree.map(lambda a: a[take], p)
         sub = jax.tree.map(lambda a: a[take], st)
         # padding lanes are marked finished so they cost one predicate evaluation only
-        sub = (*sub[:3], jnp.where(idx < N, sub[3], 0), sub[4])
+        sub = (*sub[:4], jnp.where(idx < N, sub[4], 0), sub[5])
         sub = run(D, sub_p, sub, max_pivots)
         return jax.tree.map(lambda a, b: a.at[idx].set(b, mode="drop"), st, sub)
 
     state = jax.lax.while_loop(lambda st: jnp.any(unfinished(st)), round_, state)
-    _, basis, stat, code, it = state
+    _, basis, stat, _, code, it = state
     return basis, stat[:, n:] == 2, jnp.where(code < 0, jnp.int32(2), code), it
 
 
@@ -250,8 +276,32 @@ def certify_infeasible(
     return jnp.any((k["below"] & ~can_raise) | (k["above"] & ~can_lower))
 
 
+#: Problems per block of the pivot loop inside :func:`solve_lp`: larger batches are split into
+#: blocks run one after another (``lax.map``), which keeps the loop's arrays in the CPU caches.
+PIVOT_BLOCK = 4096
+
+
+def _pivots_blocked(D, lower, upper, max_pivots, first_pivots, gather):
+    """:func:`_pivots_batch` over blocks of at most :data:`PIVOT_BLOCK` problems; the padding
+    problems (bounds [0, 1]) are optimal at the start."""
+    N, C = lower.shape
+    if N <= PIVOT_BLOCK:
+        return _pivots_batch(D, lower, upper, max_pivots, first_pivots, min(gather(N), N))
+    k = -(-N // PIVOT_BLOCK)
+    pad = k * PIVOT_BLOCK - N
+
+    def blocks(a, fill):
+        return jnp.pad(a, ((0, pad), (0, 0)), constant_values=fill).reshape(k, PIVOT_BLOCK, C)
+
+    def one(b):
+        return _pivots_batch(D, b[0], b[1], max_pivots, first_pivots, gather(PIVOT_BLOCK))
+
+    out = jax.lax.map(one, (blocks(lower, 0.0), blocks(upper, 1.0)))
+    return jax.tree.map(lambda a: a.reshape(k * PIVOT_BLOCK, *a.shape[2:])[:N], out)
+
+
 @partial(jax.jit, static_argnames=("max_pivots", "first_pivots", "gather"))
-def _solve_flat(D, lower, upper, max_pivots, first_pivots=12, gather=None):
+def _solve_flat(D, lower, upper, max_pivots, first_pivots=12, gather=16):
     invalid = ~(
         jnp.all(jnp.isfinite(lower), -1)
         & jnp.all(jnp.isfinite(upper), -1)
@@ -263,10 +313,8 @@ def _solve_flat(D, lower, upper, max_pivots, first_pivots=12, gather=None):
     hi = jnp.where(bad[:, None], 1.0, upper)
     Dc = jnp.where(jnp.isfinite(D), D, 0.0)
     sg = jax.lax.stop_gradient
-    N = lower.shape[0]
-    gather = max(N // 16, 1) if gather is None else gather
-    basis, at_upper, code, it = _pivots_batch(
-        sg(Dc), sg(lo), sg(hi), max_pivots, first_pivots, min(gather, N)
+    basis, at_upper, code, it = _pivots_blocked(
+        sg(Dc), sg(lo), sg(hi), max_pivots, first_pivots, lambda m: max(m // gather, 1)
     )
     code = jnp.where(invalid, int(BPStatus.INVALID_INPUT), jnp.where(crossed, 1, code))
     ok = code == 0
@@ -309,8 +357,11 @@ def solve_lp(
     INVALID_INPUT, ``lower > upper`` gives INFEASIBLE (``x`` = 0 for both).
 
     Jit-able, vmap-able and differentiable in ``D``, ``lower`` and ``upper`` through the
-    optimal basis (gradients are 0 for problems that are not SOLVED).
+    optimal basis (gradients are 0 for problems that are not SOLVED). The first call switches
+    on the persistent compilation cache (:mod:`deepem_jax._cache`; ``DEEPEM_JAX_COMPILATION_CACHE``
+    moves it or switches it off).
     """
+    enable_compilation_cache()
     if dtype is None:
         # the inputs' standard promotion (e.g. float32 D with float64 bounds -> float64) is
         # the documented default even under strict promotion; every input is cast to it below

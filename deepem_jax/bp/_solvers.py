@@ -14,7 +14,7 @@ import numpy as np
 
 from .._batching import bucket, map_rows
 from ._highs import highs_lp
-from ._simplex import MAX_PIVOTS, certify_infeasible, certify_optimal, solve_lp
+from ._simplex import MAX_PIVOTS, PIVOT_BLOCK, certify_infeasible, certify_optimal, solve_lp
 from ._types import BPStatus, LPResult
 
 __all__ = ["DualSimplex", "HiGHS", "ToleranceSchedule"]
@@ -58,14 +58,15 @@ class DualSimplex:
         cap, are re-solved in float64) or ``"float64"`` (float64 pivots). The arrays of
         :class:`BPResult` have this dtype.
     max_pivots : pivot cap per pixel; MAX_ITER beyond it.
-    chunk_size : largest number of pixels per jitted call. Calls are padded to a power of two
-        (at least 256) up to ``chunk_size``, so few shapes compile; XLA scratch memory grows
-        linearly with it.
+    chunk_size : largest number of pixels per jitted call. Calls are padded to a power of two,
+        at least ``PIVOT_BLOCK`` (4096) and at most ``chunk_size``, so few shapes compile (the
+        padding pixels are optimal at the start and cost little); inside a call the pivots
+        run on blocks of ``PIVOT_BLOCK`` pixels.
     """
 
     precision: str = "float32"
     max_pivots: int = MAX_PIVOTS
-    chunk_size: int = 10_000
+    chunk_size: int = 16_384
 
     def __post_init__(self) -> None:
         if self.precision not in ("float32", "float64"):
@@ -106,7 +107,7 @@ class DualSimplex:
         def lp(lo, hi):
             return solve_lp(D, lo, hi, max_pivots=self.max_pivots, dtype=dtype)
 
-        size = bucket(len(lower), self.chunk_size)
+        size = bucket(len(lower), self.chunk_size, min(PIVOT_BLOCK, self.chunk_size))
         with jax.enable_x64(dtype == np.float64):
             return map_rows(lp, [lower, upper], size, on_chunk=on_chunk)
 
@@ -122,7 +123,8 @@ def _certify(D, lower, upper, res: LPResult) -> tuple[np.ndarray, np.ndarray]:
             if idx.size == 0:
                 continue
             args = [a[idx] for a in (lower, upper, res.basis, res.at_upper)]
-            out = map_rows(partial(check, D), args, bucket(idx.size, _CERT_CHUNK))
+            size = bucket(idx.size, _CERT_CHUNK, _CERT_CHUNK)  # one compiled shape
+            out = map_rows(partial(check, D), args, size)
             if code == 0:
                 x[idx], out = out
             status[idx[~out]] = -1

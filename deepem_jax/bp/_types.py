@@ -3,41 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import enum
 
 import jax
 import numpy as np
 
+from ..status import DEMStatus
+
 __all__ = ["BPResult", "BPStatus", "LPResult"]
 
 
-class BPStatus(enum.IntEnum):
-    """Per-pixel outcome of a Basis Pursuit / LP solve (stored as small integers)."""
-
-    SOLVED = 0
-    INFEASIBLE = 1
-    MAX_ITER = 2
-    LOW_SIGNAL = 3
-    INVALID_INPUT = 4
-
-    @property
-    def message(self) -> str:
-        """Human-readable meaning of the code."""
-        return _MESSAGES[self]
-
-
-_MESSAGES = {
-    BPStatus.SOLVED: "optimal solution found",
-    BPStatus.INFEASIBLE: (
-        "no non-negative EM reproduces the data within the tolerance (after all retries); "
-        "coefficients are 0"
-    ),
-    BPStatus.MAX_ITER: "pivot limit reached before optimality; coefficients are 0",
-    BPStatus.LOW_SIGNAL: "summed signal below min_signal; not solved, coefficients are 0",
-    BPStatus.INVALID_INPUT: (
-        "NaN/Inf intensity or sigma, or sigma <= 0; not solved, coefficients are NaN"
-    ),
-}
+#: The status codes of the BP solvers: the one per-pixel status enum of deepem_jax
+#: (:class:`deepem_jax.DEMStatus`); the LP solvers use SOLVED..INVALID_INPUT (0-4).
+BPStatus = DEMStatus
 
 
 @jax.tree_util.register_dataclass
