@@ -278,6 +278,9 @@ def invert(
         Bad options (method, tolfac), fewer than three channels, a channel with no finite
         pixel, shapes that do not match, no observation time for the degradation.
     """
+    from ._cache import enable_compilation_cache
+
+    enable_compilation_cache()
     t_start = time.perf_counter()
     if consistency not in (True, False, "exact"):
         raise ValueError(f"consistency must be True, False or 'exact', got {consistency!r}")
