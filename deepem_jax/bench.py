@@ -84,7 +84,10 @@ def _describe(method: str) -> str:
     _, name, *rest = method.split("_")
     net = f"{name} network ({_NET_WEIGHTS[name]})"
     if rest == ["consistent", "f32"]:
-        return f"{net} + consistency step into BP's band, float32 (invert(method='net'))"
+        return (
+            f"{net} + consistency step (projection onto BP's band, BP for the pixels it "
+            "leaves outside), float32 (invert(method='net'), the shipped model)"
+        )
     if rest == ["bf16"]:
         return (
             f"{net} alone, bfloat16 computation (Predictor.predict(dtype=bfloat16): invert "
@@ -468,7 +471,7 @@ def _bench_net(ctx: _Context, scene: _Scene, name: str, net) -> None:
     n = scene.n
     fpp = _net_flops_per_pixel(net.config)
     kw = ctx.invert_kwargs(scene.sigma)
-    for consistent in (False, True):
+    for consistent in (False, "exact"):
         res, m = _measure(
             lambda c=consistent: invert(scene.y, "net", predictor=net, consistency=c, **kw), n
         )

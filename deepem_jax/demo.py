@@ -128,7 +128,9 @@ def _report_lines(stack, source, bp_res, net, fid, fid_raw, fig_path) -> list[st
         "",
         f"Pixels: {n:,}. Basis Pursuit (float32, JAX): {t_bp:.2f} s ({n / t_bp:,.0f} px/s, "
         "including compilation). "
-        f"Network with the consistency step: {t_net:.3f} s ({n / t_net:,.0f} px/s).",
+        f"Network with the consistency step (projection onto BP's band, BP for the "
+        f"{net.provenance['BPFALLBK']:,} pixels it left outside): {t_net:.3f} s "
+        f"({n / t_net:,.0f} px/s).",
         "",
         "BP status: " + _counts(bp_res.status_counts()),
         "",

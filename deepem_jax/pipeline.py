@@ -205,13 +205,14 @@ def invert(
     response=None,
     predictor=None,
     tolfac: float = 1.4,
-    consistency: bool | str = True,
+    consistency: bool | str = "exact",
     degradation: bool | str | os.PathLike = True,
     solver=None,
     rebin: int = 1,
     progress: bool = False,
     fitter=None,
     init: str = "bp",
+    uncertainties: int = 0,
 ) -> DEMResult:
     """DEM of every pixel of an AIA observation by Basis Pursuit (``"bp"``), the network
     (``"net"``) or a gradient-based fit (``"fit"``).
@@ -225,7 +226,7 @@ def invert(
     method
         ``"bp"``: exact Basis Pursuit (:func:`deepem_jax.bp.solve`). ``"net"``: the DeepEM
         network (the shipped one for the channels unless ``predictor`` is given), followed by
-        the consistency step unless ``consistency=False``. ``"fit"``:
+        the consistency step (``consistency``). ``"fit"``:
         :func:`deepem_jax.fit.fit` with ``fitter``, started from ``init``.
     sigma
         1-sigma errors of array intensities (DN s^-1 pix^-1); for files and stacks the AIA
@@ -245,11 +246,11 @@ def invert(
         Tolerance factor of the band ``max(y - tolfac*sigma, 0) <= K EM <= y + tolfac*sigma``
         BP solves in and the network's EM is judged against (finite, > 0).
     consistency
-        ``"net"`` only: ``True`` projects the network's EM onto the band
-        (:func:`deepem_jax.consistency.project_to_band`); ``"exact"`` also solves by BP the
-        pixels the projection leaves outside, so every pixel where BP is feasible ends inside
-        (``provenance["BPFALLBK"]`` counts them); ``False`` returns the network's own output
-        (still judged against the band).
+        ``"net"`` only. ``"exact"`` (the shipped model): project the network's EM onto the band
+        (:func:`deepem_jax.consistency.project_to_band`) and solve by BP the pixels the
+        projection leaves outside, so every pixel where BP is feasible ends inside
+        (``provenance["BPFALLBK"]`` counts them). ``True``: the projection only. ``False``:
+        the network's own output (still judged against the band).
     degradation
         ``True``: divide each channel by aiapy's degradation factor at its observation time,
         from the correction table shipped with deepem_jax; a path: from that correction table;
@@ -265,6 +266,10 @@ def invert(
     init
         ``"fit"`` only: its starting EM, ``"bp"`` (flat where BP has none), ``"net"`` (the
         network with the consistency step; ``predictor`` or the shipped one) or ``"flat"``.
+    uncertainties
+        Number of Monte Carlo replicates (0: none): the method is rerun on ``y + sigma * N(0,
+        1)`` (seeded, reproducible) and :attr:`DEMResult.errors` holds the standard deviations
+        (:func:`deepem_jax.dem_errors.monte_carlo`).
 
     Returns
     -------
@@ -311,6 +316,24 @@ def invert(
         em, status, used, prov, logt, resp = _run_net(
             obs, factors, response, predictor, tolfac, consistency, progress
         )
+    errors = None
+    if uncertainties:
+
+        def replicate(y):
+            o = dataclasses.replace(obs, y=y)
+            if method == "bp":
+                e, st = _run_bp(o, factors, response, tolfac, solver, False)[:2]
+            elif method == "fit":
+                args = (fitter, init, predictor, tolfac, solver, False)
+                e, st = _run_fit(o, factors, response, *args)[:2]
+            else:
+                e, st = _run_net(o, factors, response, predictor, tolfac, consistency, False)[:2]
+            return np.where(DEMStatus.with_em(st)[..., None], e, np.nan)
+
+        from .dem_errors import monte_carlo
+
+        rng = np.random.default_rng(0)
+        errors = monte_carlo(replicate, obs.y, obs.sigma, logt, int(uncertainties), rng)
     t_solve = time.perf_counter() - t0
     status = np.where(obs.saturated, int(DEMStatus.SATURATED), status)
     status = np.where(obs.invalid, int(DEMStatus.INVALID_INPUT), status).astype(np.int8)
@@ -326,10 +349,11 @@ def invert(
         tolfac,
         {**prov, **deg_cards},
         {"solve": t_solve, "total": time.perf_counter() - t_start},
+        errors,
     )
 
 
-def _result(obs, em, status, used, logt, resp, factors, method, tolfac, cards, timings):
+def _result(obs, em, status, used, logt, resp, factors, method, tolfac, cards, timings, errors):
     from . import __version__
     from .checkpoint import ResponseId
     from .forward import chi2
@@ -367,6 +391,7 @@ def _result(obs, em, status, used, logt, resp, factors, method, tolfac, cards, t
         provenance=provenance,
         wcs=obs.wcs,
         timings=timings,
+        errors=errors,
     )
 
 

@@ -10,6 +10,7 @@ pixels and given AIA photon and read noise; the result is returned the way
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import astropy.units as u
@@ -25,27 +26,28 @@ __all__ = ["NoiseLevels", "real_dem_prior", "realistic_observations"]
 NOMINAL_EXPTIME = {94: 2.9, 131: 2.9, 171: 2.0, 193: 2.0, 211: 2.9, 335: 2.9}
 
 
+@dataclasses.dataclass(frozen=True)
 class NoiseLevels:
     """Ranges the observing conditions are drawn from, one draw per block of pixels.
 
     ``n_sample`` level-1 pixels per pixel, log-uniform in ``n_sample`` (inclusive);
     exposures: nominal with probability ``p_nominal``, otherwise log-uniform in ``exptime``
     (s, per channel, as automatic exposure control does); degradation: the factors of a date
-    drawn uniformly in ``years`` (shipped correction table).
+    drawn uniformly in ``years`` (decimal years, shipped correction table).
     """
 
-    def __init__(
-        self,
-        n_sample: tuple[float, float] = (1.0, 64.0),
-        exptime: tuple[float, float] = (0.005, 3.0),
-        p_nominal: float = 0.7,
-        years: tuple[float, float] = (2010.5, 2025.5),
-    ) -> None:
-        if not (1 <= n_sample[0] <= n_sample[1] and 0 < exptime[0] <= exptime[1]):
-            raise ValueError(f"bad ranges: n_sample {n_sample}, exptime {exptime}")
-        if not 0 <= p_nominal <= 1:
-            raise ValueError(f"p_nominal must be in [0, 1], got {p_nominal}")
-        self.n_sample, self.exptime, self.p_nominal, self.years = n_sample, exptime, p_nominal, years
+    n_sample: tuple[float, float] = (1.0, 64.0)
+    exptime: tuple[float, float] = (0.005, 3.0)
+    p_nominal: float = 0.7
+    years: tuple[float, float] = (2010.5, 2025.5)
+
+    def __post_init__(self) -> None:
+        if not (
+            1 <= self.n_sample[0] <= self.n_sample[1] and 0 < self.exptime[0] <= self.exptime[1]
+        ):
+            raise ValueError(f"bad ranges: n_sample {self.n_sample}, exptime {self.exptime}")
+        if not 0 <= self.p_nominal <= 1:
+            raise ValueError(f"p_nominal must be in [0, 1], got {self.p_nominal}")
 
 
 def real_dem_prior(results: Sequence, min_total: float = 1e24) -> np.ndarray:

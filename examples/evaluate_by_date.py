@@ -10,9 +10,10 @@ deepem_jax, plus every time under ``$DEEPEM_JAX_DATA/aia/flare_2011-02-15``; sat
 are flagged, not scored) and 2024-10-04 (the five-channel synoptic set, when
 ``$DEEPEM_JAX_DATA`` has it). The six-channel network is scored where six channels exist, the
 five-channel one on both dates. Per network, date and variant (the network alone,
-``consistency=False``; the shipped model, with the consistency step), over the pixels BP
-solved: fraction in BP's band, MSE of sqrt(EM/1e25) against BP, median relative error of the
-total EM, median |delta <log T>|, median chi^2 of the network and of BP
+``consistency=False``; projected onto BP's band, ``consistency=True``; the shipped model,
+``consistency="exact"``: projected, and BP for the pixels the projection leaves outside),
+over the pixels BP solved: fraction in BP's band, MSE of sqrt(EM/1e25) against BP, median
+relative error of the total EM, median |delta <log T>|, median chi^2 of the network and of BP
 (:func:`deepem_jax.metrics.compare_results`). ``--weights6`` / ``--weights5`` score other
 checkpoints (e.g. networks trained without one of the dates).
 """
@@ -93,7 +94,7 @@ def score(predictor, channels, data) -> list[dict]:
     rows = []
     want = np.array(channels) * u.AA
     for date, (y, s, owner, times) in data.items():
-        parts: dict[str, list] = {"bp": [], "alone": [], "shipped": []}
+        parts: dict[str, list] = {"bp": [], "alone": [], "projected": [], "shipped": []}
         for i, t in enumerate(times):
             sel = owner == i
             if not sel.any():

@@ -145,7 +145,7 @@ def test_train_pretrained_five_channels_with_real_data(run, tmp_path):
 def test_evaluate_by_date_on_the_shipped_cutouts(run, tmp_path):
     out = run("evaluate_by_date.py", "--pixels", "1500", cwd=tmp_path, env={"DEEPEM_JAX_DATA": ""})
     rows = [line for line in out.splitlines() if line.startswith("| ") and "2011-02-15" in line]
-    assert len(rows) == 4  # two networks x (alone, shipped)
+    assert len(rows) == 6  # two networks x (alone, projected, shipped)
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert int(cells[3].replace(",", "")) > 1000  # pixels BP solved
