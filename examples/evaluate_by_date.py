@@ -101,11 +101,12 @@ def score(predictor, channels, data) -> list[dict]:
                 continue
             kw = dict(sigma=s[sel], channels=want, obstime=t)
             parts["bp"].append(invert(y[sel], "bp", **kw))
-            parts["alone"].append(
-                invert(y[sel], "net", predictor=predictor, consistency=False, **kw)
-            )
+            for variant, consistency in (("alone", False), ("projected", True)):
+                parts[variant].append(
+                    invert(y[sel], "net", predictor=predictor, consistency=consistency, **kw)
+                )
             parts["shipped"].append(invert(y[sel], "net", predictor=predictor, **kw))
-        for variant in ("alone", "shipped"):
+        for variant in ("alone", "projected", "shipped"):
             for net, bp in zip(parts[variant], parts["bp"], strict=True):
                 rows.append({"date": date, "variant": variant, **compare_results(net, bp)})
     return _merge(rows)
@@ -148,8 +149,12 @@ def main() -> None:
     ap.add_argument("--weights5", default=None, help="five-channel checkpoint (default: shipped)")
     ap.add_argument("--pixels", type=int, default=None, help="random pixels per date (all)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--networks", default="6,5", help="which networks to score (6, 5 or 6,5)")
     args = ap.parse_args()
+    which = {int(n) for n in args.networks.split(",")}
     for channels, path in ((SIX, args.weights6), (FIVE, args.weights5)):
+        if len(channels) not in which:
+            continue
         pred = load_predictor(path) if path else load_default_predictor(np.array(channels) * u.AA)
         rows = score(pred, channels, observations(channels, args.pixels, args.seed))
         name = f"{len(channels)} ch" + ("" if path is None else f" ({Path(path).name})")
