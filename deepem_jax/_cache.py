@@ -21,6 +21,7 @@ as trusted code: do not point it at a directory others can write to.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import jax
@@ -56,7 +57,17 @@ def enable_compilation_cache() -> Path | None:
         return Path(current) if current else None
     _done = True
     path = cache_dir()
-    if path is not None:
+    if path is None:
+        return None
+    try:
         path.mkdir(parents=True, exist_ok=True)
-        jax.config.update("jax_compilation_cache_dir", str(path))
+    except OSError as err:
+        warnings.warn(
+            f"compilation cache {path} cannot be created ({err}); compiling without it "
+            f"(set {ENV_VAR} to another directory or to 'off')",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
     return path

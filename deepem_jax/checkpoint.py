@@ -122,7 +122,7 @@ class Checkpoint:
         )
 
     def predictor(self) -> Predictor:
-        """The :class:`~deepem_jax.model.Predictor` of these params."""
+        """The :class:`~deepem_jax.predictor.Predictor` of these params."""
         return Predictor(self.params, self.config, self.logt, self.channels)
 
 
@@ -371,7 +371,7 @@ def load_predictor(
     response: TemperatureResponse | None = None,
     strict_response: bool = False,
 ) -> Predictor:
-    """The :class:`~deepem_jax.model.Predictor` stored in a checkpoint (see
+    """The :class:`~deepem_jax.predictor.Predictor` stored in a checkpoint (see
     :func:`load_checkpoint` for the response checks)."""
     ckpt = load_checkpoint(path, response=response, strict_response=strict_response)
     return ckpt.predictor()

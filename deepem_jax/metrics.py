@@ -2,7 +2,7 @@
 
 Every metric is computed three times: on all pixels, on pixels where BP solved
 (``status == 0``) and on pixels where BP failed (any other status). Pixels whose predicted or
-BP EM is not finite (invalid input: :meth:`deepem_jax.model.Predictor.predict`,
+BP EM is not finite (invalid input: :meth:`deepem_jax.predictor.Predictor.predict`,
 ``BPStatus.INVALID_INPUT``) are left out of every group and counted in ``n_invalid``.
 Arrays are channels-last: EM (..., n_T) in cm^-5 per bin, intensities and sigma
 (..., n_channels) in DN s^-1 pix^-1, status (...,).

@@ -1,4 +1,4 @@
-"""The DeepEM per-pixel network (Wright et al. 2019) in Flax linen, and its inference wrapper.
+"""The DeepEM per-pixel network (Wright et al. 2019) in Flax linen and its pure apply.
 
 The original is a PyTorch stack of 1x1 convolutions,
 ``Conv2d(6->300) -> LeakyReLU(0.01) -> Conv2d(300->300) -> LeakyReLU -> Conv2d(300->18)``,

@@ -301,6 +301,11 @@ def invert(
     obs = _observation(observation, sigma, chans, obstime, rebin)
     _check(obs, tolfac)
     factors, deg_cards = _degradation(obs, degradation)
+    if deg_cards["DEGRADE"] and response is not None and "+degraded(" in response.name:
+        raise ValueError(
+            f"the response {response.name!r} is already degraded; pass the undegraded response "
+            "(invert corrects for degradation itself) or degradation=False"
+        )
     t0 = time.perf_counter()
     if method == "bp":
         em, status, used, prov = _run_bp(obs, factors, response, tolfac, solver, progress)

@@ -38,7 +38,7 @@ def weights_path(channels=None) -> Path:
 
 
 def load_default_predictor(channels=None) -> Predictor:
-    """The shipped :class:`~deepem_jax.model.Predictor` for ``channels`` (default six)."""
+    """The shipped :class:`~deepem_jax.predictor.Predictor` for ``channels`` (default six)."""
     from .checkpoint import load_predictor
 
     return load_predictor(weights_path(channels))

@@ -58,6 +58,10 @@ class DEMResult:
         2-D celestial WCS of the spatial axes when the input had one.
     timings : dict
         Wall-clock seconds of the solve (``"solve"``) and of the whole call (``"total"``).
+    errors : DEMErrors or None
+        1-sigma uncertainties (``invert(..., uncertainties=N)``): EM per bin and total EM in
+        cm^-5, mean log T, and the temperature resolution when known
+        (:class:`deepem_jax.dem_errors.DEMErrors`).
     """
 
     em: np.ndarray
@@ -75,6 +79,7 @@ class DEMResult:
     provenance: dict[str, Any]
     wcs: WCS | None = None
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    errors: Any = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -83,8 +88,8 @@ class DEMResult:
 
     @property
     def has_em(self) -> np.ndarray:
-        """(...) bool: pixels carrying an EM (SOLVED or OUTSIDE_BAND)."""
-        return (self.status == DEMStatus.SOLVED) | (self.status == DEMStatus.OUTSIDE_BAND)
+        """(...) bool: pixels carrying an EM (SOLVED, OUTSIDE_BAND or MAX_STEPS)."""
+        return DEMStatus.with_em(self.status)
 
     @property
     def corrected_intensities(self) -> np.ndarray:
@@ -136,7 +141,9 @@ class DEMResult:
         self, path: str | os.PathLike, *, overwrite: bool = False, dtype: Any = np.float32
     ) -> Path:
         """Write the EM cube (n_T, y, x) with STATUS and CHI2 extensions and the provenance
-        header to ``path`` atomically (see :func:`deepem_jax.io.write_dem_cube`)."""
+        header to ``path`` atomically (see :func:`deepem_jax.io.write_dem_cube`); with
+        :attr:`errors`, also EM_ERR (cm^-5 per bin), TEM_ERR (cm^-5), LOGT_ERR and, when
+        known, LOGT_RES (log T per bin) extensions."""
         from .io import write_dem_cube
 
         if self.em.ndim != 3:
@@ -148,22 +155,40 @@ class DEMResult:
             self.em.astype(dtype) * u.cm**-5,
             self.logt,
             self.wcs,
-            extras={"status": self.status, "chi2": self.chi2.astype(dtype)},
+            extras={"status": self.status, "chi2": self.chi2.astype(dtype), **self._error_extras()},
             meta=self.provenance,
+            dtype=dtype,
             overwrite=overwrite,
         )
 
+    def _error_extras(self) -> dict[str, Any]:
+        e = self.errors
+        if e is None:
+            return {}
+        out = {
+            "em_err": e.em.astype(np.float32) * u.cm**-5,
+            "tem_err": e.total_em.astype(np.float32) * u.cm**-5,
+            "logt_err": e.logt.astype(np.float32),
+        }
+        if e.logt_resolution is not None:
+            out["logt_res"] = e.logt_resolution.astype(np.float32)
+        return out
+
     def to_ndcube(self):
         """The EM cube as an ``ndcube.NDCube`` (n_T, y, x) with a 3-D WCS (needs a WCS)."""
+        from astropy.io import fits
+
         from .io import DEMCube
+        from .io._demcube import dem_wcs
 
         if self.wcs is None or self.em.ndim != 3:
             raise ValueError("an NDCube needs an image result with a WCS")
         cube = DEMCube(
-            self.em * u.cm**-5,
-            self.logt,
-            self.wcs,
-            {"status": self.status, "chi2": self.chi2},
-            dict(self.provenance),
+            em=self.em * u.cm**-5,
+            logt=self.logt,
+            wcs=dem_wcs(self.wcs, self.logt, *self.shape),
+            header=fits.Header(),
+            extras={"status": self.status, "chi2": self.chi2},
+            provenance=dict(self.provenance),
         )
         return cube.to_ndcube()

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ._batching import pad_rows
 from .forward import forward
 from .model import (
     DeepEMNet,
@@ -317,9 +318,9 @@ def _batches(data: Dataset, batch_size: int | None, rng: np.random.Generator | N
         size = batch_size
         chunks = [idx[i : i + size] for i in range(0, len(idx), size)]
     for c in chunks:
-        pad = size - len(c)
-        take = np.concatenate([c, np.zeros(pad, dtype=c.dtype)]) if pad else c
-        w = np.concatenate([np.ones(len(c)), np.zeros(pad)]).astype(np.float32)
+        # padding repeats a solved pixel (finite inputs) with weight 0
+        take = pad_rows(c, size, fill=c[0])
+        w = pad_rows(np.ones(len(c), np.float32), size)
         batch = (
             data.intensity[take].astype(np.float32),
             data.sigma[take].astype(np.float32),

@@ -65,3 +65,10 @@ def test_default_directory_is_the_user_cache(monkeypatch):
     assert _cache.cache_dir() == pooch.os_cache("deepem_jax") / "jax_cache"
     monkeypatch.setenv(_cache.ENV_VAR, "~/elsewhere")
     assert str(_cache.cache_dir()) == os.path.expanduser("~/elsewhere")
+
+
+def test_uncreatable_directory_warns_and_runs_without_cache(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = _run(str(blocker / "cache"))
+    assert not out["dir"] and out["status"] == [0, 0]

@@ -123,7 +123,7 @@ def test_network_band_flag_is_an_independent_check():
 
     kw = dict(sigma=sig, channels=resp.wavelength, degradation=False)
     raw = invert(y, "net", consistency=False, **kw)
-    res = invert(y, "net", **kw)
+    res = invert(y, "net", consistency=True, **kw)  # the projection alone
     for r in (raw, res):
         np.testing.assert_array_equal(r.status == DEMStatus.SOLVED, inside(r.em))
         assert set(np.unique(r.status)) <= {DEMStatus.SOLVED, DEMStatus.OUTSIDE_BAND}
@@ -232,7 +232,28 @@ def test_exact_consistency_puts_every_bp_feasible_pixel_in_band(five_channel_pix
     r = res.em.astype(np.float64) @ np.asarray(res.response.K, np.float64).T
     inside = np.all((r >= lo * (1 - 1e-5)) & (r <= hi * (1 + 1e-5)), -1)
     assert np.all(inside[res.status == DEMStatus.SOLVED])
-    projected = invert(y, "net", **kw)
+    projected = invert(y, "net", consistency=True, **kw)
     assert res.provenance["BPFALLBK"] == int(np.sum(feasible & (projected.status != 0)))
     with pytest.raises(ValueError, match="consistency"):
         invert(y, "net", consistency="yes", **kw)
+
+
+def test_result_as_ndcube_and_float64_fits(tmp_path):
+    from astropy.io import fits
+
+    from deepem_jax.data import sample_observation
+
+    res = invert(load_aia(sample_observation()), "bp")
+    cube = res.to_ndcube()
+    assert cube.data.shape == (18, *res.shape)
+    np.testing.assert_allclose(cube.axis_world_coords("temperature")[0], DEEPEM_LOGT, atol=1e-9)
+    np.testing.assert_array_equal(np.moveaxis(cube.data, 0, -1), res.em)
+    path = res.to_fits(tmp_path / "dem.fits", dtype=np.float64)
+    assert fits.getheader(path)["BITPIX"] == -64
+
+
+def test_degraded_response_is_not_corrected_twice(five_channel_pixels):
+    y, sig, resp, _ = five_channel_pixels
+    with pytest.raises(ValueError, match="already degraded"):
+        invert(y[:4], "bp", sigma=sig[:4], channels=FIVE, obstime=T_OBS, response=resp.degrade(T_OBS))
+

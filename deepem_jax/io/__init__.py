@@ -1,5 +1,5 @@
 """Input/output: AIA images -> channels-last intensity stacks; DEM cubes <-> FITS / NDCube;
-the original DeepEM PyTorch weights -> :class:`deepem_jax.model.Predictor`.
+the original DeepEM PyTorch weights -> :class:`deepem_jax.predictor.Predictor`.
 
 Arrays in memory are channels-last, ``(ny, nx, n_channels)`` and ``(ny, nx, n_T)``; DEM cubes
 on disk are ``(n_T, ny, nx)`` FITS images with a log T third WCS axis.

@@ -145,6 +145,14 @@ def _cube_header(cel: fits.Header, lt: np.ndarray, step: float) -> fits.Header:
     return header
 
 
+def dem_wcs(wcs: WCS, logt, ny: int, nx: int) -> WCS:
+    """The 3-D WCS (x, y, log T) of a DEM cube of ``ny x nx`` pixels with the 2-D celestial
+    ``wcs`` and the uniform grid ``logt``; its log T axis has the physical type
+    ``phys.temperature``."""
+    lt, step = _logt_axis(logt)
+    return _DEMWCS(_cube_header(_celestial_header(wcs, ny, nx), lt, step))
+
+
 def _float_dtype(dtype: DTypeLike) -> np.dtype:
     dt = np.dtype(dtype)
     if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
