@@ -47,6 +47,8 @@ from .response import DEEPEM_LOGT as DEEPEM_LOGT
 from .response import TemperatureResponse as TemperatureResponse
 from .response import default_response as default_response
 from .result import DEMResult as DEMResult
+from .series import SeriesResult as SeriesResult
+from .series import invert_series as invert_series
 from .status import DEMStatus as DEMStatus
 from .uncertainty import V3_ERROR_TABLE as V3_ERROR_TABLE
 from .uncertainty import ErrorTable as ErrorTable

@@ -1,13 +1,19 @@
 """Fixed-shape batching on the host: pad rows to a few bucketed sizes and map a function over
-equal-sized chunks, so a jitted function compiles once per bucket instead of once per length."""
+equal-sized chunks, so a jitted function compiles once per bucket instead of once per length.
+
+With several local devices, consecutive chunks are spread over them (one chunk per device at a
+time, through a ``jax.sharding.NamedSharding`` over the row axis): each device runs the same
+single-chunk program it would run alone, so results are bit-identical to one device."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = ["bucket", "map_rows", "pad_rows"]
 
@@ -52,6 +58,16 @@ def map_rows(
     same pytree of numpy arrays with ``n`` rows (freshly allocated, writable). ``on_chunk(m)``
     is called after each block with its number ``m`` of real rows (e.g. a progress bar update).
 
+    Devices: when there are ``d > 1`` local devices (``jax.local_devices()``) and more than one
+    block, ``k = min(d, number of blocks)`` consecutive blocks are processed at a time, block
+    ``j`` on device ``j``: the ``k * size`` rows are placed with a ``NamedSharding`` over the row
+    axis, ``fn`` is dispatched on each device's shard (asynchronously, so the devices work at
+    the same time) and the shards of the results are gathered. A group with fewer than ``k``
+    real blocks is completed with blocks of fill rows. ``fn`` must not block on its results
+    (jitted functions do not), or the devices take turns. Each device runs ``fn`` on exactly the
+    block, padding included, that one device would, through ``fn``'s own compiled program (kept
+    in its jit cache), so results do not depend on the number of devices.
+
     With ``n = 0``, ``fn`` is still called once, on a block of fill rows, so the result has the
     right trailing shapes and dtypes (0 rows); ``on_chunk`` is not called.
     """
@@ -68,23 +84,60 @@ def map_rows(
     fills = [0.0] * len(arrays) if fills is None else list(fills)
     if len(fills) != len(arrays):
         raise ValueError(f"got {len(fills)} fills for {len(arrays)} arrays")
+    devices = jax.local_devices()[: -(-max(n, 1) // size)]
+    run = _on_one if len(devices) == 1 else partial(_on_devices, devices)
+    step = len(devices) * size
     out: list[np.ndarray] | None = None
     treedef = None
-    for start in range(0, max(n, 1), size):
-        m = min(size, n - start)
+    for start in range(0, max(n, 1), step):
+        m = min(step, n - start)
         chunk = [
-            pad_rows(a[start : start + m], size, f) for a, f in zip(arrays, fills, strict=True)
+            pad_rows(a[start : start + m], step, f) for a, f in zip(arrays, fills, strict=True)
         ]
-        leaves, treedef = jax.tree.flatten(fn(*chunk))
-        leaves = [np.asarray(leaf) for leaf in leaves]
-        if any(leaf.shape[:1] != (size,) for leaf in leaves):
-            raise ValueError(
-                f"fn must return arrays with {size} rows, got shapes {[x.shape for x in leaves]}"
-            )
+        leaves, treedef = run(fn, chunk, size)
         if out is None:
             out = [np.empty((n, *leaf.shape[1:]), leaf.dtype) for leaf in leaves]
         for o, leaf in zip(out, leaves, strict=True):
             o[start : start + m] = leaf[:m]
-        if on_chunk is not None and m > 0:
-            on_chunk(m)
+        if on_chunk is not None:
+            for real in range(m, 0, -size):
+                on_chunk(min(real, size))
     return jax.tree.unflatten(treedef, out)
+
+
+def _leaves(result: Any, size: int) -> tuple[list, Any]:
+    """Leaves and treedef of one block's result, each leaf checked to have ``size`` rows."""
+    leaves, treedef = jax.tree.flatten(result)
+    if any(leaf.shape[:1] != (size,) for leaf in leaves):
+        raise ValueError(
+            f"fn must return arrays with {size} rows, got shapes {[x.shape for x in leaves]}"
+        )
+    return leaves, treedef
+
+
+def _on_one(fn: Callable[..., Any], chunk: list[np.ndarray], size: int) -> tuple[list, Any]:
+    """``fn`` on one host block of ``size`` rows; numpy leaves and treedef."""
+    leaves, treedef = _leaves(fn(*chunk), size)
+    return [np.asarray(leaf) for leaf in leaves], treedef
+
+
+def _on_devices(
+    devices: list, fn: Callable[..., Any], chunk: list[np.ndarray], size: int
+) -> tuple[list, Any]:
+    """``fn`` on ``len(devices)`` consecutive blocks of ``size`` rows, block ``j`` on device
+    ``j``; numpy leaves with all the blocks' rows in order, and the treedef."""
+    sharding = NamedSharding(Mesh(np.array(devices), ("rows",)), PartitionSpec("rows"))
+    shards = [_device_shards(jax.device_put(a, sharding)) for a in chunk]
+    # dispatch every device's block before reading any result back
+    results = [_leaves(fn(*blocks), size) for blocks in zip(*shards, strict=True)]
+    treedef = results[0][1]
+    leaves = [
+        np.concatenate([np.asarray(r[0][i]) for r in results]) for i in range(len(results[0][0]))
+    ]
+    return leaves, treedef
+
+
+def _device_shards(array: jax.Array) -> list[jax.Array]:
+    """The single-device pieces of a row-sharded array, in row order."""
+    shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
+    return [s.data for s in shards]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import sys
 from pathlib import Path
 
 import astropy.units as u
@@ -21,6 +20,7 @@ import numpy as np
 EXIT_INPUT = 3
 EXIT_EXISTS = 4
 EXIT_DIVERGED = 5
+EXIT_PARTIAL = 6
 
 _EXAMPLES_INVERT = """
 \b
@@ -28,6 +28,8 @@ Examples:
   deepem-jax invert /data/aia/2024-10-04/ --method net --out out/
   deepem-jax invert aia.lev1.{94,131,171,193,211,335}A.fits --method bp --out out/ --png
   deepem-jax invert /data/aia/synoptic/ --method bp --channels 131,171,193,211,335 --out out/
+  deepem-jax invert /data/aia/obs_*/ --method bp --out out/ --workers 2        # a series
+  deepem-jax invert /data/aia/day/*.fits --out out/ --scheduler tcp://host:8786  # on a cluster
 """
 
 
@@ -132,27 +134,16 @@ def _load_weights(path: str | None, channels):
 
 
 def _observations(files: tuple[str, ...]) -> list:
-    """Each directory is one observation; loose files together form one observation."""
+    """Each directory is one observation; loose files are grouped into co-temporal sets, one
+    observation each (:func:`deepem_jax.series.group_files`)."""
+    from .series import group_files
+
     dirs = [f for f in files if os.path.isdir(f)]
     loose = [f for f in files if not os.path.isdir(f)]
     missing = [f for f in loose if not os.path.exists(f)]
     if missing:
         raise _InputError(f"no such file: {', '.join(missing)}")
-    obs: list = [Path(d) for d in dirs]
-    if loose:
-        obs.append([Path(f) for f in loose])
-    return obs
-
-
-def _output_stem(method: str, stack) -> str:
-    """``dem_<method>_<time>_<id>``: the id is a digest of the input files' absolute paths,
-    so two inputs never share an output name and the same input always gets the same one."""
-    import hashlib
-
-    paths = "\n".join(sorted(str(Path(s).resolve()) for s in stack.sources))
-    digest = hashlib.sha256(paths.encode()).hexdigest()[:8]
-    stamp = stack.obstime.min().strftime("%Y%m%dT%H%M%S")
-    return f"dem_{method}_{stamp}_{digest}"
+    return [Path(d) for d in dirs] + group_files(loose)
 
 
 def _label(obs) -> str:
@@ -222,6 +213,19 @@ def _label(obs) -> str:
 )
 @click.option("--png/--no-png", default=False, help="Also write PNG maps.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@click.option(
+    "--scheduler",
+    default=None,
+    help="Where a series runs: default an embedded Dask LocalCluster of --workers processes "
+    "(one observation alone runs in this process); 'synchronous': in this process, one "
+    "observation after another; or a Dask scheduler address (tcp://host:8786).",
+)
+@click.option(
+    "--workers",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Worker processes of the embedded cluster  [default: one per core]",
+)
 def invert(
     files,
     method,
@@ -235,16 +239,26 @@ def invert(
     tolfac,
     png,
     overwrite,
+    scheduler,
+    workers,
 ):
     """Invert AIA images (six channel FITS files, or one directory per observation) to DEM
-    cubes: FITS (T x y x with WCS, cm^-5 per log T bin) plus STATUS and CHI2 maps."""
-    from .io import AIAFileError, load_aia
-    from .pipeline import invert as invert_one
+    cubes: FITS (T x y x with WCS, cm^-5 per log T bin) plus STATUS and CHI2 maps.
+
+    Several observations (directories, or loose files of several times, grouped by time into
+    co-temporal sets) run as a series on Dask, one task each: outputs that exist and verify
+    are kept (a rerun finishes an interrupted series), a failing observation is reported and
+    the others go on, and a table and a plot of the series are written (series_*.fits/.png).
+    """
     from .response import AIA_CHANNELS
 
     chans = _channels(channels)
     if no_degradation and correction_table:
         raise click.BadParameter("--correction-table contradicts --no-degradation")
+    if workers is not None and scheduler is not None:
+        raise click.BadParameter(
+            "only for the embedded cluster (no --scheduler)", param_hint="--workers"
+        )
     observations = _observations(files)
     out = _writable_dir(out_dir)
     response = _load_response(response_path)
@@ -253,48 +267,97 @@ def invert(
     if want is None:
         want = np.array(predictor.channels) * u.AA if predictor is not None else AIA_CHANNELS
     degradation = False if no_degradation else (correction_table or True)
-    with click.progressbar(
-        observations, label="observations", file=sys.stderr, show_pos=True
-    ) as bar:
-        for obs in bar:
-            try:
-                stack = load_aia(obs, want, rebin=rebin)
-            except (AIAFileError, OSError, ValueError) as err:
-                raise _InputError(str(err)) from err
-            stem = _output_stem(method, stack)
-            fits_path, png_path = out / f"{stem}.fits", out / f"{stem}.png"
-            existing = [p for p in (fits_path, png_path if png else None) if p and p.exists()]
-            if existing and not overwrite:
-                raise _ExistsError(
-                    f"{existing[0]} exists; pass --overwrite to replace it "
-                    "(nothing was written for this observation)"
-                )
-            try:
-                result = invert_one(
-                    stack,
-                    method,
-                    response=response,
-                    predictor=predictor,
-                    tolfac=tolfac,
-                    degradation=degradation,
-                    progress=True,
-                )
-            except ValueError as err:
-                raise _InputError(f"{_label(obs)}: {err}") from err
-            result.to_fits(fits_path, overwrite=overwrite)
-            if png:
-                from .products import dem_maps
+    options = {"response": response, "predictor": predictor, "tolfac": tolfac}
+    if scheduler is None and len(observations) == 1:
+        _invert_alone(
+            observations[0], method, out, want, rebin, degradation, options, png, overwrite
+        )
+        return
+    _invert_series(
+        observations,
+        method,
+        out,
+        want,
+        rebin,
+        degradation,
+        options,
+        png,
+        overwrite,
+        scheduler,
+        workers,
+    )
 
-                dem_maps(
-                    result.em,
-                    result.logt,
-                    result.status,
-                    wcs=result.wcs,
-                    path=str(png_path),
-                    title=f"{method.upper()} DEM, {stem}",
-                )
-            counts = ", ".join(f"{k} {v}" for k, v in result.status_counts().items())
-            click.echo(f"\nwrote {fits_path} ({result.shape[0]}x{result.shape[1]} px: {counts})")
+
+def _invert_alone(obs, method, out, want, rebin, degradation, options, png, overwrite):
+    """One observation in this process: exit 3 on bad input, 4 if its output exists."""
+    from .io import AIAFileError, load_aia
+    from .pipeline import invert as invert_one
+    from .series import product_stem, write_product
+
+    try:
+        stack = load_aia(obs, want, rebin=rebin)
+    except (AIAFileError, OSError, ValueError) as err:
+        raise _InputError(str(err)) from err
+    stem = product_stem(method, stack.sources, stack.obstime)
+    fits_path, png_path = out / f"{stem}.fits", out / f"{stem}.png"
+    existing = [p for p in (fits_path, png_path if png else None) if p and p.exists()]
+    if existing and not overwrite:
+        raise _ExistsError(
+            f"{existing[0]} exists; pass --overwrite to replace it "
+            "(nothing was written for this observation)"
+        )
+    try:
+        result = invert_one(stack, method, degradation=degradation, progress=True, **options)
+    except ValueError as err:
+        raise _InputError(f"{_label(obs)}: {err}") from err
+    write_product(result, fits_path, png_path if png else None, overwrite=overwrite)
+    counts = ", ".join(f"{k} {v}" for k, v in result.status_counts().items())
+    click.echo(f"wrote {fits_path} ({result.shape[0]}x{result.shape[1]} px: {counts})")
+
+
+def _invert_series(
+    observations, method, out, want, rebin, degradation, options, png, overwrite, client, workers
+):
+    """Many observations on Dask, a summary line per observation; exit 6 if any failed."""
+    from .series import invert_series
+
+    try:
+        res = invert_series(
+            observations,
+            method,
+            out_dir=out,
+            client=client,
+            workers=workers,
+            channels=want,
+            rebin=rebin,
+            degradation=degradation,
+            overwrite=overwrite,
+            png=png,
+            progress=True,
+            **options,
+        )
+    except ConnectionError as err:
+        raise click.BadParameter(str(err), param_hint="--scheduler") from None
+    for o in res.outcomes:
+        click.echo(_summary_line(o))
+    n = res.counts()
+    click.echo(
+        f"{len(res.outcomes)} observations: {n['ok']} ok, {n['skipped']} skipped, "
+        f"{n['failed']} failed; series table {res.table}, plot {res.plot}"
+    )
+    if n["failed"]:
+        click.get_current_context().exit(EXIT_PARTIAL)
+
+
+def _summary_line(o) -> str:
+    """``state  time  output (or input)  (details)`` of one observation of a series."""
+    where = Path(o.output).name if o.output else o.label
+    if o.state == "failed":
+        detail = o.reason
+    else:
+        counts = ", ".join(f"{k} {v}" for k, v in o.counts.items() if v)
+        detail = f"{counts}; {o.reason}" if o.reason else counts
+    return f"{o.state:<8} {o.time or '-':<23}  {where}  ({detail})"
 
 
 def _finite_nonnegative(ctx, param, value):
@@ -481,7 +544,7 @@ def demo(out_dir, overwrite):
     """Run the whole chain on data the package can reach and write a figure and a report.
 
     Uses the real AIA synoptic observation under $DEEPEM_JAX_DATA when it is there, otherwise
-    a synthetic observation built from the embedded response.
+    the real 2011-02-15 cutouts shipped with deepem_jax.
     """
     from .demo import run_demo
 

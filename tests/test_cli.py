@@ -221,7 +221,11 @@ def test_same_time_inputs_get_distinct_outputs(runner, aia_dir, tmp_path):
         (twin / f.name).write_bytes(f.read_bytes())  # the same observation time, another input
     out = tmp_path / "out"
     r = runner.invoke(
-        main, ["invert", str(aia_dir), str(twin), "--method", "bp", "--out", str(out)]
+        main,
+        [
+            *("invert", str(aia_dir), str(twin), "--method", "bp", "--out", str(out)),
+            *("--scheduler", "synchronous"),
+        ],
     )
     assert r.exit_code == 0, r.output
     files = sorted(out.glob("dem_bp_*.fits"))
