@@ -255,5 +255,6 @@ def test_result_as_ndcube_and_float64_fits(tmp_path):
 def test_degraded_response_is_not_corrected_twice(five_channel_pixels):
     y, sig, resp, _ = five_channel_pixels
     with pytest.raises(ValueError, match="already degraded"):
-        invert(y[:4], "bp", sigma=sig[:4], channels=FIVE, obstime=T_OBS, response=resp.degrade(T_OBS))
-
+        invert(
+            y[:4], "bp", sigma=sig[:4], channels=FIVE, obstime=T_OBS, response=resp.degrade(T_OBS)
+        )
