@@ -322,3 +322,42 @@ def test_all_nan_channel_is_refused(runner, tmp_path):
     r = runner.invoke(main, ["invert", str(d), "--method", "bp", "--out", str(tmp_path / "o")])
     assert r.exit_code == EXIT_INPUT, r.output
     assert "211 Å has no finite pixel" in r.output
+
+
+def test_degradation_options(runner, aia_dir, tmp_path):
+    from deepem_jax import invert, load_aia
+
+    stack = load_aia(aia_dir)
+    r = runner.invoke(
+        main, ["invert", str(aia_dir), "--method", "bp", "--no-degradation", "--out", str(tmp_path)]
+    )
+    assert r.exit_code == 0, r.output
+    (path,) = tmp_path.glob("dem_bp_*.fits")
+    cube = read_dem_cube(path)
+    ref = invert(stack, "bp", degradation=False)
+    np.testing.assert_array_equal(cube.extras["status"], ref.status)
+    np.testing.assert_array_equal(cube.em.value, ref.em)
+    assert cube.header["DEGRADE"] is False and "DEGTABLE" not in cube.header
+    v8 = shared_path("aia", "calibration", "aia_V8_20171210_050627_response_table.txt")
+    v8_out = str(tmp_path / "v8")
+    r = runner.invoke(
+        main,
+        ["invert", str(aia_dir), "--method", "bp", "--correction-table", str(v8), "--out", v8_out],
+    )
+    assert r.exit_code == 0, r.output
+    (path,) = (tmp_path / "v8").glob("dem_bp_*.fits")
+    assert read_dem_cube(path).header["DEGTABLE"] == v8.name
+    path.unlink()
+    r = runner.invoke(
+        main,
+        [
+            "invert",
+            str(aia_dir),
+            "--no-degradation",
+            "--correction-table",
+            str(v8),
+            "--out",
+            v8_out,
+        ],
+    )
+    assert r.exit_code == 2 and "contradicts" in r.output
