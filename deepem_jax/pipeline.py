@@ -287,14 +287,7 @@ def invert(
 
     enable_compilation_cache()
     t_start = time.perf_counter()
-    if consistency not in (True, False, "exact"):
-        raise ValueError(f"consistency must be True, False or 'exact', got {consistency!r}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if predictor is not None and not (method == "net" or (method == "fit" and init == "net")):
-        raise ValueError("predictor= is only used with method='net' (or 'fit' with init='net')")
-    if method != "fit" and fitter is not None:
-        raise ValueError("fitter= is only used with method='fit'")
+    _check_options(method, consistency, predictor, fitter, init, solver)
     chans = None if channels is None else channel_list(channels)
     if method == "net" and chans is None and predictor is not None:
         chans = list(predictor.channels)
@@ -306,39 +299,20 @@ def invert(
             f"the response {response.name!r} is already degraded; pass the undegraded response "
             "(invert corrects for degradation itself) or degradation=False"
         )
+    opts = dict(
+        response=response,
+        predictor=predictor,
+        tolfac=tolfac,
+        consistency=consistency,
+        solver=solver,
+        fitter=fitter,
+        init=init,
+    )
     t0 = time.perf_counter()
-    if method == "bp":
-        em, status, used, prov = _run_bp(obs, factors, response, tolfac, solver, progress)
-        logt = prov.pop("_logt")
-        resp = prov.pop("_response")
-    elif method == "fit":
-        em, status, used, prov, logt, resp = _run_fit(
-            obs, factors, response, fitter, init, predictor, tolfac, solver, progress
-        )
-    else:
-        if solver is not None:
-            raise ValueError("solver= is only used with method='bp'")
-        em, status, used, prov, logt, resp = _run_net(
-            obs, factors, response, predictor, tolfac, consistency, progress
-        )
+    em, status, used, prov, logt, resp = _run(method, obs, factors, opts, progress)
     errors = None
     if uncertainties:
-
-        def replicate(y):
-            o = dataclasses.replace(obs, y=y)
-            if method == "bp":
-                e, st = _run_bp(o, factors, response, tolfac, solver, False)[:2]
-            elif method == "fit":
-                args = (fitter, init, predictor, tolfac, solver, False)
-                e, st = _run_fit(o, factors, response, *args)[:2]
-            else:
-                e, st = _run_net(o, factors, response, predictor, tolfac, consistency, False)[:2]
-            return np.where(DEMStatus.with_em(st)[..., None], e, np.nan)
-
-        from .dem_errors import monte_carlo
-
-        rng = np.random.default_rng(0)
-        errors = monte_carlo(replicate, obs.y, obs.sigma, logt, int(uncertainties), rng)
+        errors = _monte_carlo_errors(method, obs, factors, opts, int(uncertainties), logt)
     t_solve = time.perf_counter() - t0
     status = np.where(obs.saturated, int(DEMStatus.SATURATED), status)
     status = np.where(obs.invalid, int(DEMStatus.INVALID_INPUT), status).astype(np.int8)
@@ -356,6 +330,46 @@ def invert(
         {"solve": t_solve, "total": time.perf_counter() - t_start},
         errors,
     )
+
+
+def _check_options(method, consistency, predictor, fitter, init, solver) -> None:
+    if consistency not in (True, False, "exact"):
+        raise ValueError(f"consistency must be True, False or 'exact', got {consistency!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if predictor is not None and not (method == "net" or (method == "fit" and init == "net")):
+        raise ValueError("predictor= is only used with method='net' (or 'fit' with init='net')")
+    if method != "fit" and fitter is not None:
+        raise ValueError("fitter= is only used with method='fit'")
+    if method == "net" and solver is not None:
+        raise ValueError("solver= is only used with method='bp' (or 'fit' with init='bp')")
+
+
+def _run(method: str, obs: _Observation, factors: np.ndarray, o: dict, progress: bool):
+    """(em, status, tolfac used, provenance cards, log T grid, response) of one method."""
+    if method == "bp":
+        em, status, used, prov = _run_bp(
+            obs, factors, o["response"], o["tolfac"], o["solver"], progress
+        )
+        logt, resp = prov.pop("_logt"), prov.pop("_response")
+        return em, status, used, prov, logt, resp
+    if method == "fit":
+        args = (o["fitter"], o["init"], o["predictor"], o["tolfac"], o["solver"], progress)
+        return _run_fit(obs, factors, o["response"], *args)
+    return _run_net(
+        obs, factors, o["response"], o["predictor"], o["tolfac"], o["consistency"], progress
+    )
+
+
+def _monte_carlo_errors(method, obs, factors, o, n: int, logt):
+    """Monte Carlo DEM errors: the method rerun on ``n`` noise draws ``y + sigma N(0, 1)``."""
+    from .dem_errors import monte_carlo
+
+    def replicate(y):
+        em, status = _run(method, dataclasses.replace(obs, y=y), factors, o, False)[:2]
+        return np.where(DEMStatus.with_em(status)[..., None], em, np.nan)
+
+    return monte_carlo(replicate, obs.y, obs.sigma, logt, n, np.random.default_rng(0))
 
 
 def _result(obs, em, status, used, logt, resp, factors, method, tolfac, cards, timings, errors):

@@ -1,0 +1,386 @@
+"""Gradient-based DEM fitting: jit-able, vmap-able, differentiable with respect to the data and
+the response, for a batch of pixels or a whole map.
+
+Per pixel, with intensities ``y`` and 1-sigma errors ``sigma`` (C,) in DN s^-1 pix^-1 and the
+response ``K`` (C, n_T) in DN cm^5 s^-1 pix^-1, :func:`fit` minimises over parameters ``theta``::
+
+    F = 1/2 sum_c ((K em(theta) - y)_c / sigma_c)^2                  data term, units of sigma
+      + l1 * sum_j c_j / e_ref                                        sparsity (BP-like)
+      + tikhonov0 / 2 * sum_t (em_t / e_ref)^2                         Tikhonov, zeroth order
+      + tikhonov2 / 2 * sum_t ((em_{t-1} - 2 em_t + em_{t+1}) / e_ref)^2   second order in log T
+
+and, for a map (ny, nx, C) with ``spatial > 0``, ``spatial / 2 * sum ||theta_i - theta_j||^2``
+over every pair of 4-neighbouring pixels (the pixels are then fitted jointly). ``e_ref`` (cm^-5
+per bin) is the per-bin EM of the flat DEM that best fits the pixel (weighted least squares),
+so the weights ``l1``, ``tikhonov0``, ``tikhonov2`` are dimensionless and mean the same for faint
+and bright pixels. ``c_j`` are the non-negative basis coefficients (``"basis"``) or the EM per
+bin (otherwise), in cm^-5.
+
+Parametrisations keep EM >= 0: ``"log"`` (EM per bin ``= 1e26 exp(theta)`` cm^-5), ``"softplus"``
+(``= 1e26 softplus(theta)``) and ``"basis"`` (Cheung et al. 2015 basis functions with coefficients
+``1e26 exp(theta)``, EM ``= B.T @ c``).
+
+The optimiser is any optax transformation (default :func:`optax.lbfgs` with its zoom line
+search), run in a ``lax.while_loop`` until ``max |dF/dtheta| <= gtol (1 + |F|)`` or
+``max_steps``;
+without spatial coupling each pixel is its own problem (vmapped, every pixel stops on its own).
+Gradients of the fitted EM with respect to ``y``, ``sigma`` and ``K`` are implicit (the
+implicit function theorem at the optimum, ``dtheta* = -H^-1 d(grad F)``, with the Hessian ``H``
+solved densely per pixel, or by conjugate gradients for a spatially coupled map), never unrolled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .basis import EM_SCALE, Basis
+from .status import DEMStatus
+
+__all__ = ["PARAMETRISATIONS", "FitResult", "Fitter", "fit", "initial_params", "objective"]
+
+PARAMETRISATIONS = ("log", "softplus", "basis")
+#: Smallest e_ref, cm^-5 per bin (pixels with no positive signal).
+_EREF_FLOOR = 1e20
+
+
+@dataclasses.dataclass(frozen=True)
+class Fitter:
+    """Configuration of :func:`fit` (hashable: it is static under ``jax.jit``).
+
+    Attributes
+    ----------
+    parametrisation : ``"log"``, ``"softplus"`` or ``"basis"`` (see the module docstring).
+    l1, tikhonov0, tikhonov2 : dimensionless weights of the regularisers (>= 0).
+    spatial : weight of the squared parameter differences between 4-neighbouring pixels (>= 0);
+        > 0 needs a map (ny, nx, C) and fits its pixels jointly.
+    optimizer : an optax ``GradientTransformation``; None means ``optax.lbfgs()``.
+    max_steps : optimiser steps per problem (> 0).
+    gtol : a pixel has converged when ``max |dF/dtheta| <= gtol * (1 + |F|)`` (F of the pixel,
+        in units of chi^2 / 2).
+    floor : initial EM of empty bins, as a fraction of ``e_ref`` (log and basis
+        parametrisations cannot start at EM = 0).
+    """
+
+    parametrisation: str = "log"
+    l1: float = 0.0
+    tikhonov0: float = 0.0
+    tikhonov2: float = 0.0
+    spatial: float = 0.0
+    optimizer: Any = None
+    max_steps: int = 2000
+    gtol: float = 1e-3
+    floor: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.parametrisation not in PARAMETRISATIONS:
+            raise ValueError(
+                f"parametrisation must be one of {PARAMETRISATIONS}, got {self.parametrisation!r}"
+            )
+        for name in ("l1", "tikhonov0", "tikhonov2", "spatial"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and np.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if not (isinstance(self.max_steps, int) and self.max_steps > 0):
+            raise ValueError(f"max_steps must be a positive int, got {self.max_steps!r}")
+        for name in ("gtol", "floor"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and np.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+
+    @property
+    def transform(self) -> optax.GradientTransformationExtraArgs:
+        """The optimiser, accepting (and possibly ignoring) ``value``, ``grad``, ``value_fn``."""
+        opt = optax.lbfgs() if self.optimizer is None else self.optimizer
+        return optax.with_extra_args_support(opt)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FitResult:
+    """DEM fits of a set of pixels (leading axes of the input).
+
+    Attributes
+    ----------
+    em : (..., n_T) EM per log T bin, cm^-5 (NaN for INVALID_INPUT and NONFINITE_OUTPUT).
+    params : (..., n_params) the fitted ``theta``.
+    status : (...) int8 :class:`~deepem_jax.DEMStatus`: SOLVED (converged), MAX_STEPS (EM of
+        the last step), NONFINITE_OUTPUT, INVALID_INPUT (NaN/Inf intensity, sigma not > 0).
+    chi2 : (...) mean over channels of ``((K em - y) / sigma)**2``.
+    objective : (...) ``F`` at the fit (for a spatially coupled map: each pixel's own terms).
+    grad_norm : (...) ``max |dF/dtheta| / (1 + |F|)`` at the fit (converged if <= gtol).
+    steps : (...) int32 optimiser steps taken.
+    """
+
+    em: jax.Array
+    params: jax.Array
+    status: jax.Array
+    chi2: jax.Array
+    objective: jax.Array
+    grad_norm: jax.Array
+    steps: jax.Array
+
+
+# -- the objective ----------------------------------------------------------------------------
+
+
+def _coeffs(fitter: Fitter, theta: jax.Array) -> jax.Array:
+    """Non-negative coefficients in units of EM_SCALE: basis coefficients or EM per bin."""
+    if fitter.parametrisation == "softplus":
+        return jax.nn.softplus(theta)
+    return jnp.exp(theta)
+
+
+def _em_units(fitter: Fitter, theta: jax.Array, B: jax.Array | None) -> jax.Array:
+    """EM per bin in units of EM_SCALE cm^-5."""
+    c = _coeffs(fitter, theta)
+    return c @ B if fitter.parametrisation == "basis" else c
+
+
+def _eref(y: jax.Array, sigma: jax.Array, Ks: jax.Array) -> jax.Array:
+    """Per-bin EM (units of EM_SCALE) of the flat DEM best fitting ``y`` (clipped at 0) in
+    weighted least squares; at least ``_EREF_FLOOR`` cm^-5."""
+    k = Ks.sum(-1) / sigma
+    a = jnp.sum(jnp.maximum(y, 0.0) / sigma * k, -1) / jnp.sum(k * k, -1)
+    return jnp.maximum(a, _EREF_FLOOR / EM_SCALE)
+
+
+def _pixel_terms(fitter, theta, y, sigma, Ks, B):
+    """(F, chi2) of one pixel (or a batch with leading axes); ``Ks`` = K * EM_SCALE."""
+    e = _em_units(fitter, theta, B)
+    r = (e @ Ks.T - y) / sigma
+    f = 0.5 * jnp.sum(r * r, -1)
+    eref = _eref(y, sigma, Ks)[..., None]
+    if fitter.l1:
+        f = f + fitter.l1 * jnp.sum(_coeffs(fitter, theta) / eref, -1)
+    if fitter.tikhonov0:
+        f = f + 0.5 * fitter.tikhonov0 * jnp.sum(jnp.square(e / eref), -1)
+    if fitter.tikhonov2:
+        d2 = e[..., :-2] - 2.0 * e[..., 1:-1] + e[..., 2:]
+        f = f + 0.5 * fitter.tikhonov2 * jnp.sum(jnp.square(d2 / eref), -1)
+    return f, jnp.mean(r * r, -1)
+
+
+def _spatial(fitter: Fitter, theta: jax.Array) -> jax.Array:
+    dy = theta[1:] - theta[:-1]
+    dx = theta[:, 1:] - theta[:, :-1]
+    return 0.5 * fitter.spatial * (jnp.sum(dy * dy) + jnp.sum(dx * dx))
+
+
+def _total(fitter, theta, data):
+    """The scalar minimised: the sum of the pixels' F plus the spatial term."""
+    y, sigma, Ks, B = data
+    f = jnp.sum(_pixel_terms(fitter, theta, y, sigma, Ks, B)[0])
+    return f + _spatial(fitter, theta) if fitter.spatial else f
+
+
+def objective(
+    fitter: Fitter,
+    params: jax.Array,
+    intensities: jax.Array,
+    sigma: jax.Array,
+    K: jax.Array,
+    basis: Basis | None = None,
+) -> jax.Array:
+    """Per-pixel ``F`` (without the spatial term) of ``params`` (..., n_params) for intensities
+    and sigma (..., C) in DN s^-1 pix^-1 and ``K`` (C, n_T) in DN cm^5 s^-1 pix^-1. Pure jnp,
+    differentiable in every array argument."""
+    dt = jnp.result_type(intensities)
+    Ks = jnp.asarray(K, dt) * EM_SCALE
+    B = None if basis is None else jnp.asarray(basis.B, dt)
+    return _pixel_terms(fitter, params, intensities, sigma, Ks, B)[0]
+
+
+# -- the solver -------------------------------------------------------------------------------
+
+
+def _minimise(fitter: Fitter, theta0: jax.Array, data) -> tuple:
+    """(theta, F, per-pixel max |dF/dtheta| / (1 + |F_pixel|), steps) of one problem: a pixel
+    (n_params,) or a spatially coupled map (ny, nx, n_params)."""
+    fun = partial(_total, fitter, data=data)
+    vg = jax.value_and_grad(fun)
+    opt = fitter.transform
+
+    def scaled(theta, g):
+        """max |dF/dtheta| / (1 + |F|) per pixel."""
+        y, sigma, Ks, B = data
+        f = _pixel_terms(fitter, theta, y, sigma, Ks, B)[0]
+        return jnp.max(jnp.abs(g), -1) / (1.0 + jnp.abs(f))
+
+    def cond(c):
+        theta, _, f, g, k = c
+        ok = jnp.isfinite(f) & jnp.all(jnp.isfinite(g))
+        return (k < fitter.max_steps) & (jnp.max(scaled(theta, g)) > fitter.gtol) & ok
+
+    def body(c):
+        theta, state, f, g, k = c
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes int32 and int64 under x64
+            upd, state = opt.update(g, state, theta, value=f, grad=g, value_fn=fun)
+        theta = optax.apply_updates(theta, upd)
+        f, g = vg(theta)
+        return theta, state, f, g, k + 1
+
+    f0, g0 = vg(theta0)
+    init = (theta0, opt.init(theta0), f0, g0, jnp.int32(0))
+    theta, _, f, g, k = jax.lax.while_loop(cond, body, init)
+    return theta, f, scaled(theta, g), k
+
+
+def _hessian_solve(fitter: Fitter, theta: jax.Array, data, b: jax.Array) -> jax.Array:
+    """``H^+ b`` with ``H`` the Hessian of the minimised scalar at ``theta``: a dense
+    eigen-decomposition for one pixel (directions of negligible curvature, e.g. bins driven to
+    EM = 0, are dropped), conjugate gradients on Hessian-vector products for a map."""
+    fun = partial(_total, fitter, data=data)
+    if theta.ndim == 1:
+        w, V = jnp.linalg.eigh(jax.hessian(fun)(theta))
+        cut = jnp.max(jnp.abs(w)) * theta.size * jnp.finfo(theta.dtype).eps * 10
+        return V @ (jnp.where(w > cut, 1.0 / jnp.where(w > cut, w, 1.0), 0.0) * (V.T @ b))
+
+    def hvp(v):
+        return jax.jvp(jax.grad(fun), (theta,), (v,))[1]
+
+    return jax.scipy.sparse.linalg.cg(hvp, b, maxiter=10 * b.size)[0]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _argmin(fitter: Fitter, theta0: jax.Array, data) -> tuple:
+    return _minimise(fitter, jax.lax.stop_gradient(theta0), data)
+
+
+def _argmin_fwd(fitter, theta0, data):
+    out = _minimise(fitter, theta0, data)
+    return out, (out[0], data)
+
+
+def _argmin_bwd(fitter, res, cot):
+    theta, data = res
+    theta_bar, f_bar = cot[0], cot[1]
+    v = _hessian_solve(fitter, theta, data, theta_bar)
+
+    fun = partial(_total, fitter)
+    # d theta*/d data = -H^-1 d(grad_theta F)/d data; dF*/d data = dF/d data (envelope).
+    _, vjp = jax.vjp(lambda d: jax.grad(fun)(theta, d), data)
+    (data_bar,) = vjp(-v)
+    df = jax.grad(fun, argnums=1)(theta, data)
+    data_bar = jax.tree.map(lambda a, b: a + f_bar * b, data_bar, df)
+    return jnp.zeros_like(theta), data_bar
+
+
+_argmin.defvjp(_argmin_fwd, _argmin_bwd)
+
+
+# -- public entry -----------------------------------------------------------------------------
+
+
+def initial_params(
+    fitter: Fitter,
+    em0: jax.Array | None,
+    intensities: jax.Array,
+    sigma: jax.Array,
+    K: jax.Array,
+    basis: Basis | None = None,
+) -> jax.Array:
+    """Parameters (..., n_params) starting the fit at ``em0`` (..., n_T) in cm^-5 (values
+    below ``fitter.floor * e_ref`` raised to it; None, or a pixel with no finite positive
+    value: the flat DEM of ``e_ref`` per bin). For
+    ``"basis"`` the EM goes on the basis's Dirac functions (its first n_T functions must be
+    them, as in :func:`deepem_jax.cheung_basis`) and every other coefficient starts at the
+    floor."""
+    dt = jnp.result_type(intensities)
+    Ks = jnp.asarray(K, dt) * EM_SCALE
+    eref = _eref(intensities, sigma, Ks)[..., None]
+    n_T = Ks.shape[-1]
+    flat = jnp.broadcast_to(eref, (*eref.shape[:-1], n_T))
+    if em0 is None:
+        e = flat
+    else:
+        e = jnp.nan_to_num(jnp.asarray(em0, dt) / EM_SCALE, nan=0.0, posinf=0.0, neginf=0.0)
+        e = jnp.where(jnp.any(e > 0, -1, keepdims=True), e, flat)
+    e = jnp.maximum(e, fitter.floor * eref)
+    if fitter.parametrisation == "softplus":
+        return e + jnp.log(-jnp.expm1(-e))
+    if fitter.parametrisation == "basis":
+        if basis is None:
+            raise ValueError('parametrisation="basis" needs basis= (a deepem_jax.Basis)')
+        n_b = basis.n_basis
+        if n_b < n_T or not np.array_equal(np.asarray(basis.B)[:n_T], np.eye(n_T)):
+            raise ValueError("the basis's first n_T functions must be Dirac deltas")
+        rest = jnp.broadcast_to(fitter.floor * eref, (*e.shape[:-1], n_b - n_T))
+        return jnp.log(jnp.concatenate([e, rest], -1))
+    return jnp.log(e)
+
+
+@partial(jax.jit, static_argnums=(0,))
+def _fit(fitter: Fitter, y, sigma, K, B, theta0) -> FitResult:
+    valid = jnp.all(jnp.isfinite(y), -1) & jnp.all(jnp.isfinite(sigma) & (sigma > 0), -1)
+    y0 = jnp.where(valid[..., None], y, 0.0)
+    s0 = jnp.where(valid[..., None], sigma, 1.0)
+    th0 = jnp.where(valid[..., None] & jnp.isfinite(theta0), theta0, 0.0)
+    Ks = K * EM_SCALE
+    if fitter.spatial:
+        theta, _, gmax, steps = _argmin(fitter, th0, (y0, s0, Ks, B))
+        steps = jnp.broadcast_to(steps, gmax.shape)
+    else:
+        lead = y.shape[:-1]
+        flat = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
+        solve = jax.vmap(_argmin, in_axes=(None, 0, (0, 0, None, None)))
+        theta, _, gmax, steps = solve(fitter, flat(th0), (flat(y0), flat(s0), Ks, B))
+        theta, gmax, steps = theta.reshape(*lead, -1), gmax.reshape(lead), steps.reshape(lead)
+    f, chi2 = _pixel_terms(fitter, theta, y0, s0, Ks, B)
+    em = EM_SCALE * _em_units(fitter, theta, B)
+    finite = jnp.all(jnp.isfinite(em), -1) & jnp.isfinite(f)
+    status = jnp.where(gmax <= fitter.gtol, int(DEMStatus.SOLVED), int(DEMStatus.MAX_STEPS))
+    status = jnp.where(finite, status, int(DEMStatus.NONFINITE_OUTPUT))
+    status = jnp.where(valid, status, int(DEMStatus.INVALID_INPUT)).astype(jnp.int8)
+    keep = (valid & finite)[..., None]
+    return FitResult(
+        em=jnp.where(keep, em, jnp.nan),
+        params=theta,
+        status=status,
+        chi2=jnp.where(valid, chi2, jnp.nan),
+        objective=jnp.where(valid, f, jnp.nan),
+        grad_norm=gmax,
+        steps=steps.astype(jnp.int32),
+    )
+
+
+def fit(
+    intensities: jax.Array,
+    sigma: jax.Array,
+    K: jax.Array,
+    fitter: Fitter = Fitter(),
+    *,
+    em0: jax.Array | None = None,
+    basis: Basis | None = None,
+) -> FitResult:
+    """Fit DEMs to intensities (..., C) with 1-sigma errors ``sigma`` (broadcast to them), both
+    in DN s^-1 pix^-1, through the response ``K`` (C, n_T) in DN cm^5 s^-1 pix^-1 (degraded to
+    the observation, or undegraded with degradation-corrected intensities).
+
+    ``em0`` (..., n_T) in cm^-5 starts the fit (e.g. BP's or the network's EM; None: the flat
+    DEM fitting the pixel); ``basis`` is required for ``parametrisation="basis"``. Computed in
+    the dtype of ``intensities``; jit-able and vmap-able; differentiable (implicitly, see the
+    module docstring) with respect to ``intensities``, ``sigma`` and ``K``. Never raises on bad
+    pixels: they get a status (see :class:`FitResult`).
+    """
+    y = jnp.asarray(intensities)
+    dt = y.dtype if jnp.issubdtype(y.dtype, jnp.floating) else jnp.result_type(float)
+    y = y.astype(dt)
+    s = jnp.broadcast_to(jnp.asarray(sigma, dt), y.shape)
+    Kd = jnp.asarray(K, dt)
+    if Kd.ndim != 2 or Kd.shape[0] != y.shape[-1]:
+        raise ValueError(f"K must be (C={y.shape[-1]}, n_T), got {Kd.shape}")
+    if fitter.spatial and y.ndim != 3:
+        raise ValueError(f"spatial > 0 needs a map (ny, nx, C); intensities are {y.shape}")
+    B = None if basis is None else jnp.asarray(basis.B, dt)
+    if fitter.parametrisation == "basis" and basis is None:
+        raise ValueError('parametrisation="basis" needs basis= (a deepem_jax.Basis)')
+    e0 = None if em0 is None else jnp.asarray(em0, dt)
+    theta0 = initial_params(fitter, e0, y, s, jax.lax.stop_gradient(Kd), basis)
+    return _fit(fitter, y, s, Kd, B, jax.lax.stop_gradient(theta0))
