@@ -58,8 +58,7 @@ def run_demo(out: Path, log: Callable[[str], None] = print, rebin: int = 1) -> s
     """Run the demo into ``out``; returns the markdown report (also written to a file)."""
     from .metrics import evaluate_fidelity
     from .pipeline import invert
-    from .products import figure1
-    from .status import DEMStatus
+    from .products import compare_figure
 
     out = Path(out)
     stack, source = _observation(rebin, log)
@@ -83,20 +82,8 @@ def run_demo(out: Path, log: Callable[[str], None] = print, rebin: int = 1) -> s
         )
         for res in (net, raw)
     )
-    i171 = list(stack.channels.to_value(u.AA).astype(int)).index(171)
     fig_path = out / "demo_figure1.png"
-    figure1(
-        stack.data[..., i171],
-        bp_res.em,
-        bp_res.status,
-        net.em,
-        bp_res.logt,
-        at_logt=5.9,
-        wcs=stack.wcs,
-        path=str(fig_path),
-        title=source,
-        net_out_of_band=net.status == DEMStatus.OUTSIDE_BAND,
-    )
+    compare_figure(bp_res, net, path=fig_path, title=source)
     lines = _report_lines(stack, source, bp_res, net, fid, fid_raw, fig_path)
     report = "\n".join(lines) + "\n"
     with atomic_write(out / "demo_report.md") as fh:

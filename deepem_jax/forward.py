@@ -116,22 +116,26 @@ def noisy_observation(
     channels: Sequence[int],
     rng: np.random.Generator,
     table: ErrorTable = V3_ERROR_TABLE,
+    n_sample: float = 1,
 ) -> np.ndarray:
     """Add AIA noise to noiseless intensities (..., n_channels) in DN s^-1 pix^-1.
 
     Photon (Poisson) noise on ``counts / dn_per_photon`` photons and Gaussian read noise per
-    channel from ``table`` (see :mod:`deepem_jax.uncertainty`); returns DN s^-1 pix^-1
-    (may be negative, as real dark-subtracted data can be).
+    channel from ``table`` (see :mod:`deepem_jax.uncertainty`), for pixels that are the mean of
+    ``n_sample`` level-1 pixels; returns DN s^-1 pix^-1 (may be negative, as real
+    dark-subtracted data can be).
     """
     tab = table.select(np.asarray(channels) * u.AA)
     y = np.asarray(intensity, dtype=np.float64)
     t = np.broadcast_to(np.asarray(exptime, dtype=np.float64), (len(channels),))
-    if np.any(t <= 0) or y.shape[-1] != len(channels):
-        raise ValueError("exptime must be positive and intensity must be (..., n_channels)")
+    if np.any(t <= 0) or y.shape[-1] != len(channels) or not n_sample >= 1:
+        raise ValueError(
+            "exptime must be positive, n_sample >= 1 and intensity must be (..., n_channels)"
+        )
     g = np.asarray(tab.dn_per_photon)
-    photons = rng.poisson(np.clip(y * t, 0, None) / g)
-    counts = photons * g + rng.normal(size=y.shape) * np.asarray(tab.read_noise)
-    return counts / t
+    photons = rng.poisson(np.clip(y * t * n_sample, 0, None) / g)
+    counts = photons * g + rng.normal(size=y.shape) * np.asarray(tab.read_noise) * np.sqrt(n_sample)
+    return counts / (t * n_sample)
 
 
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], scale: float) -> np.ndarray:

@@ -423,15 +423,24 @@ def _corrected(obs: _Observation, factors: np.ndarray) -> tuple[np.ndarray, np.n
     return np.where(bad, np.nan, obs.y / factors), obs.sigma / factors
 
 
-def _run_bp(obs, factors, response, tolfac, solver, progress):
+def _bp_solve(y, s, resp, tolfac, solver=None, progress=False):
+    """:func:`deepem_jax.bp.solve` of corrected intensities and sigma with the Cheung basis on
+    the response's grid."""
     from . import bp
     from .basis import cheung_basis
+
+    kw = {} if solver is None else {"solver": solver}
+    return bp.solve(
+        y, s, resp, cheung_basis(resp.logt_array), tolfac=tolfac, progress=progress, **kw
+    )
+
+
+def _run_bp(obs, factors, response, tolfac, solver, progress):
     from .response import DEEPEM_LOGT
 
     resp = _fit_response(response, DEEPEM_LOGT, obs.channels)
     y, s = _corrected(obs, factors)
-    kw = {} if solver is None else {"solver": solver}
-    res = bp.solve(y, s, resp, cheung_basis(DEEPEM_LOGT), tolfac=tolfac, progress=progress, **kw)
+    res = _bp_solve(y, s, resp, tolfac, solver, progress)
     status = np.asarray(res.status).astype(np.int8)
     prov = {"_logt": DEEPEM_LOGT, "_response": resp}
     return np.asarray(res.em), status, np.asarray(res.tolfac), prov
@@ -518,22 +527,12 @@ def _bp_fallback(y, s, resp, tolfac, em, status, used, progress) -> int:
     """Solve by BP (in place) the pixels the projection left outside the band: SOLVED with
     BP's EM and tolerance factor where BP is feasible; the others keep the network's EM and
     OUTSIDE_BAND. Returns the number of pixels BP solved."""
-    from . import bp
-    from .basis import cheung_basis
-
     redo = np.flatnonzero(status.reshape(-1) == DEMStatus.OUTSIDE_BAND)
     if redo.size == 0:
         return 0
     C = y.shape[-1]
-    res = bp.solve(
-        y.reshape(-1, C)[redo],
-        s.reshape(-1, C)[redo],
-        resp,
-        cheung_basis(resp.logt_array),
-        tolfac=tolfac,
-        progress=progress,
-    )
-    ok = res.status == bp.BPStatus.SOLVED
+    res = _bp_solve(y.reshape(-1, C)[redo], s.reshape(-1, C)[redo], resp, tolfac, None, progress)
+    ok = res.status == DEMStatus.SOLVED
     idx = redo[ok]
     em.reshape(-1, em.shape[-1])[idx] = res.em[ok]
     status.reshape(-1)[idx] = int(DEMStatus.SOLVED)

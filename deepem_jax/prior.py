@@ -16,9 +16,9 @@ from collections.abc import Sequence
 import astropy.units as u
 import numpy as np
 
-from .forward import forward
+from .forward import forward, noisy_observation
 from .response import TemperatureResponse
-from .uncertainty import V3_ERROR_TABLE, sigma_values
+from .uncertainty import sigma_values
 
 __all__ = ["NoiseLevels", "real_dem_prior", "realistic_observations"]
 
@@ -91,8 +91,6 @@ def realistic_observations(
     y_true = np.asarray(forward(K, np.asarray(em, np.float64)), np.float64)
     n_blocks = -(-len(y_true) // block)
     factors = _degradation_factors(channels, rng, levels.years, n_blocks)
-    tab = V3_ERROR_TABLE.select(np.array(channels) * u.AA)
-    g, read = np.asarray(tab.dn_per_photon), np.asarray(tab.read_noise)
     nominal = np.array([NOMINAL_EXPTIME[c] for c in channels])
     y_out, s_out = np.empty_like(y_true), np.empty_like(y_true)
     for b in range(n_blocks):
@@ -101,9 +99,7 @@ def realistic_observations(
         t = nominal if rng.uniform() < levels.p_nominal else _log_uniform(rng, *levels.exptime, 6)
         t = t[: len(channels)]
         f = factors[b]
-        counts = np.clip(y_true[sl] * f * t * n, 0, None)  # DN summed over the n pixels
-        noisy = rng.poisson(counts / g) * g + rng.normal(size=counts.shape) * read * np.sqrt(n)
-        y_obs = noisy / (n * t)  # DN s^-1 per (averaged) pixel
+        y_obs = noisy_observation(y_true[sl] * f, t, channels, rng, n_sample=n)
         s_obs = sigma_values(y_obs, t, channels, n)
         y_out[sl], s_out[sl] = y_obs / f, s_obs / f
     return y_out, s_out

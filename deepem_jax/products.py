@@ -240,6 +240,26 @@ def figure1(
     return _finish(fig, title, path)
 
 
+def compare_figure(bp, net, *, at_logt: float = 5.9, path: str | None = None, title=None):
+    """:func:`figure1` of two :class:`~deepem_jax.DEMResult` of the same image (BP and the
+    network, with 171 Å among the channels): the observed 171 Å intensities, both EMs at
+    ``at_logt``, BP's failures and the network's out-of-band pixels."""
+    from .status import DEMStatus
+
+    return figure1(
+        bp.intensities[..., bp.channels.index(171)],
+        bp.em,
+        bp.status,
+        net.em,
+        bp.logt,
+        at_logt=at_logt,
+        wcs=bp.wcs,
+        path=None if path is None else str(path),
+        title=title,
+        net_out_of_band=net.status == DEMStatus.OUTSIDE_BAND,
+    )
+
+
 def dem_maps(
     em,
     logt: Sequence[float],

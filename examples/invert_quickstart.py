@@ -23,7 +23,7 @@ import numpy as np
 
 import deepem_jax as dj
 from deepem_jax.data import sample_observation
-from deepem_jax.products import figure1
+from deepem_jax.products import compare_figure
 
 
 def main() -> None:
@@ -45,18 +45,7 @@ def main() -> None:
 
     bp, net = results["bp"], results["net"]
     png = out / "figure1.png"
-    figure1(
-        bp.intensities[..., bp.channels.index(171)],
-        bp.em,
-        bp.status,
-        net.em,
-        bp.logt,
-        at_logt=5.9,
-        wcs=bp.wcs,
-        path=png,
-        title="NOAA AR 11158, AIA 2011-02-15 01:44 UTC",
-        net_out_of_band=net.status == dj.DEMStatus.OUTSIDE_BAND,
-    )
+    compare_figure(bp, net, path=png, title="NOAA AR 11158, AIA 2011-02-15 01:44 UTC")
     print(f"wrote {png}")
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import astropy.units as u
 import numpy as np
 
-from deepem_jax import DEMStatus, invert, load_aia
+from deepem_jax import invert, load_aia
 from deepem_jax.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from deepem_jax.data import DataFileNotFoundError, fetch, sample_observation
 from deepem_jax.forward import random_dems
@@ -239,23 +239,14 @@ def train_network(args, train_data, val_data, response):
 def figure(path, pred, response) -> None:
     """Figure 1 (AIA 171 Å | BP EM at log T 5.9 | network EM at log T 5.9) of the shipped
     2011-02-15 01:44 cutouts, through :func:`deepem_jax.invert` with both methods."""
-    from deepem_jax.products import figure1
+    from deepem_jax.products import compare_figure
 
     files = dict(zip(CHANNELS[6], sample_observation("01:44"), strict=True))
     stack = load_aia([files[c] for c in response.channels], response.wavelength)
     bp = invert(stack, "bp", response=response)
     net = invert(stack, "net", response=response, predictor=pred)
-    figure1(
-        bp.intensities[..., bp.channels.index(171)],
-        bp.em,
-        bp.status,
-        net.em,
-        bp.logt,
-        at_logt=5.9,
-        wcs=bp.wcs,
-        path=path,
-        title="NOAA AR 11158, AIA 2011-02-15 01:44 UTC (not seen in training)",
-        net_out_of_band=net.status == DEMStatus.OUTSIDE_BAND,
+    compare_figure(
+        bp, net, path=path, title="NOAA AR 11158, AIA 2011-02-15 01:44 UTC (not seen in training)"
     )
     print(f"wrote {path}")
 
