@@ -32,6 +32,7 @@ __all__ = [
     "DataFileNotFoundError",
     "data_dir",
     "fetch",
+    "reference_observations",
     "sample_observation",
 ]
 
@@ -219,6 +220,43 @@ def sample_observation(time: str = "01:44") -> list[Path]:
             )
         paths.append(found[0])
     return paths
+
+
+#: The real observation dates of the reference data: :func:`reference_observations`.
+REFERENCE_DATES = ("2011-02-15", "2024-10-04")
+
+
+def reference_observations(date: str, *, rebin: int = 1) -> list:
+    """The real observations of a reference date as :class:`~deepem_jax.io.AIAStack` objects:
+    ``"2024-10-04"``, the synoptic set (131-335 Å; its 94 Å file is corrupt as published), or
+    ``"2011-02-15"``, the ten six-channel cutout times of the X2 flare (saturated pixels
+    flagged by :func:`~deepem_jax.load_aia`), read from the data directory; for 2011-02-15 the
+    two shipped times (:func:`sample_observation`) when the directory does not hold them. An
+    empty list when the date's files are not in the data directory.
+
+    Raises
+    ------
+    ValueError
+        ``date`` is not in :data:`REFERENCE_DATES`.
+    """
+    import astropy.units as u
+
+    from .io import load_aia
+
+    if date == "2024-10-04":
+        five = (131, 171, 193, 211, 335)
+        try:
+            files = [fetch(f"aia/synoptic_2024-10-04/AIAsynoptic{c:04d}.fits") for c in five]
+        except DataFileNotFoundError:
+            return []
+        return [load_aia(files, list(five) * u.AA, rebin=rebin)]
+    if date == "2011-02-15":
+        folder = data_dir() / "aia" / "flare_2011-02-15"
+        if not folder.is_dir():
+            return [load_aia(sample_observation(t)) for t in _SAMPLE_TIMES]
+        stamps = sorted({f.name.split("T")[1][:5] for f in folder.glob("*.fits")})
+        return [load_aia(sorted(folder.glob(f"*T{s}-*.fits"))) for s in stamps]
+    raise ValueError(f"unknown reference date {date!r}: one of {REFERENCE_DATES}")
 
 
 def _sha256(path: Path) -> str:

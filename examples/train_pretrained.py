@@ -37,7 +37,7 @@ import numpy as np
 
 from deepem_jax import invert, load_aia
 from deepem_jax.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from deepem_jax.data import DataFileNotFoundError, fetch, sample_observation
+from deepem_jax.data import reference_observations, sample_observation
 from deepem_jax.forward import random_dems
 from deepem_jax.metrics import evaluate_fidelity, format_metrics_table
 from deepem_jax.prior import real_dem_prior, realistic_observations
@@ -61,7 +61,7 @@ def prior_pixels(response, dates, n, seed, rebin):
     (any channels they have), at real noise levels; ``None`` when no date is available."""
     results = []
     for date in dates:
-        for stack in real_stacks(date, rebin):
+        for stack in reference_observations(date, rebin=rebin):
             results.append(invert(stack, "bp", progress=True))
     if not results:
         return None
@@ -69,27 +69,6 @@ def prior_pixels(response, dates, n, seed, rebin):
     rng = np.random.default_rng(seed + 7)
     pick = rng.choice(len(em), n, replace=len(em) < n)
     return realistic_observations(em[pick], response, rng), len(em)
-
-
-def real_stacks(date, rebin):
-    """AIAStacks of a real observation date: the 2024-10-04 synoptic set (five channels) or the
-    ten 2011-02-15 cutout times (six channels; saturated pixels are flagged by load_aia)."""
-    import os
-
-    root = os.environ.get("DEEPEM_JAX_DATA")
-    if date == "2024-10-04":
-        try:
-            files = [fetch(f"aia/synoptic_2024-10-04/AIAsynoptic{c:04d}.fits") for c in CHANNELS[5]]
-        except DataFileNotFoundError:
-            return []
-        return [load_aia(files, CHANNELS[5] * u.AA, rebin=rebin)]
-    if date == "2011-02-15":
-        folder = Path(root, "aia", "flare_2011-02-15") if root else None
-        if folder is None or not folder.is_dir():
-            return [load_aia(sample_observation(t)) for t in ("01:44", "01:46")]
-        stamps = sorted({f.name.split("T")[1][:5] for f in folder.glob("*.fits")})
-        return [load_aia(sorted(folder.glob(f"*T{s}-*.fits"))) for s in stamps]
-    raise ValueError(f"unknown observation date {date!r}")
 
 
 def parse_args() -> argparse.Namespace:

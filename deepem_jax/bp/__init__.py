@@ -47,18 +47,24 @@ from ._solvers import ToleranceSchedule as ToleranceSchedule
 from ._types import BPResult as BPResult
 from ._types import BPStatus as BPStatus
 from ._types import LPResult as LPResult
+from ._warm import BasisTable as BasisTable
+from ._warm import default_table as default_table
+from ._warm import learn_table as learn_table
 
 __all__ = [
     "MAX_PIVOTS",
     "PIVOT_BLOCK",
     "BPResult",
     "BPStatus",
+    "BasisTable",
     "DualSimplex",
     "HiGHS",
     "LPResult",
     "ToleranceSchedule",
     "bounds",
+    "default_table",
     "highs_lp",
+    "learn_table",
     "solve",
     "solve_jax",
     "solve_lp",

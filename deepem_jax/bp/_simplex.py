@@ -28,8 +28,15 @@ import numpy as np
 from .._cache import enable_compilation_cache
 from .._linalg import small_solve
 from ._types import BPStatus, LPResult
+from ._warm import BasisTable, choose_start
 
-__all__ = ["basic_solution", "certify_infeasible", "certify_optimal", "solve_lp"]
+__all__ = [
+    "basic_solution",
+    "certify_infeasible",
+    "certify_optimal",
+    "solve_certified",
+    "solve_lp",
+]
 
 #: Default pivot cap per problem; the pivot counts measured on AIA dictionaries (README) stay
 #: well below it.
@@ -85,6 +92,22 @@ def _init(D):
         jnp.int32(-1),
         jnp.int32(0),
     )
+
+
+def _init_from(D, p, basis, slack_stat):
+    """Starting state of one problem at a given basis: ``basis`` (C,) as in :class:`LPResult`
+    and ``slack_stat`` (C,) int8, per row 0 if its slack is basic, 1 at lower, 2 at upper. The
+    basis must be dual feasible for the dual simplex to stay exact (the float64 certificate of
+    :class:`~deepem_jax.bp.DualSimplex` checks the end point); a singular or non-finite basis
+    matrix falls back to the all-slack start."""
+    C, n = D.shape
+    binv = small_solve(_basis_matrix(D, p["r"], p["S"], basis), jnp.eye(C, dtype=D.dtype))
+    stat = jnp.concatenate([jnp.ones(n, jnp.int8), slack_stat.astype(jnp.int8)])
+    member = jnp.arange(n + C, dtype=basis.dtype)[:, None] == basis[None, :]
+    stat = jnp.where(jnp.any(member, 1), jnp.int8(0), stat)
+    start = (binv, basis.astype(jnp.int32), stat, p["c"][basis], jnp.int32(-1), jnp.int32(0))
+    ok = jnp.all(jnp.isfinite(binv)) & jnp.all(jnp.abs(binv) < 1 / jnp.finfo(D.dtype).eps)
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), start, _init(D))
 
 
 def _first_argmax(v: jax.Array) -> jax.Array:
@@ -165,16 +188,21 @@ def _run(D, p, state, limit):
     )
 
 
-def _pivots_batch(D, lower, upper, max_pivots, first_pivots, gather):
+def _pivots_batch(D, lower, upper, max_pivots, first_pivots, gather, start=None):
     """Dual simplex on a batch: every problem runs ``first_pivots`` pivots, then the unfinished
     ones are gathered ``gather`` at a time into a smaller batch and run to the end (a vmapped
     ``while_loop`` costs as much as its slowest lane, and a few problems need many pivots).
+    ``start`` is None (all-slack bases) or a (basis (N, C), slack_stat (N, C)) pair of dual
+    feasible starting bases (:func:`_init_from`).
     Returns (basis, at_upper, code, iterations) with code 0 optimal, 1 infeasible, 2 pivot cap.
     """
     N = lower.shape[0]
     n = D.shape[1]
     p = jax.vmap(_setup, (None, 0, 0))(D, lower, upper)
-    state = jax.tree.map(lambda a: jnp.broadcast_to(a, (N, *a.shape)), _init(D))
+    if start is None:
+        state = jax.tree.map(lambda a: jnp.broadcast_to(a, (N, *a.shape)), _init(D))
+    else:
+        state = jax.vmap(_init_from, (None, 0, 0, 0))(D, p, *start)
     run = jax.vmap(_run, (None, 0, 0, None))
     state = run(D, p, state, min(first_pivots, max_pivots))
 
@@ -194,6 +222,33 @@ def _pivots_batch(D, lower, upper, max_pivots, first_pivots, gather):
     state = jax.lax.while_loop(lambda st: jnp.any(unfinished(st)), round_, state)
     _, basis, stat, _, code, it = state
     return basis, stat[:, n:] == 2, jnp.where(code < 0, jnp.int32(2), code), it
+
+
+def _pivots_warm(D, lower, upper, max_pivots, gather, table):
+    """Dual simplex on a batch started from the bases of a table (:func:`choose_start`):
+    problems whose start is already feasible are done (zero pivots); the others are gathered
+    ``gather`` at a time and run from their start to the end. Returns as
+    :func:`_pivots_batch`."""
+    N = lower.shape[0]
+    n = D.shape[1]
+    basis, slack_stat, done = choose_start(table, lower, upper)
+    state = (basis, slack_stat, jnp.where(done, 0, -1).astype(jnp.int32), jnp.zeros(N, jnp.int32))
+    run = jax.vmap(_run, (None, 0, 0, None))
+
+    def round_(st):
+        idx = jnp.nonzero(st[2] < 0, size=gather, fill_value=N)[0]
+        take = jnp.minimum(idx, N - 1)
+        sub_p = jax.vmap(_setup, (None, 0, 0))(D, lower[take], upper[take])
+        sub = jax.vmap(_init_from, (None, 0, 0, 0))(D, sub_p, st[0][take], st[1][take])
+        sub = (*sub[:4], jnp.where(idx < N, sub[4], 0), sub[5])
+        _, b, stat, _, code, it = run(D, sub_p, sub, max_pivots)
+        code = jnp.where(code < 0, 2, code)  # still running at the cap: MAX_ITER
+        new = (b, stat[:, n:], code, it)
+        return jax.tree.map(lambda a, v: a.at[idx].set(v, mode="drop"), st, new)
+
+    state = jax.lax.while_loop(lambda st: jnp.any(st[2] < 0), round_, state)
+    basis, slack_stat, code, it = state
+    return basis, slack_stat == 2, code, it
 
 
 def _vertex(D, lower, upper, basis, at_upper):
@@ -253,13 +308,25 @@ def certify_optimal(
 ) -> tuple[jax.Array, jax.Array]:
     """Vertex (n,) of a final basis of one problem and whether it is optimal (primal and dual
     feasible within 1e-7 in scaled units), in the dtype of the inputs: run in float64 to
-    certify a float32 solve. D (C, n); lower, upper (C,); basis (C,) int; at_upper (C,)."""
-    k = _bound_checks(D, lower, upper, basis, at_upper)
-    y = small_solve(k["B"].T, k["c"][basis])
-    d = k["c"] - y @ k["A"]
-    wrong = jnp.where(k["upper_nb"], d, -d)
-    optimal = ~jnp.any(k["below"] | k["above"]) & jnp.all(k["in_basis"] | (wrong <= _CERT_TOL))
-    return k["x"], optimal
+    certify a float32 solve. D (C, n); lower, upper (C,); basis (C,) int; at_upper (C,).
+    Selections are masks, not gathers or scatters (slow under ``vmap`` on CPU)."""
+    C, n = D.shape
+    z_b, B, r, S, c_x = _vertex(D, lower, upper, basis, at_upper)
+    is_slack = basis[:, None] == n + jnp.arange(C, dtype=basis.dtype)[None, :]  # (pos, row)
+    nonbasic_slack = ~jnp.any(is_slack, 0)
+    lo_b = jnp.sum(jnp.where(is_slack, (r * lower)[None, :], 0.0), 1)
+    hi_b = jnp.where(
+        basis >= n, jnp.sum(jnp.where(is_slack, (r * upper)[None, :], 0.0), 1), jnp.inf
+    )
+    primal = jnp.all((z_b >= lo_b - _CERT_TOL) & (z_b <= hi_b + _CERT_TOL))
+    member = basis[None, :] == jnp.arange(n, dtype=basis.dtype)[:, None]  # (column, pos)
+    y = small_solve(B.T, jnp.sum(jnp.where(member, c_x[:, None], 0.0), 0))
+    d_x = c_x - ((y * r) @ D) * S  # reduced costs of the columns; y_i is that of slack i
+    dual = jnp.all(jnp.any(member, 1) | (d_x >= -_CERT_TOL)) & jnp.all(
+        ~nonbasic_slack | jnp.where(at_upper, y <= _CERT_TOL, y >= -_CERT_TOL)
+    )
+    x = S * jnp.sum(jnp.where(member, z_b[None, :], 0.0), 1)
+    return jnp.maximum(x, 0.0), primal & dual
 
 
 def certify_infeasible(
@@ -281,12 +348,20 @@ def certify_infeasible(
 PIVOT_BLOCK = 4096
 
 
-def _pivots_blocked(D, lower, upper, max_pivots, first_pivots, gather):
+def _pivots_blocked(D, lower, upper, max_pivots, first_pivots, gather, table=None):
     """:func:`_pivots_batch` over blocks of at most :data:`PIVOT_BLOCK` problems; the padding
-    problems (bounds [0, 1]) are optimal at the start."""
+    problems (bounds [0, 1]) are optimal at the start. With ``table`` (prepared
+    :class:`~deepem_jax.bp.BasisTable` arrays) each block starts from the bases
+    :func:`~deepem_jax.bp._warm.choose_start` picks."""
     N, C = lower.shape
+
+    def batch(lo, hi, g):
+        if table is None:
+            return _pivots_batch(D, lo, hi, max_pivots, first_pivots, g)
+        return _pivots_warm(D, lo, hi, max_pivots, g, table)
+
     if N <= PIVOT_BLOCK:
-        return _pivots_batch(D, lower, upper, max_pivots, first_pivots, min(gather(N), N))
+        return batch(lower, upper, min(gather(N), N))
     k = -(-N // PIVOT_BLOCK)
     pad = k * PIVOT_BLOCK - N
 
@@ -294,14 +369,15 @@ def _pivots_blocked(D, lower, upper, max_pivots, first_pivots, gather):
         return jnp.pad(a, ((0, pad), (0, 0)), constant_values=fill).reshape(k, PIVOT_BLOCK, C)
 
     def one(b):
-        return _pivots_batch(D, b[0], b[1], max_pivots, first_pivots, gather(PIVOT_BLOCK))
+        return batch(b[0], b[1], gather(PIVOT_BLOCK))
 
     out = jax.lax.map(one, (blocks(lower, 0.0), blocks(upper, 1.0)))
     return jax.tree.map(lambda a: a.reshape(k * PIVOT_BLOCK, *a.shape[2:])[:N], out)
 
 
-@partial(jax.jit, static_argnames=("max_pivots", "first_pivots", "gather"))
-def _solve_flat(D, lower, upper, max_pivots, first_pivots=12, gather=16):
+def _clean(D, lower, upper):
+    """Bounds and ``D`` with non-finite entries replaced, and the INVALID_INPUT (non-finite)
+    and crossed (``lower > upper``) masks (N,)."""
     invalid = ~(
         jnp.all(jnp.isfinite(lower), -1)
         & jnp.all(jnp.isfinite(upper), -1)
@@ -311,12 +387,31 @@ def _solve_flat(D, lower, upper, max_pivots, first_pivots=12, gather=16):
     bad = invalid | crossed
     lo = jnp.where(bad[:, None], 0.0, lower)
     hi = jnp.where(bad[:, None], 1.0, upper)
-    Dc = jnp.where(jnp.isfinite(D), D, 0.0)
+    return jnp.where(jnp.isfinite(D), D, 0.0), lo, hi, invalid, crossed
+
+
+def _solve_bases(D, lower, upper, max_pivots, first_pivots, table, gather=16):
+    """Final bases of a batch (basis, at_upper, code, pivots); codes include INVALID_INPUT and
+    INFEASIBLE for crossed bounds."""
+    Dc, lo, hi, invalid, crossed = _clean(D, lower, upper)
     sg = jax.lax.stop_gradient
     basis, at_upper, code, it = _pivots_blocked(
-        sg(Dc), sg(lo), sg(hi), max_pivots, first_pivots, lambda m: max(m // gather, 1)
+        sg(Dc),
+        sg(lo),
+        sg(hi),
+        max_pivots,
+        first_pivots,
+        lambda m: max(m // gather, 1),
+        None if table is None else sg(table),
     )
     code = jnp.where(invalid, int(BPStatus.INVALID_INPUT), jnp.where(crossed, 1, code))
+    return basis, at_upper, code, it
+
+
+@partial(jax.jit, static_argnames=("max_pivots", "first_pivots"))
+def _solve_flat(D, lower, upper, max_pivots, first_pivots=12, table=None):
+    basis, at_upper, code, it = _solve_bases(D, lower, upper, max_pivots, first_pivots, table)
+    Dc, lo, hi, _, _ = _clean(D, lower, upper)
     ok = code == 0
     # Failed problems solve a trivial system (all-slack basis, zero bounds) so gradients are 0.
     n = D.shape[1]
@@ -326,6 +421,44 @@ def _solve_flat(D, lower, upper, max_pivots, first_pivots=12, gather=16):
     )
     x = jnp.maximum(x, 0.0)
     return LPResult(x, jnp.sum(x, -1), code.astype(jnp.int32), it, basis, at_upper)
+
+
+#: Pivots every problem of a block runs from the all-slack basis before the unfinished ones
+#: are gathered (a warm start gathers the problems whose start is not optimal at once).
+FIRST_PIVOTS = 12
+
+
+@partial(jax.jit, static_argnames=("max_pivots", "first_pivots"))
+def solve_certified(D, lower, upper, max_pivots, first_pivots, table=None):
+    """float32 pivots, float64 certificate, in one call (x64 must be on): bases of the float32
+    dual simplex on ``lower``, ``upper`` (N, C) float64 and ``D`` (C, n) float64, each SOLVED
+    basis re-evaluated and certified optimal in float64 (:func:`certify_optimal`), block by
+    block of :data:`PIVOT_BLOCK` problems. Returns (x (N, n) float64, zero unless certified;
+    code (N,) int32: 0 certified optimal, -1 SOLVED in float32 but not certified, else the LP
+    code; pivots; basis; at_upper). ``table``: the float32 arrays of a prepared
+    :class:`~deepem_jax.bp.BasisTable`, or None."""
+    f32 = jnp.float32
+    N, C = lower.shape
+    D32 = D.astype(f32)
+
+    def one(lo, hi):
+        basis, at_upper, code, it = _solve_bases(
+            D32, lo.astype(f32), hi.astype(f32), max_pivots, first_pivots, table
+        )
+        x, optimal = jax.vmap(certify_optimal, (None, 0, 0, 0, 0))(D, lo, hi, basis, at_upper)
+        code = jnp.where(code == 0, jnp.where(optimal, 0, -1), code)
+        return jnp.where((code == 0)[:, None], x, 0.0), code, it, basis, at_upper
+
+    if N <= PIVOT_BLOCK:
+        return one(lower, upper)
+    k = -(-N // PIVOT_BLOCK)
+    pad = k * PIVOT_BLOCK - N
+
+    def blocks(a, fill):
+        return jnp.pad(a, ((0, pad), (0, 0)), constant_values=fill).reshape(k, PIVOT_BLOCK, C)
+
+    out = jax.lax.map(lambda b: one(*b), (blocks(lower, 0.0), blocks(upper, 1.0)))
+    return jax.tree.map(lambda a: a.reshape(k * PIVOT_BLOCK, *a.shape[2:])[:N], out)
 
 
 def _is_x64() -> bool:
@@ -339,6 +472,7 @@ def solve_lp(
     *,
     max_pivots: int = MAX_PIVOTS,
     dtype: jax.typing.DTypeLike | None = None,
+    warm_start: BasisTable | None = None,
 ) -> LPResult:
     """Solve ``min sum(x) s.t. lower <= D x <= upper, x >= 0`` exactly for a batch of bounds.
 
@@ -350,6 +484,9 @@ def solve_lp(
     max_pivots : dual-simplex pivot cap per problem (MAX_ITER beyond it).
     dtype : working dtype (default: result type of the inputs, float32 unless x64 is on).
         float64 requires x64 (``with jax.enable_x64(True):``); it is never turned on here.
+    warm_start : a :class:`~deepem_jax.bp.BasisTable` for ``D``: each problem starts from the
+        table's basis that fits its bounds best instead of the all-slack basis (zero pivots when
+        that basis is optimal). The answers are the same; only the pivot count changes.
 
     Returns
     -------
@@ -385,5 +522,6 @@ def solve_lp(
     shape = jnp.broadcast_shapes(lower.shape, upper.shape)[:-1]
     lower = jnp.broadcast_to(lower, (*shape, C)).reshape(-1, C)
     upper = jnp.broadcast_to(upper, (*shape, C)).reshape(-1, C)
-    res = _solve_flat(D, lower, upper, int(max_pivots))
+    table = None if warm_start is None else warm_start.prepare(np.asarray(D), dtype)
+    res = _solve_flat(D, lower, upper, int(max_pivots), FIRST_PIVOTS, table)
     return jax.tree.map(lambda a: a.reshape(*shape, *a.shape[1:]), res)

@@ -14,8 +14,16 @@ import numpy as np
 
 from .._batching import bucket, map_rows
 from ._highs import highs_lp
-from ._simplex import MAX_PIVOTS, PIVOT_BLOCK, certify_infeasible, certify_optimal, solve_lp
+from ._simplex import (
+    FIRST_PIVOTS,
+    MAX_PIVOTS,
+    PIVOT_BLOCK,
+    certify_infeasible,
+    solve_certified,
+    solve_lp,
+)
 from ._types import BPStatus, LPResult
+from ._warm import BasisTable, default_table
 
 __all__ = ["DualSimplex", "HiGHS", "ToleranceSchedule"]
 
@@ -23,7 +31,6 @@ __all__ = ["DualSimplex", "HiGHS", "ToleranceSchedule"]
 # progress in minutes) at 10^4 pixels per call while 8000 took 0.6 s; 4096 is safe.
 _CERT_CHUNK = 4096
 
-_certify_optimal = jax.jit(jax.vmap(certify_optimal, (None, 0, 0, 0, 0)))
 _certify_infeasible = jax.jit(jax.vmap(certify_infeasible, (None, 0, 0, 0, 0)))
 
 #: (x (N, n) float64, status (N,) int32 BPStatus codes, pivots or simplex iterations (N,) int32)
@@ -62,17 +69,51 @@ class DualSimplex:
         at least ``PIVOT_BLOCK`` (4096) and at most ``chunk_size``, so few shapes compile (the
         padding pixels are optimal at the start and cost little); inside a call the pivots
         run on blocks of ``PIVOT_BLOCK`` pixels.
+    warm_start : where each pixel's dual simplex starts. ``"auto"`` (default): from the best
+        basis of the shipped :class:`BasisTable` for the response's channels
+        (:func:`default_table`) when there is one for that dictionary, else from the all-slack
+        basis; ``"table"``: the shipped table, a ValueError if there is none; a
+        :class:`BasisTable`: that table; None: the all-slack basis. Only the number of pivots
+        changes: the answers are certified in float64 either way.
     """
 
     precision: str = "float32"
     max_pivots: int = MAX_PIVOTS
     chunk_size: int = 16_384
+    warm_start: str | BasisTable | None = "auto"
 
     def __post_init__(self) -> None:
         if self.precision not in ("float32", "float64"):
             raise ValueError(f"precision must be 'float32' or 'float64', got {self.precision!r}")
         object.__setattr__(self, "max_pivots", _positive_int("max_pivots", self.max_pivots))
         object.__setattr__(self, "chunk_size", _positive_int("chunk_size", self.chunk_size))
+        ws = self.warm_start
+        if not (ws is None or isinstance(ws, BasisTable) or ws in ("auto", "table")):
+            raise ValueError(
+                f"warm_start must be 'auto', 'table', a bp.BasisTable or None, got {ws!r}"
+            )
+
+    def _for(self, D: np.ndarray, channels: tuple[int, ...]) -> DualSimplex:
+        """This solver with ``warm_start`` resolved to the table for dictionary ``D`` (C, n) of
+        ``channels`` (Angstrom), or None."""
+        ws = self.warm_start
+        if ws is None or isinstance(ws, BasisTable):
+            table = ws
+        else:
+            table = default_table(channels)
+            usable = table is not None and table.n_basis == D.shape[1]
+            if not usable and ws == "table":
+                raise ValueError(
+                    f"no shipped basis table for channels {list(channels)} and a dictionary of "
+                    f"{D.shape[1]} columns; pass warm_start=None or a bp.BasisTable"
+                )
+            table = table if usable else None
+        if table is not None and table.channels != tuple(channels):
+            raise ValueError(
+                f"the basis table is for channels {list(table.channels)}, the response has "
+                f"{list(channels)}"
+            )
+        return dataclasses.replace(self, warm_start=table)
 
     @property
     def dtype(self) -> type[np.floating]:
@@ -91,9 +132,16 @@ class DualSimplex:
         if self.precision == "float64":
             res = self._chunks(D, lower, upper, np.float64, on_chunk)
             return res.x, res.status, res.iterations
-        res = self._chunks(D, lower, upper, np.float32, on_chunk)
-        x, status = _certify(D, lower, upper, res)
-        its = res.iterations
+        table = self._table()
+        prep = None if table is None else table.prepare(D, np.float32)
+
+        def lp(lo, hi):
+            return solve_certified(D, lo, hi, self.max_pivots, FIRST_PIVOTS, prep)
+
+        size = bucket(len(lower), self.chunk_size, min(PIVOT_BLOCK, self.chunk_size))
+        with jax.enable_x64(True):
+            x, status, its, basis, at_upper = map_rows(lp, [lower, upper], size, on_chunk=on_chunk)
+        _certify_infeasible_verdicts(D, lower, upper, status, basis, at_upper)
         redo = np.flatnonzero((status < 0) | (status == BPStatus.MAX_ITER))
         if redo.size:
             r64 = self._chunks(D, lower[redo], upper[redo], np.float64)
@@ -101,34 +149,32 @@ class DualSimplex:
             its[redo] += r64.iterations
         return x, status, its
 
+    def _table(self) -> BasisTable | None:
+        return self.warm_start if isinstance(self.warm_start, BasisTable) else None
+
     def _chunks(self, D, lower, upper, dtype, on_chunk=None) -> LPResult:
         """:func:`solve_lp` in ``dtype`` over padded chunks; numpy leaves."""
+        table = self._table()
 
         def lp(lo, hi):
-            return solve_lp(D, lo, hi, max_pivots=self.max_pivots, dtype=dtype)
+            return solve_lp(D, lo, hi, max_pivots=self.max_pivots, dtype=dtype, warm_start=table)
 
         size = bucket(len(lower), self.chunk_size, min(PIVOT_BLOCK, self.chunk_size))
         with jax.enable_x64(dtype == np.float64):
             return map_rows(lp, [lower, upper], size, on_chunk=on_chunk)
 
 
-def _certify(D, lower, upper, res: LPResult) -> tuple[np.ndarray, np.ndarray]:
-    """float64 re-evaluation of float32 final bases: the vertex (N, n) of each SOLVED basis and
-    the status, set to -1 where a SOLVED (INFEASIBLE) basis is not certified optimal
-    (infeasible) in float64."""
-    x, status = res.x.astype(np.float64), res.status
+def _certify_infeasible_verdicts(D, lower, upper, status, basis, at_upper) -> None:
+    """Set ``status`` to -1 where a float32 INFEASIBLE basis is not a float64 certificate of
+    infeasibility."""
+    idx = np.flatnonzero(status == BPStatus.INFEASIBLE)
+    if idx.size == 0:
+        return
+    args = [a[idx] for a in (lower, upper, basis, at_upper)]
+    size = bucket(idx.size, _CERT_CHUNK, _CERT_CHUNK)  # one compiled shape
     with jax.enable_x64(True):
-        for check, code in ((_certify_optimal, 0), (_certify_infeasible, 1)):
-            idx = np.flatnonzero(status == code)
-            if idx.size == 0:
-                continue
-            args = [a[idx] for a in (lower, upper, res.basis, res.at_upper)]
-            size = bucket(idx.size, _CERT_CHUNK, _CERT_CHUNK)  # one compiled shape
-            out = map_rows(partial(check, D), args, size)
-            if code == 0:
-                x[idx], out = out
-            status[idx[~out]] = -1
-    return x, status
+        proved = map_rows(partial(_certify_infeasible, D), args, size)
+    status[idx[~proved]] = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +187,10 @@ class HiGHS:
     def dtype(self) -> type[np.floating]:
         """numpy dtype of the results."""
         return np.float64
+
+    def _for(self, D: np.ndarray, channels: tuple[int, ...]) -> HiGHS:
+        """This solver (nothing to resolve)."""
+        return self
 
     def _lp(
         self,

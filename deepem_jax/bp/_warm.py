@@ -1,0 +1,308 @@
+"""Learned warm starts of the dual simplex: a table of the optimal bases BP returns.
+
+An optimal basis of ``min sum(x) s.t. lower <= D x <= upper, x >= 0`` (columns of ``[D, -I]``,
+with each non-basic slack at its lower or upper bound) is *dual feasible* whatever the bounds:
+its reduced costs depend on ``D`` only, and scaling the rows of ``D`` (a response degraded to
+another date) leaves their signs unchanged. Only primal feasibility,
+``x_B = B^-1 rhs(lower, upper)`` within the bounds, depends on the pixel. On real AIA data the
+optimal bases of millions of pixels are a few thousand distinct ones, and a table of the most
+frequent bases BP returned on training data (real observations of other dates and synthetic
+DEMs at real noise levels) holds the optimal basis of almost every pixel of a new date.
+
+:func:`choose_start` evaluates every basis of a :class:`BasisTable` on a batch of pixels with a
+few matrix products and picks, per pixel, the first one that is primal feasible, else the least
+infeasible one; the dual simplex then starts from it (zero pivots when it is already optimal).
+Exactness does not rest on the table: the dual simplex runs from any dual feasible basis to the
+optimum, and :class:`~deepem_jax.bp.DualSimplex` certifies every end point in float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import zipfile
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["BasisTable", "choose_start", "default_table", "learn_table"]
+
+_TABLES = Path(__file__).resolve().parent.parent / "tables"
+#: Reduced-cost tolerance of the dual feasibility test of a table's bases (the end point is
+#: certified in float64 anyway).
+_DUAL_TOL = 1e-9
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BasisTable:
+    """Candidate optimal bases of BP for one channel set and one dictionary width.
+
+    Attributes
+    ----------
+    basis : (K, C) int32 basis members, most frequent first; ``j < n_basis`` is column ``j`` of
+        the dictionary, ``n_basis + i`` the slack of row (channel) ``i``.
+    slack_stat : (K, C) int8, per row: 0 if its slack is basic, 1 at the lower bound of the
+        band, 2 at the upper bound.
+    counts : (K,) how many training pixels ended at each basis.
+    channels : wavelengths (Angstrom) of the rows, in order.
+    n_basis : number of dictionary columns the indices refer to.
+    """
+
+    basis: np.ndarray
+    slack_stat: np.ndarray
+    counts: np.ndarray
+    channels: tuple[int, ...]
+    n_basis: int
+
+    def __post_init__(self) -> None:
+        K, C = np.shape(self.basis)
+        if np.shape(self.slack_stat) != (K, C) or np.shape(self.counts) != (K,):
+            raise ValueError("basis, slack_stat and counts must be (K, C), (K, C) and (K,)")
+        if len(self.channels) != C:
+            raise ValueError(f"{len(self.channels)} channels for bases of {C} rows")
+        b = np.asarray(self.basis)
+        if np.any((b < 0) | (b >= self.n_basis + C)):
+            raise ValueError(f"basis indices must be in [0, {self.n_basis + C})")
+
+    @property
+    def size(self) -> int:
+        """Number of bases K."""
+        return len(self.counts)
+
+    @classmethod
+    def learn(
+        cls,
+        basis: np.ndarray,
+        at_upper: np.ndarray,
+        channels: Sequence[int],
+        n_basis: int,
+        max_size: int | None = None,
+    ) -> BasisTable:
+        """The distinct bases of SOLVED pixels (``LPResult.basis`` and ``.at_upper`` (N, C) of
+        :func:`~deepem_jax.bp.solve_lp`), most frequent first, at most ``max_size``."""
+        basis = np.asarray(basis, np.int64)
+        C = basis.shape[1]
+        is_slack = basis[:, :, None] == n_basis + np.arange(C)[None, None, :]
+        basic_row = np.any(is_slack, 1)
+        stat = np.where(basic_row, 0, np.where(np.asarray(at_upper, bool), 2, 1))
+        cols = np.sort(basis, 1)
+        keys, counts = np.unique(np.concatenate([cols, stat], 1), axis=0, return_counts=True)
+        order = np.argsort(-counts, kind="stable")[:max_size]
+        keys = keys[order]
+        return cls(
+            keys[:, :C].astype(np.int32),
+            keys[:, C:].astype(np.int8),
+            counts[order].astype(np.int64),
+            tuple(int(c) for c in channels),
+            int(n_basis),
+        )
+
+    def merged(self, other: BasisTable, max_size: int | None = None) -> BasisTable:
+        """The union of two tables of the same channels, counts added, at most ``max_size``."""
+        if (self.channels, self.n_basis) != (other.channels, other.n_basis):
+            raise ValueError("tables of different channels or dictionary widths")
+        C = len(self.channels)
+        keys = np.concatenate(
+            [np.concatenate([t.basis, t.slack_stat], 1) for t in (self, other)]
+        ).astype(np.int64)
+        weights = np.concatenate([self.counts, other.counts])
+        u, inv = np.unique(keys, axis=0, return_inverse=True)
+        counts = np.bincount(inv.reshape(-1), weights=weights).astype(np.int64)
+        order = np.argsort(-counts, kind="stable")[:max_size]
+        return BasisTable(
+            u[order, :C].astype(np.int32),
+            u[order, C:].astype(np.int8),
+            counts[order],
+            self.channels,
+            self.n_basis,
+        )
+
+    def head(self, size: int | None) -> BasisTable:
+        """The ``size`` most frequent bases (all for None)."""
+        return BasisTable(
+            self.basis[:size],
+            self.slack_stat[:size],
+            self.counts[:size],
+            self.channels,
+            self.n_basis,
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write the table as ``.npz``."""
+        np.savez_compressed(
+            path,
+            basis=self.basis,
+            slack_stat=self.slack_stat,
+            counts=self.counts,
+            meta=json.dumps({"channels": list(self.channels), "n_basis": self.n_basis}),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> BasisTable:
+        """Read a table written by :meth:`save`; a ValueError names a file that is not one."""
+        try:
+            with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                return cls(
+                    z["basis"].astype(np.int32),
+                    z["slack_stat"].astype(np.int8),
+                    z["counts"].astype(np.int64),
+                    tuple(int(c) for c in meta["channels"]),
+                    int(meta["n_basis"]),
+                )
+        except (OSError, EOFError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as err:
+            raise ValueError(f"{path} is not a basis table: {err}") from None
+
+    def prepare(self, D: np.ndarray, dtype) -> dict[str, jax.Array]:
+        """The arrays :func:`choose_start` needs for dictionary ``D`` (C, n_basis), in
+        ``dtype``: the bases that are dual feasible for ``D`` (checked in float64) with their
+        inverses laid out for matrix products. Cached per ``D`` and dtype."""
+        D = np.asarray(D, np.float64)
+        if D.shape != (len(self.channels), self.n_basis):
+            raise ValueError(
+                f"the basis table is for a ({len(self.channels)}, {self.n_basis}) dictionary, "
+                f"got {D.shape}"
+            )
+        key = (hashlib.sha256(D.tobytes()).hexdigest(), np.dtype(dtype).name)
+        cache = self.__dict__.setdefault("_prepared", {})  # frozen fields, mutable cache
+        if key not in cache:
+            cache[key] = {
+                k: jnp.asarray(v, dtype if v.dtype.kind == "f" else v.dtype)
+                for k, v in _layout(self, D).items()
+            }
+        return cache[key]
+
+
+def _layout(table: BasisTable, D: np.ndarray) -> dict[str, np.ndarray]:
+    """float64 arrays of the bases of ``table`` that are dual feasible for ``D`` (C, n), K of
+    them: ``dual_lo``, ``dual_hi`` (C, K) with ``lower @ dual_lo + upper @ dual_hi`` the dual
+    objective of every basis (a lower bound of the optimum, reached by the optimal basis);
+    ``binv_lo``, ``binv_hi`` (K, C, C) with ``binv_lo[k] @ lower + binv_hi[k] @ upper`` the
+    basic values of basis ``k``; ``rows`` (K, C, C) one-hot of the row of each basic slack;
+    ``absa`` (K, C, C) the magnitudes of the basic columns of ``[D, -I]``; ``structural``
+    (K, C) bool; ``basis``, ``slack_stat`` (K, C). The all-slack basis is added first."""
+    C, n = D.shape
+    # the all-slack basis (every slack at its lower bound; optimal, x = 0, when every lower
+    # bound is 0) comes first, so it wins the ties of the dual objective
+    basis = np.concatenate([n + np.arange(C)[None, :], np.asarray(table.basis, np.int64)])
+    stat = np.concatenate([np.ones((1, C), np.int64), np.asarray(table.slack_stat, np.int64)])
+    eye = np.eye(C)
+    A = np.concatenate([D, -eye], 1)
+    B = A[:, basis].transpose(1, 0, 2)  # (K, C, C)
+    # columns scaled to unit max so the conditioning test does not see the units of D
+    Bn = B / np.maximum(np.abs(B).max(1, keepdims=True), 1e-300)
+    ok = np.linalg.cond(Bn) < 1e10
+    binv = np.linalg.inv(np.where(ok[:, None, None], B, eye))
+    c = np.concatenate([np.ones(n), np.zeros(C)])
+    y = np.einsum("kc,kcd->kd", c[basis], binv)  # duals (K, C)
+    d = 1.0 - y @ D  # reduced costs of the columns (K, n), dimensionless
+    ytol = _DUAL_TOL * np.abs(y).max(1, keepdims=True)
+    dual_ok = np.all(d >= -_DUAL_TOL, 1)
+    dual_ok &= np.all(
+        np.where(stat == 1, y >= -ytol, True) & np.where(stat == 2, y <= ytol, True), 1
+    )
+    keep = ok & dual_ok
+    basis, stat, binv, y, B = basis[keep], stat[keep], binv[keep], y[keep], B[keep]
+    return dict(
+        dual_lo=(y * (stat == 1)).T,
+        dual_hi=(y * (stat == 2)).T,
+        binv_lo=binv * (stat == 1)[:, None, :],
+        binv_hi=binv * (stat == 2)[:, None, :],
+        rows=(basis[:, None, :] == n + np.arange(C)[None, :, None]).astype(np.float64),
+        absa=np.abs(B),
+        structural=basis < n,
+        basis=basis.astype(np.int32),
+        slack_stat=stat.astype(np.int8),
+    )
+
+
+def choose_start(
+    prep: dict[str, jax.Array], lower: jax.Array, upper: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Starting bases of a batch: per pixel the basis of the prepared table with the largest
+    dual objective for the bounds ``lower``, ``upper`` (N, C) -- every basis of the table is
+    dual feasible, so its dual objective is a lower bound of the pixel's optimum, and the
+    optimal basis, when it is in the table, has the largest. Returns (basis (N, C) int32,
+    slack_stat (N, C) int8, feasible (N,) bool); a feasible start is optimal, up to the
+    tolerance of the float64 certificate that follows, and the others are the dual simplex's
+    best starts. Pixels are taken :data:`SUB_BLOCK` at a time so the (pixels, K)
+    temporaries stay in the CPU caches."""
+    N, C = lower.shape
+    if N <= SUB_BLOCK:
+        return _choose(prep, lower, upper)
+    k = -(-N // SUB_BLOCK)
+    pad = k * SUB_BLOCK - N
+
+    def blocks(a, fill):
+        return jnp.pad(a, ((0, pad), (0, 0)), constant_values=fill).reshape(k, SUB_BLOCK, C)
+
+    out = jax.lax.map(lambda b: _choose(prep, *b), (blocks(lower, 0.0), blocks(upper, 1.0)))
+    return jax.tree.map(lambda a: a.reshape(k * SUB_BLOCK, *a.shape[2:])[:N], out)
+
+
+#: Pixels per piece of :func:`choose_start`.
+SUB_BLOCK = 512
+#: Primal feasibility tolerance of a start in units of the row-scaled band, by dtype size (the
+#: dual simplex's own).
+_START_TOL = {4: 1e-6, 8: 1e-10}
+
+
+def _choose(prep, lower, upper):
+    K = prep["basis"].shape[0]
+    g = lower @ prep["dual_lo"] + upper @ prep["dual_hi"]  # dual objectives (N, K)
+    idx = jnp.arange(K, dtype=jnp.int32)
+    k = jnp.minimum(jnp.min(jnp.where(g == jnp.max(g, -1, keepdims=True), idx, K), -1), K - 1)
+    take = partial(jnp.take, indices=k, axis=0)
+    z = jnp.einsum("npc,nc->np", take(prep["binv_lo"]), lower) + jnp.einsum(
+        "npc,nc->np", take(prep["binv_hi"]), upper
+    )
+    rows, structural = take(prep["rows"]), take(prep["structural"])
+    lo_b = jnp.where(structural, 0.0, jnp.einsum("nc,ncp->np", lower, rows))
+    hi_b = jnp.where(structural, jnp.inf, jnp.einsum("nc,ncp->np", upper, rows))
+    big = jnp.maximum(jnp.abs(lower), jnp.abs(upper))
+    r = 1.0 / jnp.where(big > 0, big, 1.0)
+    w = jnp.max(take(prep["absa"]) * r[:, :, None], 1)  # scale of each basic value
+    viol = (jnp.maximum(lo_b - z, 0.0) + jnp.maximum(z - hi_b, 0.0)) * w
+    feasible = jnp.max(viol, -1) <= _START_TOL[jnp.dtype(lower.dtype).itemsize]
+    return prep["basis"][k], prep["slack_stat"][k], feasible
+
+
+def default_table(channels: Sequence[int]) -> BasisTable | None:
+    """The shipped table for the channels (Angstrom, in order), or None if there is none."""
+    name = "bp_bases_" + "-".join(str(int(c)) for c in channels) + ".npz"
+    path = _TABLES / name
+    return BasisTable.load(path) if path.is_file() else None
+
+
+def learn_table(
+    D: np.ndarray,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    channels: Sequence[int],
+    *,
+    max_size: int | None = None,
+    chunk: int = 65_536,
+) -> BasisTable:
+    """A :class:`BasisTable` of the optimal bases of BP problems: ``lower <= D x <= upper``
+    (N, C) bands with dictionary ``D`` (C, n), solved by the float64 dual simplex (the bases of
+    SOLVED problems; an optimal basis is a property of the LP, whichever exact solver finds it).
+    """
+    from ._simplex import solve_lp
+
+    D = np.asarray(D, np.float64)
+    tables = []
+    with jax.enable_x64(True):
+        for i in range(0, len(lower), chunk):
+            res = solve_lp(D, lower[i : i + chunk], upper[i : i + chunk], dtype=np.float64)
+            ok = np.asarray(res.status) == 0
+            b, au = np.asarray(res.basis)[ok], np.asarray(res.at_upper)[ok]
+            tables.append(BasisTable.learn(b, au, channels, D.shape[1]))
+    out = tables[0]
+    for t in tables[1:]:
+        out = out.merged(t)
+    return out.head(max_size)

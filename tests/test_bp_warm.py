@@ -1,0 +1,122 @@
+"""Warm-started Basis Pursuit (deepem_jax.bp.BasisTable): same answers as HiGHS and as the cold
+dual simplex, fewer pivots, any row scaling of the dictionary, bad tables rejected."""
+
+from __future__ import annotations
+
+import astropy.units as u
+import jax
+import numpy as np
+import pytest
+
+from deepem_jax import bp
+from deepem_jax.basis import cheung_basis, dictionary
+from deepem_jax.forward import forward, noisy_observation, random_dems
+from deepem_jax.response import DEEPEM_LOGT, default_response
+from deepem_jax.uncertainty import aia_sigma
+
+BASIS = cheung_basis(DEEPEM_LOGT)
+FIVE = [131, 171, 193, 211, 335]
+
+
+@pytest.fixture(scope="module")
+def response():
+    return default_response().regrid(DEEPEM_LOGT).select(FIVE * u.AA)
+
+
+@pytest.fixture(scope="module")
+def D(response):
+    with jax.enable_x64(True):
+        return np.asarray(dictionary(response, BASIS), np.float64)
+
+
+def _bands(response, n, seed, tolfac=1.4):
+    """BP bands (N, C) of noisy random-DEM pixels (n_sample 16, exposures 2 s)."""
+    rng = np.random.default_rng(seed)
+    em = random_dems(DEEPEM_LOGT, n, rng)
+    with jax.enable_x64(True):
+        y0 = np.asarray(forward(response.K, em))
+    y = noisy_observation(y0, 2.0, response.channels, rng, n_sample=16)
+    dn = u.DN / (u.s * u.pix)
+    sig = aia_sigma(np.maximum(y, 0) * dn, 2.0 * u.s, response.wavelength, n_sample=16).value
+    with jax.enable_x64(True):
+        return tuple(np.asarray(a) for a in bp.bounds(y, sig, tolfac))
+
+
+@pytest.fixture(scope="module")
+def table(response, D):
+    """Learned on pixels other than the ones the tests solve."""
+    return bp.learn_table(D, *_bands(response, 20_000, seed=100), FIVE)
+
+
+def _same_as_highs(D, lower, upper, res):
+    ref = bp.highs_lp(D, lower, upper)
+    st = np.asarray(res.status)
+    both = (st == 0) & (ref.status == 0)
+    obj = np.asarray(res.objective, np.float64)
+    rel = np.abs(obj - ref.objective)[both] / np.maximum(ref.objective[both], 1e-30)
+    print("verdict disagreements:", int(np.sum((st == 0) != (ref.status == 0))))
+    print("max relative objective difference:", rel.max())
+    assert np.array_equal(st == 0, ref.status == 0)
+    return rel
+
+
+def test_warm_start_matches_highs_with_fewer_pivots(response, D, table, x64):
+    lower, upper = _bands(response, 1000, seed=1, tolfac=1.0)  # some infeasible pixels
+    cold = bp.solve_lp(D, lower, upper, dtype=np.float64)
+    warm = bp.solve_lp(D, lower, upper, dtype=np.float64, warm_start=table)
+    assert np.sum(np.asarray(cold.status) == 1) > 10
+    assert _same_as_highs(D, lower, upper, warm).max() < 1e-9
+    assert np.array_equal(np.asarray(warm.status), np.asarray(cold.status))
+    first_try = np.mean((np.asarray(warm.iterations) == 0) & (np.asarray(warm.status) == 0))
+    print("certified at the first try:", first_try)
+    assert first_try > 0.5
+    assert np.mean(warm.iterations) < 0.5 * np.mean(cold.iterations)
+
+
+def test_warm_start_float32_matches_highs(response, D, table):
+    lower, upper = _bands(response, 1000, seed=2)
+    warm = bp.solve_lp(D, lower, upper, dtype=np.float32, warm_start=table)
+    assert np.mean(_same_as_highs(D, lower, upper, warm) > 1e-4) < 1e-3
+
+
+def test_rows_scaled_like_a_degraded_response(response, D, table, x64):
+    """A degraded response is the undegraded one with rows scaled: the table serves it."""
+    f = np.array([0.51, 0.74, 0.49, 0.40, 0.17])
+    lower, upper = _bands(response, 500, seed=3)
+    Df, lo_f, hi_f = f[:, None] * D, lower * f, upper * f
+    warm = bp.solve_lp(Df, lo_f, hi_f, dtype=np.float64, warm_start=table)
+    _same_as_highs(Df, lo_f, hi_f, warm)
+    same = bp.solve_lp(D, lower, upper, dtype=np.float64, warm_start=table)
+    np.testing.assert_array_equal(np.asarray(warm.iterations), np.asarray(same.iterations))
+
+
+def test_bases_that_are_not_dual_feasible_are_dropped(response, D, x64):
+    """A table of arbitrary bases cannot change the answer: only dual feasible ones are kept."""
+    rng = np.random.default_rng(4)
+    C, n = D.shape
+    basis = np.stack([rng.choice(n + C, C, replace=False) for _ in range(200)]).astype(np.int32)
+    basic_slack = np.stack([np.isin(n + np.arange(C), b) for b in basis])
+    stat = np.where(basic_slack, 0, rng.integers(1, 3, size=(200, C))).astype(np.int8)
+    junk = bp.BasisTable(basis, stat, np.ones(200, np.int64), tuple(FIVE), n)
+    kept = junk.prepare(D, np.float64)["basis"].shape[0]
+    assert kept < 200
+    lower, upper = _bands(response, 300, seed=5)
+    warm = bp.solve_lp(D, lower, upper, dtype=np.float64, warm_start=junk)
+    assert _same_as_highs(D, lower, upper, warm).max() < 1e-9
+
+
+def test_table_round_trip_and_bad_files(table, D, tmp_path):
+    path = tmp_path / "t.npz"
+    table.save(path)
+    back = bp.BasisTable.load(path)
+    np.testing.assert_array_equal(back.basis, table.basis)
+    np.testing.assert_array_equal(back.slack_stat, table.slack_stat)
+    assert back.channels == table.channels and back.n_basis == table.n_basis
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"bad\.npz"):
+        bp.BasisTable.load(bad)
+    with pytest.raises(ValueError, match="dictionary"):
+        table.prepare(D[:4], np.float64)
+    with pytest.raises(ValueError, match="indices"):
+        bp.BasisTable(table.basis + 100, table.slack_stat, table.counts, table.channels, 54)
