@@ -38,6 +38,9 @@ METHODS = ("bp", "net", "fit")
 _JUDGED = [DEMStatus.SOLVED, DEMStatus.INFEASIBLE, DEMStatus.MAX_ITER, DEMStatus.OUTSIDE_BAND]
 #: Pixels per jit-compiled network tile.
 _TILE = 65536
+#: Pixels per host block of BP and of the synthetic intensities and chi^2 (bounds the float64
+#: temporaries of a full-disk inversion).
+_ROWS = 1 << 18
 
 
 class DEMWarning(UserWarning):
@@ -67,21 +70,33 @@ def _stack_observation(stack, channels: list[int] | None) -> _Observation:
         if missing:
             raise ValueError(f"channel(s) {missing} Å are not in the observation ({have} Å)")
         idx = [have.index(c) for c in channels]
-    flags = stack.flags[..., idx]
     from .io import PixelFlag
 
-    sigma = stack.sigma()[..., idx]
+    def pick(a):  # no copy of a full-disk cube when every channel is used in its order
+        return a if idx == list(range(len(have))) else a[..., idx]
+
+    flags, y = pick(stack.flags), pick(stack.data)
     return _Observation(
-        y=stack.data[..., idx],
-        sigma=sigma,
+        y=y,
+        sigma=pick(stack.sigma()),
         channels=tuple(have[i] for i in idx),
         obstime=stack.obstime[idx],
         invalid=np.any(flags & (PixelFlag.NONFINITE | PixelFlag.NO_COVERAGE), axis=-1)
-        | ~np.all(np.isfinite(stack.data[..., idx]), axis=-1),
+        | ~np.all(np.isfinite(y), axis=-1),
         saturated=np.any(flags & PixelFlag.SATURATED, axis=-1),
         wcs=stack.wcs,
         info={"NSAMPLE": int(stack.n_sample)},
     )
+
+
+def _intensity_values(a, name: str) -> np.ndarray:
+    """``a`` in DN s^-1 pix^-1 as an ndarray: a plain float array as it is (not copied; the
+    methods convert block by block), anything else as float64."""
+    if not isinstance(a, u.Quantity):
+        arr = np.asarray(a)
+        if np.issubdtype(arr.dtype, np.floating):
+            return arr
+    return to_value(a, INTENSITY_UNIT, name, allow_plain=True)
 
 
 def _array_observation(y, sigma, channels, obstime) -> _Observation:
@@ -95,15 +110,15 @@ def _array_observation(y, sigma, channels, obstime) -> _Observation:
             "intensities given as an array need sigma= (their 1-sigma errors); "
             "load files with deepem_jax.load_aia to get the AIA error model"
         )
-    yv = to_value(y, INTENSITY_UNIT, "intensities", allow_plain=True)
-    sv = to_value(sigma, INTENSITY_UNIT, "sigma", allow_plain=True)
+    yv = _intensity_values(y, "intensities")
+    sv = _intensity_values(sigma, "sigma")
     if yv.ndim < 1 or yv.shape[-1] != len(channels):
         raise ValueError(
             f"intensities have shape {yv.shape}; the last axis must hold the {len(channels)} "
             f"channels {channels} Å"
         )
     try:
-        sv = np.broadcast_to(sv, yv.shape)
+        sv = sv if sv.shape == yv.shape else np.broadcast_to(sv, yv.shape)
     except ValueError:
         raise ValueError(f"sigma shape {sv.shape} does not broadcast to {yv.shape}") from None
     return _Observation(
@@ -375,14 +390,15 @@ def _monte_carlo_errors(method, obs, factors, o, n: int, logt):
 def _result(obs, em, status, used, logt, resp, factors, method, tolfac, cards, timings, errors):
     from . import __version__
     from .checkpoint import ResponseId
-    from .forward import chi2
 
     has_em = DEMStatus.with_em(status)
-    em = np.where(has_em[..., None], em, np.nan).astype(np.float32)
-    # float32 throughout: no float64 copy of a full-disk EM cube
+    # float32 throughout, masked in place: no float64 copy of a full-disk EM cube
+    em = np.asarray(em, dtype=np.float32)
+    if not em.flags.writeable:
+        em = em.copy()
+    em[~has_em] = np.nan
     Kf = (np.asarray(resp.K, dtype=np.float64) * factors[:, None]).T.astype(np.float32)
-    synth = np.where(has_em[..., None], np.nan_to_num(em) @ Kf, np.nan)
-    chi = chi2(synth, obs.y, obs.sigma)
+    synth, chi = _synthetic_chi2(em, has_em, Kf, obs.y, obs.sigma)
     rid = ResponseId.of(resp)
     provenance = {
         "METHOD": method,
@@ -398,11 +414,11 @@ def _result(obs, em, status, used, logt, resp, factors, method, tolfac, cards, t
         em=em,
         logt=np.asarray(logt, dtype=np.float64),
         status=status,
-        chi2=chi.astype(np.float32),
-        synthetic=synth.astype(np.float32),
-        intensities=obs.y.astype(np.float32),
-        sigma=obs.sigma.astype(np.float32),
-        tolfac=np.where(np.isin(status, _JUDGED), used, np.nan).astype(np.float32),
+        chi2=chi,
+        synthetic=synth,
+        intensities=_float32(obs.y),
+        sigma=_float32(obs.sigma),
+        tolfac=np.where(np.isin(status, _JUDGED), np.asarray(used, np.float32), np.float32(np.nan)),
         channels=obs.channels,
         method=method,
         response=resp,
@@ -414,36 +430,98 @@ def _result(obs, em, status, used, logt, resp, factors, method, tolfac, cards, t
     )
 
 
+def _float32(a: np.ndarray) -> np.ndarray:
+    """``a`` as float32: ``a`` itself when it is a writeable C-contiguous float32 array (a
+    full-disk input is not held twice), otherwise a copy."""
+    if a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable:
+        return a
+    return a.astype(np.float32)
+
+
+def _blocks(n: int) -> list[slice]:
+    """Consecutive slices of at most ``_ROWS`` of ``n`` pixels."""
+    return [slice(i, min(i + _ROWS, n)) for i in range(0, n, _ROWS)]
+
+
+def _synthetic_chi2(em, has_em, K, y, sigma) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic intensities ``em @ K`` (..., C) and chi^2 (...) against the observed ``y`` and
+    ``sigma`` (float64 per block), both float32 and NaN without an EM, in blocks of pixels."""
+    from .forward import chi2
+
+    C, lead = K.shape[1], has_em.shape
+    synth, chi = np.empty((*lead, C), np.float32), np.empty(lead, np.float32)
+    ef, hf, sy, cf = (
+        em.reshape(-1, em.shape[-1]),
+        has_em.reshape(-1),
+        synth.reshape(-1, C),
+        chi.reshape(-1),
+    )
+    yf, sf = y.reshape(-1, C), np.broadcast_to(sigma, y.shape).reshape(-1, C)
+    for sl in _blocks(len(hf)):
+        block = np.nan_to_num(ef[sl]) @ K
+        block[~hf[sl]] = np.nan
+        sy[sl] = block
+        cf[sl] = chi2(block, yf[sl].astype(np.float64), sf[sl].astype(np.float64))
+    return synth, chi
+
+
 # -- methods ----------------------------------------------------------------------------------
 
 
 def _corrected(obs: _Observation, factors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Degradation-corrected intensities and sigma; invalid and saturated pixels NaN."""
-    bad = (obs.invalid | obs.saturated)[..., None]
-    return np.where(bad, np.nan, obs.y / factors), obs.sigma / factors
+    """Degradation-corrected intensities and sigma (float64); invalid and saturated pixels
+    NaN."""
+    return _correct(obs.y, obs.sigma, obs.invalid | obs.saturated, factors)
+
+
+def _correct(y, sigma, bad, factors) -> tuple[np.ndarray, np.ndarray]:
+    """``y / factors`` (NaN where ``bad``) and ``sigma / factors``, float64."""
+    f = np.asarray(factors, np.float64)
+    return np.where(bad[..., None], np.nan, y / f), sigma / f
 
 
 def _bp_solve(y, s, resp, tolfac, solver=None, progress=False):
     """:func:`deepem_jax.bp.solve` of corrected intensities and sigma with the Cheung basis on
-    the response's grid."""
+    the response's grid, without the coefficients; ``progress`` as in ``bp.solve``."""
     from . import bp
     from .basis import cheung_basis
 
     kw = {} if solver is None else {"solver": solver}
     return bp.solve(
-        y, s, resp, cheung_basis(resp.logt_array), tolfac=tolfac, progress=progress, **kw
+        y,
+        s,
+        resp,
+        cheung_basis(resp.logt_array),
+        tolfac=tolfac,
+        progress=progress,
+        coeffs=False,
+        **kw,
     )
 
 
 def _run_bp(obs, factors, response, tolfac, solver, progress):
+    """BP of the corrected observation in blocks of ``_ROWS`` pixels, so only one block is
+    ever held in float64; EM (..., n_T) float32, status, tolerance factor used (float32)."""
     from .response import DEEPEM_LOGT
 
     resp = _fit_response(response, DEEPEM_LOGT, obs.channels)
-    y, s = _corrected(obs, factors)
-    res = _bp_solve(y, s, resp, tolfac, solver, progress)
-    status = np.asarray(res.status).astype(np.int8)
+    C, lead = len(obs.channels), obs.y.shape[:-1]
+    y = obs.y.reshape(-1, C)
+    s = np.broadcast_to(obs.sigma, obs.y.shape).reshape(-1, C)
+    bad = (obs.invalid | obs.saturated).reshape(-1)
+    n = len(y)
+    em = np.empty((n, len(DEEPEM_LOGT)), np.float32)
+    status, used = np.empty(n, np.int8), np.empty(n, np.float32)
+    bar = _bar(progress, n, "BP")
+    try:
+        for sl in _blocks(n):
+            res = _bp_solve(*_correct(y[sl], s[sl], bad[sl], factors), resp, tolfac, solver, bar)
+            em[sl], status[sl], used[sl] = res.em, res.status, res.tolfac
+    finally:
+        if bar is not None:
+            bar.close()
     prov = {"_logt": DEEPEM_LOGT, "_response": resp}
-    return np.asarray(res.em), status, np.asarray(res.tolfac), prov
+    return em.reshape(*lead, em.shape[-1]), status.reshape(lead), used.reshape(lead), prov
 
 
 @partial(jax.jit, static_argnames=("config", "n_iter", "consistency"))

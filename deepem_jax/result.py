@@ -38,7 +38,8 @@ class DEMResult:
         DN s^-1 pix^-1 (comparable with :attr:`intensities`); NaN without an EM.
     intensities, sigma : (..., C) float32
         The observed intensities and their 1-sigma errors, DN s^-1 pix^-1 (not corrected
-        for degradation).
+        for degradation). Intensities or errors given to :func:`~deepem_jax.invert` as a
+        (writeable, C-contiguous) float32 array are that array itself, not a copy.
     tolfac : (...) float32
         Tolerance factor of the band each pixel was judged against (BP: ``tolfac`` times the
         retry factor that succeeded, or the last one tried; NaN where the pixel was not

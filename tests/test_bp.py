@@ -383,3 +383,42 @@ def test_host_blocks_match_highs(monkeypatch):
     ok = ref.status == 0
     np.testing.assert_allclose(res.objective[ok], ref.objective[ok], rtol=1e-6)
     np.testing.assert_array_equal(res.tolfac[ok], ref.tolfac[ok])
+
+
+def test_inputs_streamed_per_block_and_coeffs_opt_out(monkeypatch):
+    """Inputs are converted to float64 block by block, so float32 and integer intensities give
+    exactly what their float64 copies give; ``coeffs=False`` drops only the coefficients; a
+    caller's bar is advanced across calls (and left to the caller)."""
+    import deepem_jax.bp._solve as S
+
+    resp = default_response().regrid(DEEPEM_LOGT)
+    y, sig = _observe(resp, 200, seed=13)
+    y32, s32 = y.astype(np.float32), sig.astype(np.float32)
+    monkeypatch.setattr(S, "_BLOCK", 64)
+    ref = bp.solve(y32.astype(np.float64), s32.astype(np.float64), resp, BASIS)
+    res = bp.solve(y32, s32, resp, BASIS, coeffs=False)
+    assert res.coeffs is None and ref.coeffs.shape == (200, BASIS.n_basis)
+    for name in ("em", "status", "tolfac", "iterations", "synthetic", "objective"):
+        np.testing.assert_array_equal(getattr(res, name), getattr(ref, name), err_msg=name)
+    counts = np.round(y[:70]).astype(np.int32)
+    a = bp.solve(counts, "sqrt", resp, BASIS)
+    b = bp.solve(counts.astype(np.float64), "sqrt", resp, BASIS)
+    np.testing.assert_array_equal(a.coeffs, b.coeffs)
+    np.testing.assert_array_equal(a.status, b.status)
+
+    class Bar:
+        n, closed = 0, False
+
+        def update(self, k):
+            self.n += k
+
+        def set_postfix_str(self, s):
+            pass
+
+        def close(self):
+            self.closed = True
+
+    bar = Bar()
+    for sl in (slice(0, 120), slice(120, 200)):
+        bp.solve(y[sl], sig[sl], resp, BASIS, progress=bar, coeffs=False)
+    assert bar.n == 200 and not bar.closed

@@ -65,6 +65,29 @@ def test_channel_order_is_the_callers(five_channel_pixels):
     np.testing.assert_allclose(a.em, b.em, rtol=1e-3, atol=1e-4 * np.nanmax(a.em))
 
 
+def test_bp_streams_blocks_and_keeps_float32_input(five_channel_pixels, monkeypatch):
+    """BP, the synthetic intensities and chi^2 run in blocks of pixels on the input as given (no
+    float64 copy of a float32 image, which the result keeps as its intensities and sigma): a
+    float32 image in blocks of 64 pixels gives exactly what its float64 copy gives in one
+    block."""
+    import deepem_jax.pipeline as P
+
+    y, sig, _, _ = five_channel_pixels
+    y32, s32 = y.astype(np.float32).reshape(20, 30, 5), sig.astype(np.float32).reshape(20, 30, 5)
+    y32[0, 0, 1] = np.nan
+    ref = invert(
+        y32.astype(np.float64), "bp", sigma=s32.astype(np.float64), channels=FIVE, obstime=T_OBS
+    )
+    monkeypatch.setattr(P, "_ROWS", 64)
+    res = invert(y32, "bp", sigma=s32, channels=FIVE, obstime=T_OBS)
+    assert res.status[0, 0] == DEMStatus.INVALID_INPUT and (res.status == 0).mean() > 0.9
+    assert res.intensities is y32 and res.sigma is s32  # float32 input is not held twice
+    for name in ("em", "status", "chi2", "synthetic", "intensities", "sigma", "tolfac"):
+        a, b = getattr(res, name), getattr(ref, name)
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
 def test_bad_pixels_get_a_status_and_nan_em(five_channel_pixels):
     y, sig, _, _ = five_channel_pixels
     y = y[:8].copy()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import astropy.units as u
 import jax
@@ -21,8 +22,9 @@ from ._types import BPResult, BPStatus, LPResult
 
 __all__ = ["bounds", "solve", "solve_jax"]
 
-#: Pixels per host-side block of :func:`solve` (bounds the float64 temporaries).
-_BLOCK = 1 << 20
+#: Pixels per host-side block of :func:`solve`: bounds the float64 temporaries (about 2 kB a
+#: pixel: coefficients, bounds, the float32 pass and its float64 certificates).
+_BLOCK = 1 << 18
 
 
 def bounds(
@@ -75,17 +77,19 @@ def solve_jax(
 
 
 def _as_intensity(a, name: str) -> np.ndarray:
+    """``a`` as a numeric ndarray in DN s^-1 pix^-1, not copied when it is already one (the
+    solver converts each block to float64)."""
     if isinstance(a, u.Quantity):
         return to_value(a, INTENSITY_UNIT, name)
     arr = np.asarray(a)
     if not np.issubdtype(arr.dtype, np.number):
         raise TypeError(f"{name} must be a numeric array or Quantity, got dtype {arr.dtype}")
-    return arr.astype(np.float64)
+    return arr
 
 
-def _inputs(intensities, sigma, response: TemperatureResponse) -> tuple[np.ndarray, np.ndarray]:
-    """Intensities (..., C) and sigma broadcast to them, float64 DN s^-1 pix^-1; ``sigma="sqrt"``
-    gives ``sqrt(max(y, 0))``."""
+def _inputs(intensities, sigma, response: TemperatureResponse):
+    """Intensities (..., C) and sigma broadcast to them (DN s^-1 pix^-1, numeric arrays in any
+    dtype); sigma is None for ``sigma="sqrt"`` (``sqrt(max(y, 0))``, computed per block)."""
     y = _as_intensity(intensities, "intensities")
     if y.ndim < 1 or y.shape[-1] != response.n_channels:
         raise ValueError(
@@ -95,7 +99,7 @@ def _inputs(intensities, sigma, response: TemperatureResponse) -> tuple[np.ndarr
     if isinstance(sigma, str):
         if sigma != "sqrt":
             raise ValueError(f"sigma must be an array, a Quantity or 'sqrt', got {sigma!r}")
-        return y, np.sqrt(np.maximum(y, 0.0))
+        return y, None
     sig = _as_intensity(sigma, "sigma")
     try:
         return y, np.broadcast_to(sig, y.shape)
@@ -121,9 +125,13 @@ def _options(tolfac: float, solver: object, schedule: object) -> float:
 
 
 @contextlib.contextmanager
-def _progress_bar(enabled: bool, total: int) -> Iterator:
-    """A tqdm bar over ``total`` pixels, or None."""
-    if not enabled:
+def _progress_bar(progress, total: int) -> Iterator:
+    """The caller's bar (``progress`` has ``update``; the caller closes it), a new tqdm bar
+    over ``total`` pixels (``progress`` true), or None."""
+    if hasattr(progress, "update"):
+        yield progress
+        return
+    if not progress:
         yield None
         return
     from tqdm.auto import tqdm
@@ -144,7 +152,8 @@ def solve(
     tolfac: float = 1.4,
     solver: DualSimplex | HiGHS = DualSimplex(),
     schedule: ToleranceSchedule = ToleranceSchedule(),
-    progress: bool = False,
+    progress: Any = False,
+    coeffs: bool = True,
 ) -> BPResult:
     """Basis Pursuit DEM of every pixel (SolarSoft ``aia_sparse_em_solve`` semantics).
 
@@ -163,11 +172,20 @@ def solve(
     basis : :func:`deepem_jax.basis.cheung_basis`. A dictionary column that is all zero (a basis
         function no channel sees) is kept and gets coefficient 0 (it can only add cost).
     tolfac : width of the band in units of sigma (finite, > 0).
-    solver : :class:`DualSimplex` (batched, exact; its ``precision`` sets the output dtype) or
-        :class:`HiGHS` (SciPy ``linprog`` per pixel, float64; the slow reference).
+    solver : :class:`DualSimplex` (batched, exact; its ``precision`` sets the output dtype, its
+        ``warm_start`` where the pivots start: by default the best basis of the shipped
+        :class:`BasisTable` for the channels) or :class:`HiGHS` (SciPy ``linprog`` per pixel,
+        float64; the slow reference).
     schedule : :class:`ToleranceSchedule` (``symmbuff``, ``retry_factors``, ``min_signal``).
     progress : show a tqdm bar over pixels; it reaches the number of pixels once every pixel
-        has a first verdict (retries are shown in its postfix, not counted again).
+        has a first verdict (retries are shown in its postfix, not counted again). A tqdm bar
+        (anything with ``update(n)`` and ``set_postfix_str(s)``) is advanced instead of a new
+        one, e.g. by a caller that solves a large image in several calls.
+    coeffs : keep the coefficients (``result.coeffs``); False leaves ``result.coeffs`` None
+        and saves ``n_basis`` numbers per pixel (the other fields are the same).
+
+    Memory: pixels are solved in blocks of ``2**18``; besides the outputs, only one block's
+    float64 temporaries are held (the inputs are converted to float64 block by block).
 
     Returns
     -------
@@ -185,21 +203,24 @@ def solve(
     y, sig = _inputs(intensities, sigma, response)
     with jax.enable_x64(True):
         D = np.asarray(dictionary(response, basis), dtype=np.float64)
+    solver = solver._for(D, tuple(response.channels))
     shape, C = y.shape[:-1], y.shape[-1]
-    yf, sf = y.reshape(-1, C), sig.reshape(-1, C)
+    yf = y.reshape(-1, C)
+    sf = None if sig is None else sig.reshape(-1, C)
     with _progress_bar(progress, len(yf)) as bar:
-        res = _solve_flat(yf, sf, D, basis, tolfac, solver, schedule, isinstance(sigma, str), bar)
+        res = _solve_flat(yf, sf, D, basis, tolfac, solver, schedule, bar, bool(coeffs))
     return jax.tree.map(lambda a: a.reshape((*shape, *a.shape[1:])), res)
 
 
-def _solve_flat(yf, sf, D, basis, tolfac, solver, schedule, sqrt_sigma, bar) -> BPResult:
-    """:func:`solve` of (N, C) pixels as a flat BPResult. Host memory stays bounded: each block
-    of ``_BLOCK`` pixels is solved (with its retries) and written into the outputs, which are
-    allocated once in the output dtype."""
+def _solve_flat(yf, sf, D, basis, tolfac, solver, schedule, bar, keep_coeffs) -> BPResult:
+    """:func:`solve` of (N, C) pixels (any numeric dtype; ``sf`` None for ``sqrt(y)``) as a
+    flat BPResult. Host memory stays bounded: each block of ``_BLOCK`` pixels is converted to
+    float64, solved (with its retries) and written into the outputs, which are allocated once
+    in the output dtype."""
     (N, C), n, dt = yf.shape, D.shape[1], solver.dtype
     B = np.asarray(basis.B, np.float64)
     res = BPResult(
-        coeffs=np.empty((N, n), dt),
+        coeffs=np.empty((N, n), dt) if keep_coeffs else None,
         em=np.empty((N, B.shape[1]), dt),
         status=np.empty(N, np.int8),
         tolfac=np.empty(N),
@@ -209,10 +230,14 @@ def _solve_flat(yf, sf, D, basis, tolfac, solver, schedule, sqrt_sigma, bar) -> 
     )
     for b0 in range(0, N, _BLOCK):
         sl = slice(b0, min(b0 + _BLOCK, N))
+        yb = np.asarray(yf[sl], np.float64)
+        sb = np.sqrt(np.maximum(yb, 0.0)) if sf is None else np.asarray(sf[sl], np.float64)
         x, res.status[sl], res.tolfac[sl], res.iterations[sl] = _solve_block(
-            yf[sl], sf[sl], D, tolfac, solver, schedule, sqrt_sigma, bar
+            yb, sb, D, tolfac, solver, schedule, sf is None, bar
         )
-        res.coeffs[sl] = x
+        del yb, sb
+        if res.coeffs is not None:
+            res.coeffs[sl] = x
         res.synthetic[sl] = x @ D.T
         res.em[sl] = basis.scale * (x @ B)
         res.objective[sl] = x.sum(-1)

@@ -49,7 +49,8 @@ class BPResult:
 
     Attributes
     ----------
-    coeffs : (..., n_basis) BP coefficients in units of ``basis.scale`` cm^-5.
+    coeffs : (..., n_basis) BP coefficients in units of ``basis.scale`` cm^-5; None when
+        :func:`deepem_jax.bp.solve` was asked not to keep them (``coeffs=False``).
     em : (..., n_T) emission measure per temperature bin, cm^-5.
     status : (...) int8 :class:`BPStatus` code.
     tolfac : (...) tolerance factor used (``tolfac`` times the retry factor that succeeded;
@@ -60,7 +61,7 @@ class BPResult:
     objective : (...) ``sum(coeffs)`` (units of ``basis.scale`` cm^-5).
     """
 
-    coeffs: np.ndarray
+    coeffs: np.ndarray | None
     em: np.ndarray
     status: np.ndarray
     tolfac: np.ndarray
