@@ -226,20 +226,23 @@ def _pivots_batch(D, lower, upper, max_pivots, first_pivots, gather, start=None)
 
 def _pivots_warm(D, lower, upper, max_pivots, gather, table):
     """Dual simplex on a batch started from the bases of a table (:func:`choose_start`):
+    every problem is tried against the table's most frequent bases (``table["head"]``);
     problems whose start is already feasible are done (zero pivots); the others are gathered
-    ``gather`` at a time and run from their start to the end. Returns as
-    :func:`_pivots_batch`."""
+    ``gather`` at a time, given the best start of the whole table (``table["full"]``) and
+    run from it to the end. Returns as :func:`_pivots_batch`."""
     N = lower.shape[0]
     n = D.shape[1]
-    basis, slack_stat, done = choose_start(table, lower, upper)
+    basis, slack_stat, done = choose_start(table["head"], lower, upper)
     state = (basis, slack_stat, jnp.where(done, 0, -1).astype(jnp.int32), jnp.zeros(N, jnp.int32))
     run = jax.vmap(_run, (None, 0, 0, None))
 
     def round_(st):
         idx = jnp.nonzero(st[2] < 0, size=gather, fill_value=N)[0]
         take = jnp.minimum(idx, N - 1)
-        sub_p = jax.vmap(_setup, (None, 0, 0))(D, lower[take], upper[take])
-        sub = jax.vmap(_init_from, (None, 0, 0, 0))(D, sub_p, st[0][take], st[1][take])
+        sub_lo, sub_hi = lower[take], upper[take]
+        sub_basis, sub_stat, _ = choose_start(table["full"], sub_lo, sub_hi)
+        sub_p = jax.vmap(_setup, (None, 0, 0))(D, sub_lo, sub_hi)
+        sub = jax.vmap(_init_from, (None, 0, 0, 0))(D, sub_p, sub_basis, sub_stat)
         sub = (*sub[:4], jnp.where(idx < N, sub[4], 0), sub[5])
         _, b, stat, _, code, it = run(D, sub_p, sub, max_pivots)
         code = jnp.where(code < 0, 2, code)  # still running at the cap: MAX_ITER

@@ -158,10 +158,11 @@ class BasisTable:
         except (OSError, EOFError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as err:
             raise ValueError(f"{path} is not a basis table: {err}") from None
 
-    def prepare(self, D: np.ndarray, dtype) -> dict[str, jax.Array]:
+    def prepare(self, D: np.ndarray, dtype) -> dict[str, dict[str, jax.Array]]:
         """The arrays :func:`choose_start` needs for dictionary ``D`` (C, n_basis), in
-        ``dtype``: the bases that are dual feasible for ``D`` (checked in float64) with their
-        inverses laid out for matrix products. Cached per ``D`` and dtype."""
+        ``dtype``, for the :data:`HEAD_SIZE` most frequent bases (``"head"``) and for all
+        (``"full"``): the bases that are dual feasible for ``D`` (checked in float64) with
+        their inverses laid out for matrix products. Cached per ``D`` and dtype."""
         D = np.asarray(D, np.float64)
         if D.shape != (len(self.channels), self.n_basis):
             raise ValueError(
@@ -171,10 +172,14 @@ class BasisTable:
         key = (hashlib.sha256(D.tobytes()).hexdigest(), np.dtype(dtype).name)
         cache = self.__dict__.setdefault("_prepared", {})  # frozen fields, mutable cache
         if key not in cache:
-            cache[key] = {
-                k: jnp.asarray(v, dtype if v.dtype.kind == "f" else v.dtype)
-                for k, v in _layout(self, D).items()
-            }
+
+            def arrays(table):
+                return {
+                    k: jnp.asarray(v, dtype if v.dtype.kind == "f" else v.dtype)
+                    for k, v in _layout(table, D).items()
+                }
+
+            cache[key] = {"head": arrays(self.head(HEAD_SIZE)), "full": arrays(self)}
         return cache[key]
 
 
@@ -221,6 +226,11 @@ def _layout(table: BasisTable, D: np.ndarray) -> dict[str, np.ndarray]:
     )
 
 
+#: Bases of a table every pixel is tried against first; the rest of the table is tried only
+#: for the pixels none of these fits.
+HEAD_SIZE = 256
+
+
 def choose_start(
     prep: dict[str, jax.Array], lower: jax.Array, upper: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -230,8 +240,9 @@ def choose_start(
     optimal basis, when it is in the table, has the largest. Returns (basis (N, C) int32,
     slack_stat (N, C) int8, feasible (N,) bool); a feasible start is optimal, up to the
     tolerance of the float64 certificate that follows, and the others are the dual simplex's
-    best starts. Pixels are taken :data:`SUB_BLOCK` at a time so the (pixels, K)
-    temporaries stay in the CPU caches."""
+    best starts. ``prep`` is one level (``"head"`` or ``"full"``) of
+    :meth:`BasisTable.prepare`. Pixels are taken :data:`SUB_BLOCK` at a time so the
+    (pixels, K) temporaries stay in the CPU caches."""
     N, C = lower.shape
     if N <= SUB_BLOCK:
         return _choose(prep, lower, upper)
