@@ -4,12 +4,14 @@ exits 0 and writes the files it says it wrote."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO, shared_path
 
@@ -17,9 +19,11 @@ import deepem_jax as dj
 
 EXAMPLES = REPO / "examples"
 TESTED = (
+    "calibrate_channels.py",
     "evaluate_by_date.py",
     "invert_quickstart.py",
     "plot_responses.py",
+    "train_basis_table.py",
     "train_pretrained.py",
 )
 #: Small training run: a few seconds of training after BP on the synthetic pixels.
@@ -154,3 +158,70 @@ def test_evaluate_by_date_on_the_shipped_cutouts(run, tmp_path):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert int(cells[3].replace(",", "")) > 1000  # pixels BP solved
         assert "nan" not in row
+
+
+@pytest.fixture(scope="module")
+def calibrated(run, tmp_path_factory):
+    """A small run of calibrate_channels.py (synthetic cases, and the real date when
+    DEEPEM_JAX_DATA has it): (output directory, stdout)."""
+    tmp = tmp_path_factory.mktemp("calibrate")
+    return tmp, run("calibrate_channels.py", "--pixels", 500, "--out", tmp, cwd=tmp)
+
+
+def test_calibrate_channels_recovers_injected_factors(calibrated):
+    tmp, out = calibrated
+    paths = written(out, tmp)
+    assert [p.name for p in paths] == ["calibration.json", "calibration_factors.csv"]
+    err = re.search(r"^synthetic recovery: max relative error (\S+) % \(limit 2 %\)$", out, re.M)
+    assert err and float(err.group(1)) <= 2.0, out
+    report = json.loads(paths[0].read_text())
+    syn = report["synthetic"]
+    assert syn["converged"] and syn["max_relative_error"] <= 0.02
+    assert syn["estimate"]["171"] == 1.0  # the reference channel fixes the global scale
+    assert min(syn["injected"].values()) < 0.9 < 1.1 < max(syn["injected"].values())
+    # the wrong-model case is reported, not required
+    assert "synthetic with a wrong DEM model: max relative error" in out
+    assert np.isfinite(report["synthetic_prior"]["max_relative_error"])
+
+
+def test_calibrate_channels_real_date(calibrated):
+    for c in (131, 171, 193, 211, 335):
+        shared_path("aia", "synoptic_2024-10-04", f"AIAsynoptic{c:04d}.fits")
+    tmp, out = calibrated
+    assert re.search(
+        r"^real 2024-10-04 .*: 500 on-disk pixels \(rebin 4, n_sample 256\)", out, re.M
+    )
+    real = json.loads((tmp / "calibration.json").read_text())["real"]
+    v10 = {"131": 0.51, "171": 0.74, "193": 0.49, "211": 0.40, "335": 0.17}  # the issue's
+    assert {c: round(f, 2) for c, f in real["v10_absolute"].items()} == v10
+    assert real["v10"]["171"] == real["estimate"]["171"] == 1.0
+    assert all(np.isfinite(g) and g > 0 for g in real["estimate"].values())
+    table = out.split("real 2024-10-04", 1)[1]
+    for c in v10:
+        assert re.search(rf"^\| {c} Å \| {real['v10'][c]:.4f} \| ", table, re.M), table
+    assert all(np.isfinite(v) for v in real["loss"].values())
+
+
+def test_train_basis_table(run, tmp_path):
+    """Learns a table from synthetic pixels (and the shipped 2011-02-15 cutouts' BP solutions),
+    scores it on those cutouts and writes a table that loads."""
+    empty = tmp_path / "no_data"
+    empty.mkdir()
+    args = (
+        "--channels",
+        "5",
+        "--synthetic",
+        "2000",
+        "--prior-pixels",
+        "2000",
+        "--out",
+        tmp_path / "t",
+    )
+    out = run("train_basis_table.py", *args, cwd=tmp_path, env={"DEEPEM_JAX_DATA": str(empty)})
+    files = written(out, tmp_path)
+    table = dj.bp.BasisTable.load(next(f for f in files if f.suffix == ".npz"))
+    assert table.channels == (131, 171, 193, 211, 335) and table.size > 10
+    report = json.loads(next(f for f in files if f.suffix == ".json").read_text())
+    row = report["held_out"]["2011-02-15"]
+    assert row["same_verdicts"] == 1.0 and row["objective_max_rel_diff"] < 1e-9
+    assert row["certified_first_try"] > 0.5
