@@ -14,6 +14,13 @@ with AIA noise; sigma from the AIA error model) is given to every method:
   is randomly initialised, so only its speed means anything;
 * ``net_<name>_bf16`` -- :meth:`deepem_jax.Predictor.predict` with ``dtype=jnp.bfloat16``
   (:func:`deepem_jax.invert` has no computation-dtype option), the network alone;
+* ``fit_bp_f32`` -- :func:`deepem_jax.fit.fit` (``Fitter()``: log EM, no regulariser,
+  L-BFGS, float32, compacted rounds, as ``invert(method="fit")`` runs it) on a random subset of
+  ``fit_pixels`` pixels (all when the scene has fewer; the HiGHS subset is a prefix of it),
+  started from the ``bp_jax_f32`` row's EM of the same pixels (``init="bp"``), so its time is
+  the fit alone (``pixels_per_s_with_init`` adds BP's per-pixel time). It also reports the
+  optimiser steps (median, p99, max), and the median chi^2 of the fit and of BP over the
+  pixels BP solved (``bp_solved``);
 * ``demregpy`` -- ``demregpy.dn2dem`` (Hannah & Kontar 2012), when installed, on a random
   subset (the HiGHS subset is a prefix of it), in a subprocess with a timeout because it forks
   worker processes, which is unsafe in a process running JAX.
@@ -69,6 +76,11 @@ _DESCRIPTIONS = {
     "bp_jax_f64": (
         "BP, batched dual simplex in JAX, float64 pivots (invert(method='bp', "
         "solver=bp.DualSimplex(precision='float64')), retries included)"
+    ),
+    "fit_bp_f32": (
+        "fit.fit with Fitter() (log EM, no regulariser, L-BFGS, gtol 1e-3, max_steps 2000), "
+        "float32, compacted rounds as invert(method='fit') runs it, started from the "
+        "bp_jax_f32 row's EM (BP's time not included)"
     ),
     "demregpy": (
         "demregpy.dn2dem regularised inversion (Hannah & Kontar 2012), dem_norm0=ones, "
@@ -191,8 +203,9 @@ def _fit_stats(em: np.ndarray, chi2: np.ndarray) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Scene:
-    """One synthetic scene and the pixel subsets of the slow methods (flat indices: the HiGHS
-    and demregpy subsets are prefixes of ``subset``; ``common`` is the shorter one)."""
+    """One synthetic scene and the pixel subsets of the slow methods (flat indices: the HiGHS,
+    demregpy and fit subsets are prefixes of ``subset``; ``common`` is the shorter of the first
+    two)."""
 
     size: int
     y: np.ndarray  # (size, size, C) DN s^-1 pix^-1
@@ -200,6 +213,7 @@ class _Scene:
     subset: np.ndarray
     n_highs: int
     n_demreg: int
+    n_fit: int = 0
 
     @property
     def n(self) -> int:
@@ -223,9 +237,12 @@ def run_suite(
     f64_max_size: int = 1024,
     seed: int = 0,
     log: Callable[[str], None] | None = print,
+    fit_pixels: int = 4096,
 ) -> dict[str, Any]:
     """Run the suite; a JSON-ready dict with ``meta``, ``results`` (one row per method and
-    size), ``ratios`` and ``methods`` (what each row ran)."""
+    size), ``ratios`` and ``methods`` (what each row ran). ``fit_pixels`` caps the pixels of
+    the fit row per size (0: no fit row; e.g. 100000 for the issue's 10^5 pixels at 1024^2,
+    about a minute per call on two CPU cores)."""
     from .forward import synthetic_scene
     from .predictor import Predictor
     from .pretrained import load_default_predictor
@@ -252,7 +269,7 @@ def run_suite(
     for size in sizes:
         say(f"size {size}x{size}")
         n_demreg = demreg_pixels if demregpy_version else 0
-        scene = _make_scene(response, size, rng, exptime, highs_pixels, n_demreg)
+        scene = _make_scene(response, size, rng, exptime, highs_pixels, n_demreg, fit_pixels)
         _bench_size(ctx, scene, size <= f64_max_size)
     if tiled_size:
         _, y = synthetic_scene(response, (256, 256), rng, exptime)
@@ -289,24 +306,31 @@ def _run_meta(
 
 
 def _make_scene(
-    response, size: int, rng: np.random.Generator, exptime: float, highs_pixels: int, demreg: int
+    response,
+    size: int,
+    rng: np.random.Generator,
+    exptime: float,
+    highs_pixels: int,
+    demreg: int,
+    fit_pixels: int = 0,
 ) -> _Scene:
     """A noisy synthetic ``size`` x ``size`` scene with its AIA sigma, and a random subset of
-    ``max(highs_pixels, demreg)`` pixels (each count capped at the scene's pixels; ``demreg``
-    0 when demregpy does not run)."""
+    ``max(highs_pixels, demreg, fit_pixels)`` pixels (each count capped at the scene's pixels;
+    ``demreg`` 0 when demregpy does not run)."""
     from .forward import synthetic_scene
     from .uncertainty import sigma_values
 
     _, y = synthetic_scene(response, (size, size), rng, exptime)
     n = size * size
-    n_highs, n_demreg = min(highs_pixels, n), min(demreg, n)
+    n_highs, n_demreg, n_fit = min(highs_pixels, n), min(demreg, n), min(fit_pixels, n)
     return _Scene(
         size,
         y,
         sigma_values(y, exptime, response.wavelength),
-        rng.permutation(n)[: max(n_highs, n_demreg)],
+        rng.permutation(n)[: max(n_highs, n_demreg, n_fit)],
         n_highs,
         n_demreg,
+        n_fit,
     )
 
 
@@ -352,7 +376,10 @@ class _Context:
 def _bench_size(ctx: _Context, scene: _Scene, with_f64: bool) -> None:
     """Every method on one scene (same pixels for every method)."""
     _bench_highs(ctx, scene)
-    _bench_bp_jax(ctx, scene, with_f64)
+    bp_res, bp_rate = _bench_bp_jax(ctx, scene, with_f64)
+    if scene.n_fit:
+        _bench_fit(ctx, scene, bp_res, bp_rate)
+    del bp_res
     for name, net in ctx.nets.items():
         _bench_net(ctx, scene, name, net)
     if scene.n_demreg:
@@ -404,17 +431,67 @@ def _bench_highs(ctx: _Context, scene: _Scene) -> None:
     _record_invert(ctx, scene, "bp_highs", res, m, "random subset", slice(0, len(scene.common)))
 
 
-def _bench_bp_jax(ctx: _Context, scene: _Scene, with_f64: bool) -> None:
-    """BP with the JAX dual simplex on every pixel, float32 (and float64 if ``with_f64``)."""
+def _bench_bp_jax(ctx: _Context, scene: _Scene, with_f64: bool) -> tuple[Any, float]:
+    """BP with the JAX dual simplex on every pixel, float32 (and float64 if ``with_f64``);
+    the float32 :class:`~deepem_jax.DEMResult` and its px/s."""
     from . import bp
     from .pipeline import invert
 
     kw = ctx.invert_kwargs(scene.sigma)
+    out = None
     for prec in ("float32", "float64") if with_f64 else ("float32",):
         solver = bp.DualSimplex(precision=prec)
         res, m = _measure(lambda solver=solver: invert(scene.y, "bp", solver=solver, **kw), scene.n)
         extra = _bp_new_process_seconds(ctx, scene) if prec == "float32" else {}
         _record_invert(ctx, scene, f"bp_jax_f{prec[-2:]}", res, m, "all", scene.common, **extra)
+        out = (res, m["pixels_per_s"]) if out is None else out
+    return out
+
+
+def _median(x: np.ndarray) -> float | None:
+    return float(np.median(x)) if x.size else None
+
+
+def _bench_fit(ctx: _Context, scene: _Scene, bp_res, bp_rate: float) -> None:
+    """:func:`deepem_jax.fit.fit` (``Fitter()``, float32, as ``invert(method="fit")`` runs it)
+    on the fit subset, started from BP's EM of the same pixels (``bp_res``, the ``bp_jax_f32``
+    row; the flat DEM where BP has none). Besides the usual fit: optimiser steps, statuses,
+    the median chi^2 of the fit and of BP over the pixels BP solved, and the px/s with BP's
+    time per pixel (``bp_rate`` px/s) added."""
+    from .fit import Fitter, fit
+    from .status import DEMStatus
+
+    idx = scene.subset[: scene.n_fit]
+    y, s = (a.astype(np.float32) for a in scene.flat(idx))
+    em0 = bp_res.em.reshape(scene.n, -1)[idx]
+    bp_solved = bp_res.status.reshape(-1)[idx] == DEMStatus.SOLVED
+    bp_chi2 = bp_res.chi2.reshape(-1)[idx]
+    K = np.asarray(ctx.response.K, np.float32)
+    res, m = _measure(lambda: jax.block_until_ready(fit(y, s, K, Fitter(), em0=em0)), len(idx))
+    em, chi2 = np.asarray(res.em, np.float64), np.asarray(res.chi2, np.float64)
+    steps, status = np.asarray(res.steps), np.asarray(res.status)
+    n_common = len(scene.common)
+    ctx.record(
+        "fit_bp_f32",
+        scene.size,
+        len(idx),
+        "all" if len(idx) == scene.n else "random subset",
+        m,
+        _fit_stats(em, chi2),
+        _same_pixels(em, chi2, slice(0, n_common)) if len(idx) >= n_common else None,
+        status_counts=DEMStatus.counts(status),
+        steps={
+            "median": float(np.median(steps)),
+            "p99": float(np.percentile(steps, 99)),
+            "max": int(steps.max()),
+        },
+        bp_solved={
+            "pixels": int(bp_solved.sum()),
+            "fit_chi2_median": _median(chi2[bp_solved & DEMStatus.with_em(status)]),
+            "bp_chi2_median": _median(bp_chi2[bp_solved]),
+        },
+        pixels_per_s_with_init=1.0 / (1.0 / m["pixels_per_s"] + 1.0 / bp_rate),
+    )
 
 
 _BP_PROCESS_SCRIPT = """
@@ -635,6 +712,7 @@ _RATIO_PAIRS = (
     ("net_deepem_f32", "bp_highs"),
     ("net_deepem_consistent_f32", "bp_highs"),
     ("net_deepem_consistent_f32", "demregpy"),
+    ("bp_jax_f32", "fit_bp_f32"),
 )
 
 
@@ -703,6 +781,26 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"{r['em_fraction']:.3f} | "
             f"{_fmt(r['negative_em_fraction'], '.3f')} | {_fmt(r.get('gflops'), '.1f')} |"
         )
+    fits = [r for r in report["results"] if r["method"] == "fit_bp_f32"]
+    if fits:
+        lines += [
+            "",
+            "Fit from BP (`fit_bp_f32`): px/s of the fit alone and with BP's time per pixel "
+            "added; optimiser steps; χ² medians of the fit and of BP over the pixels BP solved.",
+            "",
+            "| size | pixels | px/s | px/s with BP | steps median / p99 / max | statuses | "
+            "χ² median fit | χ² median BP (BP-solved px) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in fits:
+            st, b = r["steps"], r["bp_solved"]
+            counts = ", ".join(f"{k} {v:,}" for k, v in r["status_counts"].items())
+            lines.append(
+                f"| {r['size']}² | {r['pixels']:,} | {r['pixels_per_s']:,.0f} | "
+                f"{r['pixels_per_s_with_init']:,.0f} | {st['median']:.0f} / {st['p99']:.0f} / "
+                f"{st['max']} | {counts} | {_fmt(b['fit_chi2_median'], '.3g')} | "
+                f"{_fmt(b['bp_chi2_median'], '.3g')} ({b['pixels']:,} px) |"
+            )
     if report["ratios"]:
         lines += ["", "| size | ratio | value | reference |", "|---|---|---|---|"]
         for q in report["ratios"]:

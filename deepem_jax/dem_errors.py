@@ -61,20 +61,40 @@ def monte_carlo(
     logt: np.ndarray,
     n: int,
     rng: np.random.Generator,
+    *,
+    batched: bool = False,
 ) -> DEMErrors:
     """Standard deviations (ddof 1) over ``n`` replicates ``intensities + sigma * N(0, 1)``
     (both (..., C) in DN s^-1 pix^-1) of the EM that ``solve`` returns (a function of
     intensities (..., C) giving EM (..., n_T) in cm^-5, NaN where it has none, e.g. BP,
     the network or the fit), of its total and of its mean log T. Statistics are taken over
-    each pixel's replicates with a finite EM; one pass, numerically stable (Welford)."""
+    each pixel's replicates with a finite EM; one pass, numerically stable (Welford).
+    ``batched``: ``solve`` is called once on all replicates stacked, (n, ..., C) -> (n, ...,
+    n_T) (same draws from ``rng``, so the same result for a pixel-wise ``solve``).
+
+    The result is the spread of the method's answer under the noise, not an interval for the
+    true DEM: a method biased by more than its spread does not cover the truth. Measured on
+    1,024 synthetic Gaussian DEMs (tests/test_dem_errors.py, 20 replicates), estimate +- this
+    1-sigma covers the true total EM / mean log T in ~63--67 % / ~62--66 % of pixels for
+    ``invert(method="fit")`` (started from BP; nominal 68 %, so at or just under the lower end
+    of 68 +- 5 % for mean log T), ~61 % / ~57 % for the fit started from the flat DEM (biased
+    high by ~0.3 sigma) and only ~31--34 % / ~53--58 % for BP (minimum EM: biased low by ~1.5
+    sigma).
+    """
     if n < 2:
         raise ValueError(f"Monte Carlo needs n >= 2 replicates, got {n}")
     y = np.asarray(intensities, np.float64)
     s = np.broadcast_to(np.asarray(sigma, np.float64), y.shape)
     lt = np.asarray(logt, np.float64)
+    if batched:
+        ems = np.asarray(solve(y + s * rng.standard_normal((n, *y.shape))), np.float64)
+        replicates = iter(ems)
+    else:
+        replicates = (
+            np.asarray(solve(y + s * rng.standard_normal(y.shape)), np.float64) for _ in range(n)
+        )
     stats = None
-    for _ in range(n):
-        em = np.asarray(solve(y + s * rng.standard_normal(y.shape)), np.float64)
+    for em in replicates:
         x = np.concatenate([em, np.stack(_summaries(em, lt), -1)], -1)
         ok = np.all(np.isfinite(x), -1)
         if stats is None:

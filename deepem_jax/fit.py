@@ -24,6 +24,9 @@ The optimiser is any optax transformation (default :func:`optax.lbfgs` with its 
 search), run in a ``lax.while_loop`` until ``max |dF/dtheta| <= gtol (1 + |F|)`` or
 ``max_steps``;
 without spatial coupling each pixel is its own problem (vmapped, every pixel stops on its own).
+A vmapped loop still runs as long as the slowest pixel of its batch, so on concrete inputs the
+pixels are run in rounds of a few steps over the pixels still running (``compact``, see
+:func:`fit`): on real AIA pixels most fits converge in tens of steps and a few in 2000.
 Gradients of the fitted EM with respect to ``y``, ``sigma`` and ``K`` are implicit (the
 implicit function theorem at the optimum, ``dtheta* = -H^-1 d(grad F)``, with the Hessian ``H``
 solved densely per pixel, or by conjugate gradients for a spatially coupled map), never unrolled.
@@ -48,6 +51,8 @@ __all__ = ["PARAMETRISATIONS", "FitResult", "Fitter", "fit", "initial_params", "
 PARAMETRISATIONS = ("log", "softplus", "basis")
 #: Smallest e_ref, cm^-5 per bin (pixels with no positive signal).
 _EREF_FLOOR = 1e20
+#: Largest number of pixels per compiled call of a compacted fit (see :func:`fit`).
+_CHUNK = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,20 +205,21 @@ def objective(
 # -- the solver -------------------------------------------------------------------------------
 
 
-def _minimise(fitter: Fitter, theta0: jax.Array, data) -> tuple:
-    """(theta, F, per-pixel max |dF/dtheta| / (1 + |F_pixel|), steps) of one problem: a pixel
-    (n_params,) or a spatially coupled map (ny, nx, n_params)."""
+def _loop(fitter: Fitter, data) -> tuple:
+    """``(start, running, body, scaled)`` of the optimiser loop of one problem: ``start(theta0)``
+    is the loop carry ``(theta, opt_state, F, dF/dtheta, steps)``, ``running(carry)`` whether it
+    goes on (steps left, gradient above ``gtol``, all finite), ``body(carry)`` one step, and
+    ``scaled(theta, g)`` the per-pixel ``max |g| / (1 + |F_pixel|)``."""
     fun = partial(_total, fitter, data=data)
     vg = jax.value_and_grad(fun)
     opt = fitter.transform
 
     def scaled(theta, g):
-        """max |dF/dtheta| / (1 + |F|) per pixel."""
         y, sigma, Ks, B = data
         f = _pixel_terms(fitter, theta, y, sigma, Ks, B)[0]
         return jnp.max(jnp.abs(g), -1) / (1.0 + jnp.abs(f))
 
-    def cond(c):
+    def running(c):
         theta, _, f, g, k = c
         ok = jnp.isfinite(f) & jnp.all(jnp.isfinite(g))
         return (k < fitter.max_steps) & (jnp.max(scaled(theta, g)) > fitter.gtol) & ok
@@ -226,9 +232,18 @@ def _minimise(fitter: Fitter, theta0: jax.Array, data) -> tuple:
         f, g = vg(theta)
         return theta, state, f, g, k + 1
 
-    f0, g0 = vg(theta0)
-    init = (theta0, opt.init(theta0), f0, g0, jnp.int32(0))
-    theta, _, f, g, k = jax.lax.while_loop(cond, body, init)
+    def start(theta0):
+        f0, g0 = vg(theta0)
+        return theta0, opt.init(theta0), f0, g0, jnp.int32(0)
+
+    return start, running, body, scaled
+
+
+def _minimise(fitter: Fitter, theta0: jax.Array, data) -> tuple:
+    """(theta, F, per-pixel max |dF/dtheta| / (1 + |F_pixel|), steps) of one problem: a pixel
+    (n_params,) or a spatially coupled map (ny, nx, n_params)."""
+    start, running, body, scaled = _loop(fitter, data)
+    theta, _, f, g, k = jax.lax.while_loop(running, body, start(theta0))
     return theta, f, scaled(theta, g), k
 
 
@@ -316,22 +331,17 @@ def initial_params(
     return jnp.log(e)
 
 
-@partial(jax.jit, static_argnums=(0,))
-def _fit(fitter: Fitter, y, sigma, K, B, theta0) -> FitResult:
+def _prepare(y, sigma, theta0) -> tuple:
+    """Valid-pixel mask and the inputs with invalid pixels replaced by a harmless problem."""
     valid = jnp.all(jnp.isfinite(y), -1) & jnp.all(jnp.isfinite(sigma) & (sigma > 0), -1)
     y0 = jnp.where(valid[..., None], y, 0.0)
     s0 = jnp.where(valid[..., None], sigma, 1.0)
     th0 = jnp.where(valid[..., None] & jnp.isfinite(theta0), theta0, 0.0)
-    Ks = K * EM_SCALE
-    if fitter.spatial:
-        theta, _, gmax, steps = _argmin(fitter, th0, (y0, s0, Ks, B))
-        steps = jnp.broadcast_to(steps, gmax.shape)
-    else:
-        lead = y.shape[:-1]
-        flat = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
-        solve = jax.vmap(_argmin, in_axes=(None, 0, (0, 0, None, None)))
-        theta, _, gmax, steps = solve(fitter, flat(th0), (flat(y0), flat(s0), Ks, B))
-        theta, gmax, steps = theta.reshape(*lead, -1), gmax.reshape(lead), steps.reshape(lead)
+    return valid, y0, s0, th0
+
+
+def _finish(fitter: Fitter, valid, y0, s0, Ks, B, theta, gmax, steps) -> FitResult:
+    """The :class:`FitResult` of fitted parameters (leading axes of the pixels)."""
     f, chi2 = _pixel_terms(fitter, theta, y0, s0, Ks, B)
     em = EM_SCALE * _em_units(fitter, theta, B)
     finite = jnp.all(jnp.isfinite(em), -1) & jnp.isfinite(f)
@@ -350,6 +360,124 @@ def _fit(fitter: Fitter, y, sigma, K, B, theta0) -> FitResult:
     )
 
 
+@partial(jax.jit, static_argnums=(0,))
+def _fit(fitter: Fitter, y, sigma, K, B, theta0) -> FitResult:
+    valid, y0, s0, th0 = _prepare(y, sigma, theta0)
+    Ks = K * EM_SCALE
+    if fitter.spatial:
+        theta, _, gmax, steps = _argmin(fitter, th0, (y0, s0, Ks, B))
+        steps = jnp.broadcast_to(steps, gmax.shape)
+    else:
+        lead = y.shape[:-1]
+        flat = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
+        solve = jax.vmap(_argmin, in_axes=(None, 0, (0, 0, None, None)))
+        theta, _, gmax, steps = solve(fitter, flat(th0), (flat(y0), flat(s0), Ks, B))
+        theta, gmax, steps = theta.reshape(*lead, -1), gmax.reshape(lead), steps.reshape(lead)
+    return _finish(fitter, valid, y0, s0, Ks, B, theta, gmax, steps)
+
+
+# -- compacted batches (concrete inputs, no spatial coupling) ---------------------------------
+
+
+@partial(jax.jit, static_argnums=(0,))
+def _start_rows(fitter: Fitter, theta0, y, sigma, Ks, B):
+    """Loop carries of rows of pixels (rows, ...), whether each would go on, and its scaled
+    gradient."""
+
+    def one(th, yy, ss):
+        start, running, _, scaled = _loop(fitter, (yy, ss, Ks, B))
+        c = start(th)
+        return c, running(c), scaled(c[0], c[3])
+
+    return jax.vmap(one)(theta0, y, sigma)
+
+
+@partial(jax.jit, static_argnums=(0,))
+def _advance_rows(fitter: Fitter, carry, y, sigma, Ks, B, k_stop):
+    """Rows of pixels run on until each has converged, failed, or taken ``k_stop`` (rows,)
+    steps in all; the carries, whether each would go on, and its scaled gradient."""
+
+    def one(c, yy, ss, ks):
+        _, running, body, scaled = _loop(fitter, (yy, ss, Ks, B))
+        c = jax.lax.while_loop(lambda c: running(c) & (c[4] < ks), body, c)
+        return c, running(c), scaled(c[0], c[3])
+
+    return jax.vmap(one)(carry, y, sigma, k_stop)
+
+
+def _rows_per_call(m: int, chunk: int) -> int:
+    """Rows per compiled call for ``m`` pixels: the largest of ``chunk``, ``chunk / 4``,
+    ``chunk / 16``, ... (at least 64) whose calls pad the ``m`` rows by at most half, else the
+    smallest. Few shapes, since each costs seconds to compile (L-BFGS with a line search)."""
+    sizes = [chunk]
+    while sizes[-1] % 4 == 0 and sizes[-1] // 4 >= 64:
+        sizes.append(sizes[-1] // 4)
+    fits = [r for r in sizes if -(-m // r) * r <= 1.5 * m]
+    return fits[0] if fits else sizes[-1]
+
+
+_finish_jit = jax.jit(_finish, static_argnums=(0,))
+
+
+def _fit_compacted(fitter, y, sigma, K, B, theta0, round_steps: int, chunk: int) -> FitResult:
+    """:func:`_fit` without spatial coupling, with the same per-pixel iterations, run in rounds
+    of ``round_steps`` steps over the pixels still running, so pixels that converge early stop
+    costing (a vmapped ``while_loop`` runs every pixel of its batch as long as its slowest).
+    Rows are processed in chunks of at most ``chunk`` pixels (see :func:`_rows_per_call`); once
+    the pixels left fit the smallest chunk, one last round runs them to the end."""
+    from ._batching import map_rows
+
+    lead = y.shape[:-1]
+    flat = lambda a: np.asarray(a).reshape(-1, a.shape[-1])  # noqa: E731
+    valid, y0, s0, th0 = _prepare(y, sigma, theta0)
+    y0, s0 = flat(y0), flat(s0)
+    Ks = K * EM_SCALE
+    n = y0.shape[0]
+    size = partial(_rows_per_call, chunk=chunk)
+    carry, on, gmax = map_rows(
+        lambda th, yy, ss: _start_rows(fitter, th, yy, ss, Ks, B),
+        [flat(th0), y0, s0],
+        size(n),
+        fills=(0.0, 0.0, 1.0),
+    )
+    leaves, tree = jax.tree.flatten(carry)
+    active = np.flatnonzero(on)  # e.g. padding rows of zeros have converged at the start
+    while active.size:
+        sub = [a[active] for a in leaves]
+        # once the pixels left fit one smallest call, compaction saves nothing: finish them
+        last = active.size <= size(1)
+        k_stop = np.minimum(sub[-1] + (fitter.max_steps if last else round_steps), fitter.max_steps)
+        k_stop = k_stop.astype(np.int32)
+
+        def rows(*a):
+            c, on, g = _advance_rows(
+                fitter, jax.tree.unflatten(tree, a[:-3]), *a[-3:-1], Ks, B, a[-1]
+            )
+            return jax.tree.leaves(c), on, g
+
+        new, on, g = map_rows(rows, [*sub, y0[active], s0[active], k_stop], size(active.size))
+        for a, b in zip(leaves, new, strict=True):
+            a[active] = b
+        gmax[active] = g
+        active = active[on]
+    theta, steps = leaves[0], leaves[-1]
+    return _finish_jit(
+        fitter,
+        valid,
+        y0.reshape(y.shape),
+        s0.reshape(y.shape),
+        Ks,
+        B,
+        theta.reshape(*lead, -1),
+        gmax.reshape(lead),
+        steps.reshape(lead),
+    )
+
+
+def _traced(*arrays) -> bool:
+    return any(isinstance(a, jax.core.Tracer) for a in arrays)
+
+
 def fit(
     intensities: jax.Array,
     sigma: jax.Array,
@@ -358,6 +486,8 @@ def fit(
     *,
     em0: jax.Array | None = None,
     basis: Basis | None = None,
+    compact: bool | None = None,
+    round_steps: int = 16,
 ) -> FitResult:
     """Fit DEMs to intensities (..., C) with 1-sigma errors ``sigma`` (broadcast to them), both
     in DN s^-1 pix^-1, through the response ``K`` (C, n_T) in DN cm^5 s^-1 pix^-1 (degraded to
@@ -368,6 +498,16 @@ def fit(
     the dtype of ``intensities``; jit-able and vmap-able; differentiable (implicitly, see the
     module docstring) with respect to ``intensities``, ``sigma`` and ``K``. Never raises on bad
     pixels: they get a status (see :class:`FitResult`).
+
+    ``compact``: without spatial coupling, run the pixels on the host in rounds of
+    ``round_steps`` optimiser steps, each round over the pixels still running, in chunks of at
+    most 4096 (the loop carry, optimiser state included, kept between rounds). Each pixel takes
+    the same iterations as in one program; the fits can differ by round-off, as they do between
+    any two batch shapes. One vmapped ``while_loop`` runs every pixel as long as the slowest of
+    its batch: on 10^4 real AIA pixels started from BP (median 32 steps, a few hit
+    ``max_steps``) compaction was ~20x faster. ``None`` (default): compact when ``spatial`` is
+    0 and no input is a JAX tracer (not under ``jit``, ``vmap`` or ``grad``); ``True`` requires
+    that; ``False``: one jitted program.
     """
     y = jnp.asarray(intensities)
     dt = y.dtype if jnp.issubdtype(y.dtype, jnp.floating) else jnp.result_type(float)
@@ -381,6 +521,13 @@ def fit(
     B = None if basis is None else jnp.asarray(basis.B, dt)
     if fitter.parametrisation == "basis" and basis is None:
         raise ValueError('parametrisation="basis" needs basis= (a deepem_jax.Basis)')
+    if not (isinstance(round_steps, int) and round_steps > 0):
+        raise ValueError(f"round_steps must be a positive int, got {round_steps!r}")
+    can = not fitter.spatial and not _traced(intensities, sigma, K, em0)
+    if compact and not can:
+        raise ValueError("compact=True needs concrete inputs (no jit/vmap/grad) and spatial=0")
     e0 = None if em0 is None else jnp.asarray(em0, dt)
     theta0 = initial_params(fitter, e0, y, s, jax.lax.stop_gradient(Kd), basis)
+    if can and compact is not False:
+        return _fit_compacted(fitter, y, s, Kd, B, theta0, round_steps, _CHUNK)
     return _fit(fitter, y, s, Kd, B, jax.lax.stop_gradient(theta0))

@@ -1,5 +1,6 @@
 """The benchmark suite on a tiny scene: every row present, compile times, named ratio
-references, a working demregpy peer, and the benchmarks/bench_suite.py entry point."""
+references, the fit row against BP, a working demregpy peer, and the benchmarks/bench_suite.py
+entry point."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from conftest import REPO
 from deepem_jax.bench import run_suite, to_markdown, write_report
 
 SIZE = 16
+FIT_PIXELS = 32
 INVERT_ROWS = [
     "bp_highs",
     "bp_jax_f32",
@@ -29,7 +31,9 @@ PREDICT_ROWS = ["net_deepem_bf16", "net_small_bf16"]
 
 @pytest.fixture(scope="module")
 def report():
-    return run_suite([SIZE], None, highs_pixels=6, demreg_pixels=12, log=None)
+    return run_suite(
+        [SIZE], None, highs_pixels=6, demreg_pixels=12, fit_pixels=FIT_PIXELS, log=None
+    )
 
 
 def _rows(report):
@@ -63,6 +67,29 @@ def test_ratios_name_their_reference(report):
     md = to_markdown(report)
     assert "bp_jax_f32 / bp_highs" in md and "linprog(method='highs')" in md
     assert "compile (s)" in md and "χ² median" in md
+
+
+def test_fit_row_against_bp(report):
+    """The fit from BP on its random subset (the HiGHS pixels first): timed like the other
+    rows, with steps, statuses, and a chi^2 median no worse than BP's on the pixels BP
+    solved."""
+    rows = _rows(report)
+    r = rows["fit_bp_f32"]
+    assert r["pixels"] == FIT_PIXELS and r["pixel_set"] == "random subset"
+    assert r["pixels_per_s"] > r["pixels_per_s_with_init"] > 0
+    assert math.isfinite(r["compile_seconds"]) and r["first_call_seconds"] > 0
+    assert sum(r["status_counts"].values()) == FIT_PIXELS
+    assert r["status_counts"].get("SOLVED", 0) >= 0.9 * FIT_PIXELS
+    st = r["steps"]
+    assert 0 < st["median"] <= st["p99"] <= st["max"] <= 2000
+    b = r["bp_solved"]
+    assert 0.9 * FIT_PIXELS <= b["pixels"] <= FIT_PIXELS
+    assert b["fit_chi2_median"] <= b["bp_chi2_median"]
+    assert r["same_pixels"]["pixels"] == 6 and math.isfinite(r["same_pixels"]["chi2_median"])
+    q = next(q for q in report["ratios"] if q["ratio"] == "bp_jax_f32 / fit_bp_f32")
+    assert f"{FIT_PIXELS} random pixels of it" in q["reference"]
+    md = to_markdown(report)
+    assert "| size | pixels | px/s | px/s with BP |" in md and "fit.fit with Fitter()" in md
 
 
 def test_demregpy_row(report):

@@ -1,5 +1,6 @@
-"""DEM uncertainties: coverage of the truth on synthetic Gaussian DEMs, Monte Carlo statistics
-against numpy on known replicates, and the FITS round trip of invert(..., uncertainties=N)."""
+"""DEM uncertainties: coverage of the truth on synthetic Gaussian DEMs (Laplace and Monte
+Carlo), Monte Carlo statistics against numpy on known replicates, and the FITS round trip of
+invert(..., uncertainties=N)."""
 
 from __future__ import annotations
 
@@ -16,28 +17,40 @@ from deepem_jax.uncertainty import sigma_values
 CHANNELS = [94, 131, 171, 193, 211, 335]
 
 
-def test_laplace_interval_covers_the_truth(x64):
-    """Estimator: the fit with Fitter(tikhonov2=1.0) of one noisy AIA observation (photon and
-    read noise, 2 s, sigma from the AIA error model) per Gaussian DEM (600 DEMs: total EM
-    1e27--1e28 cm^-5, peak log T 6.0--6.4, width 0.15--0.3); interval: its total EM and mean
-    log T +- the Laplace 1-sigma. Measured over seeds 1 and 2: total EM 70.2 / 71.3 %, mean
-    log T 71.3 / 75.0 % (the Laplace estimate over-covers mean log T slightly)."""
+def _gaussian_dems(n, rng):
+    """``n`` Gaussian DEMs (total EM 1e27--1e28 cm^-5, peak log T 6.0--6.4, width 0.15--0.3),
+    one noisy AIA observation of each (photon and read noise, 2 s) and its AIA sigma; with the
+    response K (C, n_T) and the log T grid."""
     resp = dj.default_response().regrid(dj.DEEPEM_LOGT).select(np.array(CHANNELS) * u.AA)
     K, lt = np.asarray(resp.K), np.asarray(dj.DEEPEM_LOGT)
-    rng = np.random.default_rng(1)
-    n = 600
     em = gaussian_dem(
         lt, 10 ** rng.uniform(27, 28, n), rng.uniform(6.0, 6.4, n), rng.uniform(0.15, 0.3, n)
     )
     y = noisy_observation(em @ K.T, 2.0, CHANNELS, rng)
-    s = sigma_values(y, 2.0, CHANNELS)
+    return em, y, sigma_values(y, 2.0, CHANNELS), K, lt
+
+
+def _coverage(est, truth, err, lt, ok=Ellipsis):
+    """Fractions of the pixels ``ok`` whose estimated total EM and mean log T lie within the
+    1-sigma ``err`` (DEMErrors) of the truth."""
+    mean = lambda e: (e * lt).sum(-1) / e.sum(-1)  # noqa: E731
+    tot = np.abs(est.sum(-1) - truth.sum(-1)) <= err.total_em
+    mlt = np.abs(mean(est) - mean(truth)) <= err.logt
+    return np.mean(tot[ok]), np.mean(mlt[ok])
+
+
+def test_laplace_interval_covers_the_truth(x64):
+    """Estimator: the fit with Fitter(tikhonov2=1.0) of one noisy AIA observation (photon and
+    read noise, 2 s, sigma from the AIA error model) per Gaussian DEM (600 DEMs: total EM
+    1e27--1e28 cm^-5, peak log T 6.0--6.4, width 0.15--0.3); interval: its total EM and mean
+    log T +- the Laplace 1-sigma. Measured over seeds 1 / 2 / 3: total EM 69.7 / 72.0 /
+    69.8 %, mean log T 71.5 / 75.3 / 73.2 % (the Laplace estimate over-covers mean log T
+    slightly, so its bound stays 63--78 %, not 63--73 %)."""
+    em, y, s, K, lt = _gaussian_dems(600, np.random.default_rng(1))
     fitter = F.Fitter(tikhonov2=1.0)
     res = F.fit(y, s, K, fitter)
     err = E.laplace(res, y, s, K, fitter, lt)
-    p = np.asarray(res.em)
-    cover_tot = np.mean(np.abs(p.sum(-1) - em.sum(-1)) <= err.total_em)
-    mean = lambda e: (e * lt).sum(-1) / e.sum(-1)  # noqa: E731
-    cover_lt = np.mean(np.abs(mean(p) - mean(em)) <= err.logt)
+    cover_tot, cover_lt = _coverage(np.asarray(res.em), em, err, lt)
     assert 0.63 <= cover_tot <= 0.73
     assert 0.63 <= cover_lt <= 0.78
     # demregpy's horizontal error: at least one bin (0.1), finite where there is an EM
@@ -59,8 +72,41 @@ def test_monte_carlo_statistics_match_numpy():
     mlt = (reps * lt).sum(-1) / reps.sum(-1)
     np.testing.assert_allclose(err.logt, mlt.std(0, ddof=1), rtol=1e-8)
     assert list(err.n) == [50, 50] and err.logt_resolution is None
+    batched = E.monte_carlo(lambda yy: yy @ A, y, s, lt, 50, np.random.default_rng(5), batched=True)
+    np.testing.assert_allclose(batched.em, err.em, rtol=1e-12)
+    np.testing.assert_allclose(batched.logt, err.logt, rtol=1e-12)
     with pytest.raises(ValueError, match="n >= 2"):
         E.monte_carlo(lambda yy: yy @ A, y, s, lt, 1, rng)
+
+
+def test_monte_carlo_interval_covers_the_truth():
+    """Monte Carlo 1-sigma (20 replicates y + sigma N(0, 1), drawn after the observation from
+    its generator) of invert(method="fit") (Fitter(), started from BP, as invert runs it),
+    around its own answer, on 1,024 synthetic Gaussian DEMs as in the Laplace test. Measured
+    over seeds 1--8: total EM covered in 64.0--66.7 % of the pixels (within 68 +- 5 % for
+    every seed), mean log T in 61.0--65.7 % (below 63 % for seed 5: at the lower edge of
+    68 +- 5 %, not robustly inside), so mean log T is asserted >= 60 % only. Both sit below
+    the nominal 68 %: the fit is slightly biased and 20 replicates estimate its spread only
+    roughly. BP's own Monte Carlo interval does not cover the truth (its minimum-EM answer
+    is biased low, by ~1.5 of its sigma in total EM): 31--34 % and 54--58 % (seeds 1--3)."""
+    rng = np.random.default_rng(1)
+    em, y, s, _, lt = _gaussian_dems(1024, rng)
+
+    def run(method):
+        def solve(yy):
+            kw = dict(sigma=np.broadcast_to(s, yy.shape), channels=CHANNELS * u.AA)
+            return dj.invert(yy, method, degradation=False, **kw).em
+
+        p = solve(y).astype(np.float64)
+        err = E.monte_carlo(solve, y, s, lt, 20, rng, batched=True)
+        ok = np.all(np.isfinite(p), -1) & (err.n >= 2)
+        assert ok.mean() > 0.99
+        return _coverage(p, em, err, lt, ok)
+
+    cover_tot, cover_lt = run("fit")
+    assert 0.63 <= cover_tot <= 0.73 and 0.60 <= cover_lt <= 0.73
+    cover_tot, cover_lt = run("bp")
+    assert cover_tot < 0.4 and cover_lt < 0.63
 
 
 @pytest.mark.parametrize("method", ["bp", "net", "fit"])

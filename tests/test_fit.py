@@ -97,8 +97,8 @@ def test_implicit_gradients_match_finite_differences(x64, K, parametrisation, sp
     fitter = F.Fitter(parametrisation, **reg, gtol=1e-10, max_steps=5000)
     w = np.linspace(1.0, 2.0, K.shape[1])
 
-    def g(y_, K_):
-        return jnp.sum(F.fit(y_, s, K_, fitter).em / 1e27 * w)
+    def g(y_, K_):  # the finite differences run the program jax.grad differentiates
+        return jnp.sum(F.fit(y_, s, K_, fitter, compact=False).em / 1e27 * w)
 
     gy, gK = jax.grad(g, argnums=(0, 1))(y, K)
     fd_y = np.array([_fd(lambda a: g(a, K), y, i) for i in np.ndindex(y.shape)])
@@ -123,6 +123,46 @@ def test_vmap_equals_a_loop_and_bad_pixels_get_a_status(K):
     assert np.all(np.asarray(short.status) == dj.DEMStatus.MAX_STEPS)
     assert np.all(np.isfinite(short.em)) and np.all(np.asarray(short.steps) == 1)
     assert dj.DEMStatus.MAX_STEPS.has_em
+
+
+def test_compacted_rounds_equal_one_program(x64, K, monkeypatch):
+    """The host driver of compact=True (rounds over the pixels still running, several chunks
+    per round) gives bitwise the fits of one round (every pixel in one while_loop per chunk),
+    whatever the round length, so the loop carry survives the round trips; here (float64, no
+    regulariser) also the single jitted program's (compact=False). Under a trace: refused."""
+    monkeypatch.setattr(F, "_CHUNK", 16)
+    rng = np.random.default_rng(3)
+    n = 40
+    em = gaussian_dem(
+        dj.DEEPEM_LOGT,
+        10 ** rng.uniform(26.5, 28, n),
+        rng.uniform(5.9, 6.6, n),
+        rng.uniform(0.1, 0.3, n),
+    )
+    s = 0.05 * em @ K.T + 0.3
+    y = em @ K.T + s * rng.standard_normal(s.shape)
+    y[7, 2] = np.nan
+    fitter = F.Fitter(max_steps=40)
+    one = F.fit(y, s, K, fitter, round_steps=40)
+    status = np.asarray(one.status)
+    assert status[7] == dj.DEMStatus.INVALID_INPUT
+    assert 10 < np.sum(status == dj.DEMStatus.MAX_STEPS) < 30  # many pixels in later rounds
+    calls = []
+    advance = F._advance_rows
+    monkeypatch.setattr(F, "_advance_rows", lambda *a: calls.append(len(a[2])) or advance(*a))
+    for rs in (1, 7):
+        calls.clear()
+        res = F.fit(y, s, K, fitter, compact=True, round_steps=rs)
+        for a, b in zip(jax.tree.leaves(res), jax.tree.leaves(one), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert len(calls) > 40 // rs and set(calls) == {16}  # rounds of 16-row calls
+    plain = F.fit(y, s, K, fitter, compact=False)
+    np.testing.assert_array_equal(np.asarray(plain.steps), np.asarray(one.steps))
+    np.testing.assert_allclose(np.asarray(plain.em), np.asarray(one.em), rtol=1e-9)
+    with pytest.raises(ValueError, match="compact=True"):
+        jax.jit(lambda a: F.fit(a, s, K, compact=True).em)(y)
+    rows = {m: F._rows_per_call(m, 4096) for m in (1, 64, 65, 200, 512, 3000, 4097, 10**5)}
+    assert rows == {1: 64, 64: 64, 65: 64, 200: 256, 512: 256, 3000: 4096, 4097: 1024, 10**5: 4096}
 
 
 def test_basis_parametrisation_and_initialisation(K):
