@@ -241,8 +241,8 @@ def run_suite(
 ) -> dict[str, Any]:
     """Run the suite; a JSON-ready dict with ``meta``, ``results`` (one row per method and
     size), ``ratios`` and ``methods`` (what each row ran). ``fit_pixels`` caps the pixels of
-    the fit row per size (0: no fit row; e.g. 100000 for the issue's 10^5 pixels at 1024^2,
-    about a minute per call on two CPU cores)."""
+    the fit row per size (0: no fit row; e.g. 100000 for 10^5 pixels at 1024^2: two calls of
+    ~85 s each on a 2-core CPU)."""
     from .forward import synthetic_scene
     from .predictor import Predictor
     from .pretrained import load_default_predictor

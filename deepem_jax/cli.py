@@ -514,7 +514,14 @@ def train(
     "--out", "out_dir", default="bench_results", show_default=True, type=click.Path(file_okay=False)
 )
 @click.option("--highs-pixels", default=300, show_default=True)
-def bench(sizes, tiled, out_dir, highs_pixels):
+@click.option(
+    "--fit-pixels",
+    default=4096,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Pixels of the fit row per size (0: no fit row).",
+)
+def bench(sizes, tiled, out_dir, highs_pixels, fit_pixels):
     """Benchmark network inference against Basis Pursuit (JAX and HiGHS) on the same pixels.
 
     \b
@@ -529,7 +536,13 @@ def bench(sizes, tiled, out_dir, highs_pixels):
         raise click.BadParameter(
             f"sizes must be integers, got {sizes!r}", param_hint="--sizes"
         ) from None
-    report = run_suite(size_list, tiled or None, highs_pixels=highs_pixels, log=click.echo)
+    report = run_suite(
+        size_list,
+        tiled or None,
+        highs_pixels=highs_pixels,
+        fit_pixels=fit_pixels,
+        log=click.echo,
+    )
     jpath, mpath = write_report(report, out_dir)
     click.echo(to_markdown(report))
     click.echo(f"wrote {jpath} and {mpath}")

@@ -73,13 +73,13 @@ def monte_carlo(
     n_T) (same draws from ``rng``, so the same result for a pixel-wise ``solve``).
 
     The result is the spread of the method's answer under the noise, not an interval for the
-    true DEM: a method biased by more than its spread does not cover the truth. Measured on
-    1,024 synthetic Gaussian DEMs (tests/test_dem_errors.py, 20 replicates), estimate +- this
-    1-sigma covers the true total EM / mean log T in ~63--67 % / ~62--66 % of pixels for
-    ``invert(method="fit")`` (started from BP; nominal 68 %, so at or just under the lower end
-    of 68 +- 5 % for mean log T), ~61 % / ~57 % for the fit started from the flat DEM (biased
-    high by ~0.3 sigma) and only ~31--34 % / ~53--58 % for BP (minimum EM: biased low by ~1.5
-    sigma).
+    true DEM: a method biased by more than its spread does not cover the truth. Measured with
+    20 replicates on 1,024 synthetic Gaussian DEMs (as in tests/test_dem_errors.py), estimate
+    +- this 1-sigma covers the true total EM / mean log T in 63--67 % / 61--66 % of the pixels
+    for ``invert(method="fit")`` (started from BP; seeds 1--8): within 68 +- 5 % for total EM,
+    at its lower edge for mean log T. The fit started from the flat DEM (biased high by ~0.3
+    of its spread; seeds 1--5) covers 60--63 % / 56--57 %, BP (minimum EM, biased low by ~1.5
+    of its spread in total EM; seeds 1--3) only 31--34 % / 53--58 %.
     """
     if n < 2:
         raise ValueError(f"Monte Carlo needs n >= 2 replicates, got {n}")

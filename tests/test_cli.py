@@ -1,6 +1,7 @@
 """The deepem-jax command through click's test runner: every subcommand, --help, bad paths,
 missing channels, existing outputs and a corrupt input file."""
 
+import json
 import os
 from pathlib import Path
 
@@ -156,13 +157,13 @@ def test_train_and_resume(runner, tmp_path):
 
 
 def test_bench_small(runner, tmp_path):
-    r = runner.invoke(
-        main,
-        ["bench", "--sizes", "16", "--tiled", "0", "--highs-pixels", "5", "--out", str(tmp_path)],
-    )
+    args = ["bench", "--sizes", "16", "--tiled", "0", "--highs-pixels", "5", "--fit-pixels", "8"]
+    r = runner.invoke(main, [*args, "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.md").exists()
     assert "bp_jax_f32" in r.output and "net_deepem_f32" in r.output
+    rows = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert [row["pixels"] for row in rows if row["method"] == "fit_bp_f32"] == [8]
 
 
 def test_demo(runner, tmp_path, monkeypatch):
