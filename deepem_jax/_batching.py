@@ -12,6 +12,7 @@ from functools import partial
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -141,3 +142,21 @@ def _device_shards(array: jax.Array) -> list[jax.Array]:
     """The single-device pieces of a row-sharded array, in row order."""
     shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
     return [s.data for s in shards]
+
+
+def map_bounds_blocks(fn: Callable[..., Any], lower: jax.Array, upper: jax.Array, size: int):
+    """``fn(lower, upper)`` of (N, C) bounds inside a jitted function, over consecutive blocks of
+    ``size`` rows run one after another (``lax.map``: the blocks' temporaries stay in the CPU
+    caches); the last block is padded with bounds [0, 1] (a problem solved at once). ``fn``
+    returns a pytree of arrays with the block's rows first; the N real rows are returned."""
+    N, C = lower.shape
+    if N <= size:
+        return fn(lower, upper)
+    k = -(-N // size)
+    pad = k * size - N
+
+    def blocks(a, fill):
+        return jnp.pad(a, ((0, pad), (0, 0)), constant_values=fill).reshape(k, size, C)
+
+    out = jax.lax.map(lambda b: fn(*b), (blocks(lower, 0.0), blocks(upper, 1.0)))
+    return jax.tree.map(lambda a: a.reshape(k * size, *a.shape[2:])[:N], out)

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._batching import map_bounds_blocks
 from .._cache import enable_compilation_cache
 from .._linalg import small_solve
 from ._types import BPStatus, LPResult
@@ -188,21 +189,16 @@ def _run(D, p, state, limit):
     )
 
 
-def _pivots_batch(D, lower, upper, max_pivots, first_pivots, gather, start=None):
+def _pivots_batch(D, lower, upper, max_pivots, first_pivots, gather):
     """Dual simplex on a batch: every problem runs ``first_pivots`` pivots, then the unfinished
     ones are gathered ``gather`` at a time into a smaller batch and run to the end (a vmapped
     ``while_loop`` costs as much as its slowest lane, and a few problems need many pivots).
-    ``start`` is None (all-slack bases) or a (basis (N, C), slack_stat (N, C)) pair of dual
-    feasible starting bases (:func:`_init_from`).
     Returns (basis, at_upper, code, iterations) with code 0 optimal, 1 infeasible, 2 pivot cap.
     """
     N = lower.shape[0]
     n = D.shape[1]
     p = jax.vmap(_setup, (None, 0, 0))(D, lower, upper)
-    if start is None:
-        state = jax.tree.map(lambda a: jnp.broadcast_to(a, (N, *a.shape)), _init(D))
-    else:
-        state = jax.vmap(_init_from, (None, 0, 0, 0))(D, p, *start)
+    state = jax.tree.map(lambda a: jnp.broadcast_to(a, (N, *a.shape)), _init(D))
     run = jax.vmap(_run, (None, 0, 0, None))
     state = run(D, p, state, min(first_pivots, max_pivots))
 
@@ -356,26 +352,14 @@ def _pivots_blocked(D, lower, upper, max_pivots, first_pivots, gather, table=Non
     problems (bounds [0, 1]) are optimal at the start. With ``table`` (prepared
     :class:`~deepem_jax.bp.BasisTable` arrays) each block starts from the bases
     :func:`~deepem_jax.bp._warm.choose_start` picks."""
-    N, C = lower.shape
 
-    def batch(lo, hi, g):
+    def batch(lo, hi):
+        g = min(gather(len(lo)), len(lo))
         if table is None:
             return _pivots_batch(D, lo, hi, max_pivots, first_pivots, g)
         return _pivots_warm(D, lo, hi, max_pivots, g, table)
 
-    if N <= PIVOT_BLOCK:
-        return batch(lower, upper, min(gather(N), N))
-    k = -(-N // PIVOT_BLOCK)
-    pad = k * PIVOT_BLOCK - N
-
-    def blocks(a, fill):
-        return jnp.pad(a, ((0, pad), (0, 0)), constant_values=fill).reshape(k, PIVOT_BLOCK, C)
-
-    def one(b):
-        return batch(b[0], b[1], gather(PIVOT_BLOCK))
-
-    out = jax.lax.map(one, (blocks(lower, 0.0), blocks(upper, 1.0)))
-    return jax.tree.map(lambda a: a.reshape(k * PIVOT_BLOCK, *a.shape[2:])[:N], out)
+    return map_bounds_blocks(batch, lower, upper, PIVOT_BLOCK)
 
 
 def _clean(D, lower, upper):
@@ -441,7 +425,6 @@ def solve_certified(D, lower, upper, max_pivots, first_pivots, table=None):
     code; pivots; basis; at_upper). ``table``: the float32 arrays of a prepared
     :class:`~deepem_jax.bp.BasisTable`, or None."""
     f32 = jnp.float32
-    N, C = lower.shape
     D32 = D.astype(f32)
 
     def one(lo, hi):
@@ -452,16 +435,7 @@ def solve_certified(D, lower, upper, max_pivots, first_pivots, table=None):
         code = jnp.where(code == 0, jnp.where(optimal, 0, -1), code)
         return jnp.where((code == 0)[:, None], x, 0.0), code, it, basis, at_upper
 
-    if N <= PIVOT_BLOCK:
-        return one(lower, upper)
-    k = -(-N // PIVOT_BLOCK)
-    pad = k * PIVOT_BLOCK - N
-
-    def blocks(a, fill):
-        return jnp.pad(a, ((0, pad), (0, 0)), constant_values=fill).reshape(k, PIVOT_BLOCK, C)
-
-    out = jax.lax.map(lambda b: one(*b), (blocks(lower, 0.0), blocks(upper, 1.0)))
-    return jax.tree.map(lambda a: a.reshape(k * PIVOT_BLOCK, *a.shape[2:])[:N], out)
+    return map_bounds_blocks(one, lower, upper, PIVOT_BLOCK)
 
 
 def _is_x64() -> bool:

@@ -19,6 +19,7 @@ optimum, and :class:`~deepem_jax.bp.DualSimplex` certifies every end point in fl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import zipfile
@@ -29,6 +30,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from .._batching import map_bounds_blocks
 
 __all__ = ["BasisTable", "choose_start", "default_table", "learn_table"]
 
@@ -243,17 +246,7 @@ def choose_start(
     best starts. ``prep`` is one level (``"head"`` or ``"full"``) of
     :meth:`BasisTable.prepare`. Pixels are taken :data:`SUB_BLOCK` at a time so the
     (pixels, K) temporaries stay in the CPU caches."""
-    N, C = lower.shape
-    if N <= SUB_BLOCK:
-        return _choose(prep, lower, upper)
-    k = -(-N // SUB_BLOCK)
-    pad = k * SUB_BLOCK - N
-
-    def blocks(a, fill):
-        return jnp.pad(a, ((0, pad), (0, 0)), constant_values=fill).reshape(k, SUB_BLOCK, C)
-
-    out = jax.lax.map(lambda b: _choose(prep, *b), (blocks(lower, 0.0), blocks(upper, 1.0)))
-    return jax.tree.map(lambda a: a.reshape(k * SUB_BLOCK, *a.shape[2:])[:N], out)
+    return map_bounds_blocks(partial(_choose, prep), lower, upper, SUB_BLOCK)
 
 
 #: Pixels per piece of :func:`choose_start`.
@@ -284,9 +277,14 @@ def _choose(prep, lower, upper):
 
 
 def default_table(channels: Sequence[int]) -> BasisTable | None:
-    """The shipped table for the channels (Angstrom, in order), or None if there is none."""
-    name = "bp_bases_" + "-".join(str(int(c)) for c in channels) + ".npz"
-    path = _TABLES / name
+    """The shipped table for the channels (Angstrom, in order), or None if there is none. Read
+    once per process: the same object (and so its prepared arrays) serves every call."""
+    return _shipped_table(tuple(int(c) for c in channels))
+
+
+@functools.cache
+def _shipped_table(channels: tuple[int, ...]) -> BasisTable | None:
+    path = _TABLES / ("bp_bases_" + "-".join(map(str, channels)) + ".npz")
     return BasisTable.load(path) if path.is_file() else None
 
 
