@@ -50,6 +50,7 @@ def map_rows(
     *,
     fills: Sequence[float] | None = None,
     on_chunk: Callable[[int], None] | None = None,
+    tail_min: int | None = None,
 ) -> Any:
     """Apply ``fn`` row-wise to ``arrays`` (all with the same number ``n`` of rows) in chunks.
 
@@ -58,6 +59,9 @@ def map_rows(
     pytree ``fn`` returns must have ``size`` rows; the real rows of all calls are returned as the
     same pytree of numpy arrays with ``n`` rows (freshly allocated, writable). ``on_chunk(m)``
     is called after each block with its number ``m`` of real rows (e.g. a progress bar update).
+    With ``tail_min``, the last block, when it is not full, is padded only to
+    ``bucket(m, size, tail_min)`` rows instead of ``size`` (``fn`` is then called, and compiled,
+    at that size too): less work on padding rows for the price of a few more shapes.
 
     Devices: when there are ``d > 1`` local devices (``jax.local_devices()``) and more than one
     block, ``k = min(d, number of blocks)`` consecutive blocks are processed at a time, block
@@ -92,17 +96,21 @@ def map_rows(
     treedef = None
     for start in range(0, max(n, 1), step):
         m = min(step, n - start)
+        block = size
+        if tail_min is not None and m < step:
+            block = bucket(-(-m // len(devices)), size, min(tail_min, size))
         chunk = [
-            pad_rows(a[start : start + m], step, f) for a, f in zip(arrays, fills, strict=True)
+            pad_rows(a[start : start + m], len(devices) * block, f)
+            for a, f in zip(arrays, fills, strict=True)
         ]
-        leaves, treedef = run(fn, chunk, size)
+        leaves, treedef = run(fn, chunk, block)
         if out is None:
             out = [np.empty((n, *leaf.shape[1:]), leaf.dtype) for leaf in leaves]
         for o, leaf in zip(out, leaves, strict=True):
             o[start : start + m] = leaf[:m]
         if on_chunk is not None:
-            for real in range(m, 0, -size):
-                on_chunk(min(real, size))
+            for real in range(m, 0, -block):
+                on_chunk(min(real, block))
     return jax.tree.unflatten(treedef, out)
 
 

@@ -86,6 +86,23 @@ def test_map_rows_calls_with_one_shape_and_pads_with_fill():
     assert pads == [0.0, 7.0]
 
 
+def test_map_rows_tail_min_pads_the_last_block_to_a_smaller_bucket():
+    shapes, seen = [], []
+
+    def fn(a):
+        shapes.append(a.shape[0])
+        return a * 3.0
+
+    a = np.arange(37.0)[:, None]
+    out = map_rows(fn, [a], 16, tail_min=2, on_chunk=seen.append)
+    assert shapes == [16, 16, 8]  # 5 rows left: the power of two >= 5, not 16
+    assert seen == [16, 16, 5]
+    np.testing.assert_array_equal(out, a * 3.0)
+    shapes.clear()
+    map_rows(fn, [a[:33]], 16, tail_min=4)
+    assert shapes == [16, 16, 4]  # never below tail_min
+
+
 def test_map_rows_empty_input_returns_empty_arrays_of_the_right_shape():
     calls = []
 

@@ -396,7 +396,7 @@ def _solve_bases(D, lower, upper, max_pivots, first_pivots, table, gather=16):
 
 
 @partial(jax.jit, static_argnames=("max_pivots", "first_pivots"))
-def _solve_flat(D, lower, upper, max_pivots, first_pivots=12, table=None):
+def _solve_flat(D, lower, upper, max_pivots, first_pivots, table=None):
     basis, at_upper, code, it = _solve_bases(D, lower, upper, max_pivots, first_pivots, table)
     Dc, lo, hi, _, _ = _clean(D, lower, upper)
     ok = code == 0
@@ -412,7 +412,7 @@ def _solve_flat(D, lower, upper, max_pivots, first_pivots=12, table=None):
 
 #: Pivots every problem of a block runs from the all-slack basis before the unfinished ones
 #: are gathered (a warm start gathers the problems whose start is not optimal at once).
-FIRST_PIVOTS = 12
+FIRST_PIVOTS = 16
 
 
 @partial(jax.jit, static_argnames=("max_pivots", "first_pivots"))

@@ -281,8 +281,12 @@ def _solve_block(yf, sf, D, tolfac, solver, schedule, sqrt_sigma, bar):
                 np.asarray(a) for a in bounds(yc[todo], sc[todo], tolfac * f, schedule.symmbuff)
             )
         tick = bar.update if bar is not None and k == 0 else None
-        x[todo], status[todo], it = solver._lp(D, lo, hi, tick)
+        if todo.size == N:  # every pixel: take the solver's arrays without copying them
+            x, status, its = solver._lp(D, lo, hi, tick)
+            status, its = status.astype(np.int32, copy=False), its.astype(np.int32, copy=False)
+        else:
+            x[todo], status[todo], it = solver._lp(D, lo, hi, tick)
+            its[todo] += it
         used[todo] = tolfac * f
-        its[todo] += it
     x[invalid] = np.nan
     return x, status, used, its

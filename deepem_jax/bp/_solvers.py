@@ -27,9 +27,10 @@ from ._warm import BasisTable, default_table
 
 __all__ = ["DualSimplex", "HiGHS", "ToleranceSchedule"]
 
-# Pixels per float64 certificate call: with jax 0.10.2 on CPU the vmapped certificate hung (no
-# progress in minutes) at 10^4 pixels per call while 8000 took 0.6 s; 4096 is safe.
-_CERT_CHUNK = 4096
+# Pixels per float64 call of the second pass (infeasibility certificates, re-solves of the
+# uncertified pixels): one compiled shape each, small because these are a few pixels in most
+# images. (With jax 0.10.2 on CPU the vmapped certificate hung at 10^4 pixels per call.)
+_SECOND_PASS_CHUNK = 1024
 
 _certify_infeasible = jax.jit(jax.vmap(certify_infeasible, (None, 0, 0, 0, 0)))
 
@@ -65,10 +66,10 @@ class DualSimplex:
         cap, are re-solved in float64) or ``"float64"`` (float64 pivots). The arrays of
         :class:`BPResult` have this dtype.
     max_pivots : pivot cap per pixel; MAX_ITER beyond it.
-    chunk_size : largest number of pixels per jitted call. Calls are padded to a power of two,
-        at least ``PIVOT_BLOCK`` (4096) and at most ``chunk_size``, so few shapes compile (the
-        padding pixels are optimal at the start and cost little); inside a call the pivots
-        run on blocks of ``PIVOT_BLOCK`` pixels.
+    chunk_size : largest number of pixels per jitted call. Each call, the last one of a large
+        input included, is padded to a power of two, at least ``PIVOT_BLOCK`` (4096) and at
+        most ``chunk_size``, so few shapes compile and little work goes to padding; inside a
+        call the pivots run on blocks of ``PIVOT_BLOCK`` pixels.
     warm_start : where each pixel's dual simplex starts. ``"auto"`` (default): from the best
         basis of the shipped :class:`BasisTable` for the response's channels
         (:func:`default_table`) when there is one for that dictionary, else from the all-slack
@@ -140,11 +141,14 @@ class DualSimplex:
 
         size = bucket(len(lower), self.chunk_size, min(PIVOT_BLOCK, self.chunk_size))
         with jax.enable_x64(True):
-            x, status, its, basis, at_upper = map_rows(lp, [lower, upper], size, on_chunk=on_chunk)
+            x, status, its, basis, at_upper = map_rows(
+                lp, [lower, upper], size, on_chunk=on_chunk, tail_min=PIVOT_BLOCK
+            )
         _certify_infeasible_verdicts(D, lower, upper, status, basis, at_upper)
         redo = np.flatnonzero((status < 0) | (status == BPStatus.MAX_ITER))
         if redo.size:
-            r64 = self._chunks(D, lower[redo], upper[redo], np.float64)
+            second = dataclasses.replace(self, chunk_size=_SECOND_PASS_CHUNK)
+            r64 = second._chunks(D, lower[redo], upper[redo], np.float64)
             x[redo], status[redo] = r64.x, r64.status
             its[redo] += r64.iterations
         return x, status, its
@@ -161,7 +165,7 @@ class DualSimplex:
 
         size = bucket(len(lower), self.chunk_size, min(PIVOT_BLOCK, self.chunk_size))
         with jax.enable_x64(dtype == np.float64):
-            return map_rows(lp, [lower, upper], size, on_chunk=on_chunk)
+            return map_rows(lp, [lower, upper], size, on_chunk=on_chunk, tail_min=PIVOT_BLOCK)
 
 
 def _certify_infeasible_verdicts(D, lower, upper, status, basis, at_upper) -> None:
@@ -171,9 +175,8 @@ def _certify_infeasible_verdicts(D, lower, upper, status, basis, at_upper) -> No
     if idx.size == 0:
         return
     args = [a[idx] for a in (lower, upper, basis, at_upper)]
-    size = bucket(idx.size, _CERT_CHUNK, _CERT_CHUNK)  # one compiled shape
     with jax.enable_x64(True):
-        proved = map_rows(partial(_certify_infeasible, D), args, size)
+        proved = map_rows(partial(_certify_infeasible, D), args, _SECOND_PASS_CHUNK)
     status[idx[~proved]] = -1
 
 
