@@ -238,11 +238,15 @@ def run_suite(
     seed: int = 0,
     log: Callable[[str], None] | None = print,
     fit_pixels: int = 4096,
+    full_disk: int = 0,
 ) -> dict[str, Any]:
     """Run the suite; a JSON-ready dict with ``meta``, ``results`` (one row per method and
-    size), ``ratios`` and ``methods`` (what each row ran). ``fit_pixels`` caps the pixels of
-    the fit row per size (0: no fit row; e.g. 100000 for 10^5 pixels at 1024^2: two calls of
-    ~85 s each on a 2-core CPU)."""
+    size), ``ratios``, ``methods`` (what each row ran) and ``full_disk``. ``fit_pixels`` caps
+    the pixels of the fit row per size (0: no fit row; e.g. 100000 for 10^5 pixels at 1024^2:
+    two calls of ~85 s each on a 2-core CPU). ``full_disk``: side of the real-image BP run
+    (:func:`deepem_jax.bench_disk.full_disk_bp`, once with the inputs as ``load_aia`` returns
+    them and once in float32; each in a fresh process, minutes at 4096); 0 skips it, and so
+    does a missing synoptic data set (recorded in ``meta["errors"]``)."""
     from .forward import synthetic_scene
     from .predictor import Predictor
     from .pretrained import load_default_predictor
@@ -274,6 +278,7 @@ def run_suite(
     if tiled_size:
         _, y = synthetic_scene(response, (256, 256), rng, exptime)
         _bench_tiled(ctx, y, sigma_values(y, exptime, response.wavelength), tiled_size)
+    disk = _bench_full_disk(ctx, full_disk) if full_disk else []
     for key, msg in ctx.errors.items():
         say(f"  {key} failed: {msg}")
     meta["errors"] = ctx.errors
@@ -283,7 +288,30 @@ def run_suite(
         "results": ctx.results,
         "ratios": _ratios(ctx.results),
         "methods": methods,
+        "full_disk": disk,
     }
+
+
+def _bench_full_disk(ctx: _Context, size: int) -> list[dict[str, Any]]:
+    """:func:`~deepem_jax.bench_disk.full_disk_bp` at ``size`` with float64 (as loaded) and
+    float32 inputs; failures (e.g. no synoptic data) go to ``ctx.errors``."""
+    from .bench_disk import full_disk_bp
+
+    runs = []
+    for dtype in (None, "float32"):
+        label = dtype or "as loaded"
+        ctx.say(f"full-disk BP {size}x{size} (real synoptic image tiled, inputs {label})")
+        try:
+            out = full_disk_bp(size, dtype=dtype)
+        except (RuntimeError, FileNotFoundError, OSError) as err:
+            ctx.errors[f"full_disk_bp {size} {label}"] = str(err).splitlines()[-1]
+            break
+        ctx.say(
+            f"  {out['seconds']:.0f} s ({out['pixels_per_s']:,.0f} px/s), peak RSS "
+            f"{out['peak_rss_gib']:.2f} GiB, warm-up {out['warmup_seconds']:.0f} s"
+        )
+        runs.append(out)
+    return runs
 
 
 def _run_meta(
@@ -800,6 +828,24 @@ def to_markdown(report: dict[str, Any]) -> str:
                 f"{r['pixels_per_s_with_init']:,.0f} | {st['median']:.0f} / {st['p99']:.0f} / "
                 f"{st['max']} | {counts} | {_fmt(b['fit_chi2_median'], '.3g')} | "
                 f"{_fmt(b['bp_chi2_median'], '.3g')} ({b['pixels']:,} px) |"
+            )
+    if report.get("full_disk"):
+        lines += [
+            "",
+            "Full-disk BP (`invert(method='bp')` on the real 2024-10-04 synoptic image tiled, "
+            "one call in a fresh process after a warm-up call that compiles; "
+            "`deepem_jax.bench_disk.full_disk_bp`):",
+            "",
+            "| size | input dtype | pixels | wall (s) | px/s | CPU (s) | peak RSS (GiB) | "
+            "warm-up (s) | load avg before / after |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for d in report["full_disk"]:
+            lines.append(
+                f"| {d['size']}² | {d['input_dtype']} | {d['pixels']:,} | {d['seconds']:.0f} | "
+                f"{d['pixels_per_s']:,.0f} | {d['cpu_seconds']:.0f} | {d['peak_rss_gib']:.2f} | "
+                f"{_fmt(d['warmup_seconds'], '.0f')} | {d['loadavg'][0]:.1f} / "
+                f"{d['loadavg'][1]:.1f} |"
             )
     if report["ratios"]:
         lines += ["", "| size | ratio | value | reference |", "|---|---|---|---|"]

@@ -521,7 +521,15 @@ def train(
     type=click.IntRange(min=0),
     help="Pixels of the fit row per size (0: no fit row).",
 )
-def bench(sizes, tiled, out_dir, highs_pixels, fit_pixels):
+@click.option(
+    "--full-disk",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Side of a full-disk BP run on the real synoptic image tiled (e.g. 4096; needs "
+    "$DEEPEM_JAX_DATA; minutes; 0: skip).",
+)
+def bench(sizes, tiled, out_dir, highs_pixels, fit_pixels, full_disk):
     """Benchmark network inference against Basis Pursuit (JAX and HiGHS) on the same pixels.
 
     \b
@@ -541,6 +549,7 @@ def bench(sizes, tiled, out_dir, highs_pixels, fit_pixels):
         tiled or None,
         highs_pixels=highs_pixels,
         fit_pixels=fit_pixels,
+        full_disk=full_disk,
         log=click.echo,
     )
     jpath, mpath = write_report(report, out_dir)
