@@ -38,6 +38,10 @@ class DEMErrors:
         or None (Monte Carlo).
     n : (...) replicates with an EM (Monte Carlo) or 1 (Laplace); errors are NaN where < 2
         replicates had an EM.
+    total_em_mean, logt_mean : (...) Monte Carlo only (None for Laplace): the mean over the
+        replicates of the total EM (cm^-5) and of the mean log T, the centres of the intervals
+        Monte Carlo states: ``total_em_mean +- total_em`` and ``logt_mean +- logt``. (The
+        Laplace intervals are centred on the fitted estimate.)
     """
 
     em: np.ndarray
@@ -45,6 +49,8 @@ class DEMErrors:
     logt: np.ndarray
     logt_resolution: np.ndarray | None
     n: np.ndarray
+    total_em_mean: np.ndarray | None = None
+    logt_mean: np.ndarray | None = None
 
 
 def _summaries(em: np.ndarray, logt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -72,14 +78,12 @@ def monte_carlo(
     ``batched``: ``solve`` is called once on all replicates stacked, (n, ..., C) -> (n, ...,
     n_T) (same draws from ``rng``, so the same result for a pixel-wise ``solve``).
 
-    The result is the spread of the method's answer under the noise, not an interval for the
-    true DEM: a method biased by more than its spread does not cover the truth. Measured with
-    20 replicates on 1,024 synthetic Gaussian DEMs (as in tests/test_dem_errors.py), estimate
-    +- this 1-sigma covers the true total EM / mean log T in 63--67 % / 61--66 % of the pixels
-    for ``invert(method="fit")`` (started from BP; seeds 1--8): within 68 +- 5 % for total EM,
-    at its lower edge for mean log T. The fit started from the flat DEM (biased high by ~0.3
-    of its spread; seeds 1--5) covers 60--63 % / 56--57 %, BP (minimum EM, biased low by ~1.5
-    of its spread in total EM; seeds 1--3) only 31--34 % / 53--58 %.
+    Also returns the replicate means of the total EM and of the mean log T (the method's
+    answer averaged over the noise; equal to the answer for a linear method): the intervals
+    Monte Carlo states are those means +- the standard deviations. They are intervals of the
+    method's answer under the noise: a method biased by more than its spread (BP's minimum
+    EM, biased low) does not cover the truth. Measured coverage of the truth: README,
+    "Fitting and uncertainties".
     """
     if n < 2:
         raise ValueError(f"Monte Carlo needs n >= 2 replicates, got {n}")
@@ -104,10 +108,19 @@ def monte_carlo(
         d = np.where(ok[..., None], x - mean, 0.0)
         mean += d / np.maximum(k, 1)[..., None]
         m2 += d * np.where(ok[..., None], x - mean, 0.0)
-    k, _, m2 = stats
+    k, mean, m2 = stats
     with np.errstate(invalid="ignore", divide="ignore"):
         sd = np.where(k[..., None] >= 2, np.sqrt(m2 / (k[..., None] - 1)), np.nan)
-    return DEMErrors(sd[..., :-2], sd[..., -2], sd[..., -1], None, k.astype(np.int32))
+    mean = np.where(k[..., None] >= 2, mean, np.nan)
+    return DEMErrors(
+        sd[..., :-2],
+        sd[..., -2],
+        sd[..., -1],
+        None,
+        k.astype(np.int32),
+        mean[..., -2],
+        mean[..., -1],
+    )
 
 
 def _half_width(R: jax.Array, logt: jax.Array) -> jax.Array:

@@ -284,6 +284,7 @@ def invert(
     uncertainties
         Number of Monte Carlo replicates (0: none): the method is rerun on ``y + sigma * N(0,
         1)`` (seeded, reproducible) and :attr:`DEMResult.errors` holds the standard deviations
+        and the replicate means of total EM and mean log T, the centres of the intervals
         (:func:`deepem_jax.dem_errors.monte_carlo`).
 
     Returns

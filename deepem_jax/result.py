@@ -144,7 +144,8 @@ class DEMResult:
         """Write the EM cube (n_T, y, x) with STATUS and CHI2 extensions and the provenance
         header to ``path`` atomically (see :func:`deepem_jax.io.write_dem_cube`); with
         :attr:`errors`, also EM_ERR (cm^-5 per bin), TEM_ERR (cm^-5), LOGT_ERR and, when
-        known, LOGT_RES (log T per bin) extensions."""
+        known, LOGT_RES (log T per bin), TEM_MEAN (cm^-5) and LOGT_MEAN (the Monte Carlo
+        centres) extensions."""
         from .io import write_dem_cube
 
         if self.em.ndim != 3:
@@ -173,6 +174,9 @@ class DEMResult:
         }
         if e.logt_resolution is not None:
             out["logt_res"] = e.logt_resolution.astype(np.float32)
+        if e.total_em_mean is not None:
+            out["tem_mean"] = e.total_em_mean.astype(np.float32) * u.cm**-5
+            out["logt_mean"] = e.logt_mean.astype(np.float32)
         return out
 
     def to_ndcube(self):
