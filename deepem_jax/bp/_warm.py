@@ -163,7 +163,7 @@ class BasisTable:
 
     def prepare(self, D: np.ndarray, dtype) -> dict[str, dict[str, jax.Array]]:
         """The arrays :func:`choose_start` needs for dictionary ``D`` (C, n_basis), in
-        ``dtype``, for the :data:`HEAD_SIZE` most frequent bases (``"head"``) and for all
+        ``dtype``, for the :func:`head_size` most frequent bases (``"head"``) and for all
         (``"full"``): the bases that are dual feasible for ``D`` (checked in float64) with
         their inverses laid out for matrix products. Cached per ``D`` and dtype."""
         D = np.asarray(D, np.float64)
@@ -182,7 +182,8 @@ class BasisTable:
                     for k, v in _layout(table, D).items()
                 }
 
-            cache[key] = {"head": arrays(self.head(HEAD_SIZE)), "full": arrays(self)}
+            head = self.head(head_size(self.counts))
+            cache[key] = {"head": arrays(head), "full": arrays(self)}
         return cache[key]
 
 
@@ -229,9 +230,23 @@ def _layout(table: BasisTable, D: np.ndarray) -> dict[str, np.ndarray]:
     )
 
 
-#: Bases of a table every pixel is tried against first; the rest of the table is tried only
-#: for the pixels none of these fits.
-HEAD_SIZE = 256
+#: Candidate sizes of a table's head: the most frequent bases, which every pixel is tried
+#: against first; the whole table is tried only for the pixels none of these fits.
+HEAD_SIZES = (256, 512, 1024, 2048)
+
+
+def head_size(counts: np.ndarray) -> int:
+    """Size of the head of a table whose bases were found ``counts`` (K,) times, most
+    frequent first: of :data:`HEAD_SIZES` (or K when smaller), the one with the fewest
+    expected table columns per pixel, ``H + (1 - cover(H)) * K``, where ``cover(H)`` is the
+    share of the training pixels whose basis is among the first H (every pixel is scored
+    against the head, the pixels it misses against all K bases)."""
+    counts = np.asarray(counts, np.float64)
+    K = len(counts)
+    sizes = [h for h in HEAD_SIZES if h < K] or [K]
+    cover = np.cumsum(counts) / max(counts.sum(), 1.0)
+    cost = [h + (1.0 - cover[h - 1]) * K for h in sizes]
+    return sizes[int(np.argmin(cost))]
 
 
 def choose_start(
