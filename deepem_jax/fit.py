@@ -283,7 +283,10 @@ def _argmin_bwd(fitter, res, cot):
     _, vjp = jax.vjp(lambda d: jax.grad(fun)(theta, d), data)
     (data_bar,) = vjp(-v)
     df = jax.grad(fun, argnums=1)(theta, data)
-    data_bar = jax.tree.map(lambda a, b: a + f_bar * b, data_bar, df)
+    # a problem that ended non-finite (status NONFINITE_OUTPUT) contributes nothing: its NaNs
+    # would otherwise reach the cotangent of K, which every pixel of a batch shares
+    finite = jnp.all(jnp.isfinite(theta)) & jnp.isfinite(fun(theta, data))
+    data_bar = jax.tree.map(lambda a, b: jnp.where(finite, a + f_bar * b, 0.0), data_bar, df)
     return jnp.zeros_like(theta), data_bar
 
 
@@ -341,20 +344,28 @@ def _prepare(y, sigma, theta0) -> tuple:
 
 
 def _finish(fitter: Fitter, valid, y0, s0, Ks, B, theta, gmax, steps) -> FitResult:
-    """The :class:`FitResult` of fitted parameters (leading axes of the pixels)."""
-    f, chi2 = _pixel_terms(fitter, theta, y0, s0, Ks, B)
-    em = EM_SCALE * _em_units(fitter, theta, B)
+    """The :class:`FitResult` of fitted parameters (leading axes of the pixels). The EM,
+    chi^2 and objective of a pixel without a finite EM and objective (NONFINITE_OUTPUT) are
+    NaN, computed from a harmless problem so that gradients through the result are 0 for it,
+    not NaN (a NaN would reach the cotangent of ``Ks``, shared by every pixel)."""
+    sg = jax.lax.stop_gradient
+    f, _ = _pixel_terms(fitter, sg(theta), sg(y0), sg(s0), sg(Ks), B)
+    em = EM_SCALE * _em_units(fitter, sg(theta), B)
     finite = jnp.all(jnp.isfinite(em), -1) & jnp.isfinite(f)
     status = jnp.where(gmax <= fitter.gtol, int(DEMStatus.SOLVED), int(DEMStatus.MAX_STEPS))
     status = jnp.where(finite, status, int(DEMStatus.NONFINITE_OUTPUT))
     status = jnp.where(valid, status, int(DEMStatus.INVALID_INPUT)).astype(jnp.int8)
-    keep = (valid & finite)[..., None]
+    ok = valid & finite
+    keep = ok[..., None]
+    th = jnp.where(keep, theta, 0.0)
+    f, chi2 = _pixel_terms(fitter, th, jnp.where(keep, y0, 0.0), jnp.where(keep, s0, 1.0), Ks, B)
+    em = EM_SCALE * _em_units(fitter, th, B)
     return FitResult(
         em=jnp.where(keep, em, jnp.nan),
         params=theta,
         status=status,
-        chi2=jnp.where(valid, chi2, jnp.nan),
-        objective=jnp.where(valid, f, jnp.nan),
+        chi2=jnp.where(ok, chi2, jnp.nan),
+        objective=jnp.where(ok, f, jnp.nan),
         grad_norm=gmax,
         steps=steps.astype(jnp.int32),
     )

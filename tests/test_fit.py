@@ -125,6 +125,34 @@ def test_vmap_equals_a_loop_and_bad_pixels_get_a_status(K):
     assert dj.DEMStatus.MAX_STEPS.has_em
 
 
+def test_a_non_finite_pixel_does_not_poison_the_batch_gradient(K):
+    """float32, one pixel with sigma 1e-30 (chi^2 overflows): it ends NONFINITE_OUTPUT with NaN
+    EM, chi^2 and objective, and gradients of the other pixels' EM with respect to K and the
+    intensities are those of the same batch with that pixel healthy and left out of the loss
+    (before: NaN for the whole of K)."""
+    y, s = _pixels(K, 3)
+    y, s, K32 = y.astype(np.float32), s.astype(np.float32), jnp.asarray(K, jnp.float32)
+    bad_s = s.copy()
+    bad_s[1] = 1e-30
+    res = F.fit(y, bad_s, K32, compact=False)
+    assert list(np.asarray(res.status)) == [0, int(dj.DEMStatus.NONFINITE_OUTPUT), 0]
+    assert np.isnan(res.em[1]).all() and np.isnan(res.chi2[1]) and np.isnan(res.objective[1])
+
+    use = jnp.array([True, False, True])
+
+    def loss(Kv, yv, sv):
+        em = F.fit(yv, sv, Kv).em
+        ok = jnp.all(jnp.isfinite(em), -1) & use
+        return jnp.sum(jnp.where(ok[:, None], em, 0.0)) / 1e27
+
+    g_K, g_y = jax.grad(loss, argnums=(0, 1))(K32, jnp.asarray(y), jnp.asarray(bad_s))
+    ref_K, ref_y = jax.grad(loss, argnums=(0, 1))(K32, jnp.asarray(y), jnp.asarray(s))
+    assert np.all(np.isfinite(g_K)) and np.all(np.isfinite(g_y))
+    np.testing.assert_allclose(g_K, ref_K, rtol=1e-5)
+    np.testing.assert_allclose(g_y[::2], ref_y[::2], rtol=1e-5)
+    assert np.all(np.asarray(g_y[1]) == 0)
+
+
 def test_compacted_rounds_equal_one_program(x64, K, monkeypatch):
     """The host driver of compact=True (rounds over the pixels still running, several chunks
     per round) gives bitwise the fits of one round (every pixel in one while_loop per chunk),
