@@ -120,3 +120,16 @@ def test_table_round_trip_and_bad_files(table, D, tmp_path):
         table.prepare(D[:4], np.float64)
     with pytest.raises(ValueError, match="indices"):
         bp.BasisTable(table.basis + 100, table.slack_stat, table.counts, table.channels, 54)
+
+
+def test_head_size_follows_the_spread_of_the_counts():
+    """The head is the candidate size with the fewest expected table columns per pixel:
+    a table whose 256 most frequent bases cover every training pixel keeps 256, one whose
+    counts are spread out gets a larger head, a small table is its own head."""
+    from deepem_jax.bp._warm import head_size
+
+    concentrated = np.r_[np.full(256, 1000.0), np.ones(7000)]  # 256 bases: 97 % of pixels
+    assert head_size(concentrated) == 256
+    spread = np.r_[np.full(1024, 100.0), np.ones(6000)]  # 256 bases: 23 %, 1024: 94 %
+    assert head_size(spread) == 1024
+    assert head_size(np.ones(100)) == 100
