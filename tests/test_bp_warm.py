@@ -132,4 +132,4 @@ def test_head_size_follows_the_spread_of_the_counts():
     assert head_size(concentrated) == 256
     spread = np.r_[np.full(1024, 100.0), np.ones(6000)]  # 256 bases: 23 %, 1024: 94 %
     assert head_size(spread) == 1024
-    assert head_size(np.ones(100)) == 100
+    assert head_size(np.ones(100)) == 100 and head_size(np.zeros(0)) == 0

@@ -243,7 +243,9 @@ def head_size(counts: np.ndarray) -> int:
     against the head, the pixels it misses against all K bases)."""
     counts = np.asarray(counts, np.float64)
     K = len(counts)
-    sizes = [h for h in HEAD_SIZES if h < K] or [K]
+    sizes = [h for h in HEAD_SIZES if h < K]
+    if not sizes:  # a small (or empty) table is its own head
+        return K
     cover = np.cumsum(counts) / max(counts.sum(), 1.0)
     cost = [h + (1.0 - cover[h - 1]) * K for h in sizes]
     return sizes[int(np.argmin(cost))]
