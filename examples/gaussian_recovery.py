@@ -28,6 +28,7 @@ import numpy as np
 
 import deepem_jax as dj
 from deepem_jax.forward import gaussian_dem, noisy_observation
+from deepem_jax.products import mean_logt
 from deepem_jax.uncertainty import sigma_values
 
 CHANNELS = [94, 131, 171, 193, 211, 335]
@@ -41,12 +42,6 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     return ap.parse_args()
-
-
-def mean_logt(em: np.ndarray, logt: np.ndarray) -> np.ndarray:
-    """EM-weighted mean log T of EMs (..., n_T)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (em * logt).sum(-1) / em.sum(-1)
 
 
 def scores(res, em_true, y, s, logt) -> dict:

@@ -277,31 +277,6 @@ def basic_solution(
 _CERT_TOL, _CERT_EPS = 1e-7, 1e-9
 
 
-def _bound_checks(D, lower, upper, basis, at_upper):
-    """Shared part of the certificates: vertex, scaled matrices and bound violations."""
-    C, n = D.shape
-    dt = D.dtype
-    z_b, B, r, S, c_x = _vertex(D, lower, upper, basis, at_upper)
-    in_basis = jnp.zeros(n + C, bool).at[basis].set(True)
-    lo = jnp.concatenate([jnp.zeros(n, dt), r * lower])[basis]
-    hi = jnp.concatenate([jnp.full(n, jnp.inf, dt), r * upper])[basis]
-    A = jnp.concatenate([r[:, None] * D * S[None, :], -jnp.eye(C, dtype=dt)], axis=1)
-    upper_nb = jnp.concatenate([jnp.zeros(n, bool), at_upper]) & ~in_basis
-    x = S * jnp.zeros(n + C, dt).at[basis].set(z_b)[:n]
-    return dict(
-        x=jnp.maximum(x, 0.0),
-        B=B,
-        A=A,
-        c=jnp.concatenate([c_x, jnp.zeros(C, dt)]),
-        basis=basis,
-        in_basis=in_basis,
-        upper_nb=upper_nb,
-        lower_nb=~upper_nb & ~in_basis,
-        below=lo - z_b > _CERT_TOL,
-        above=z_b - hi > _CERT_TOL,
-    )
-
-
 def certify_optimal(
     D: jax.Array, lower: jax.Array, upper: jax.Array, basis: jax.Array, at_upper: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
@@ -334,12 +309,20 @@ def certify_infeasible(
     """Whether a final basis of one problem proves infeasibility: some basic row is violated
     by more than 1e-7 (scaled) and no non-basic column (|pivot| > 1e-9) can reduce the
     violation. Arguments as :func:`certify_optimal`."""
-    k = _bound_checks(D, lower, upper, basis, at_upper)
-    alpha = small_solve(k["B"], k["A"])
-    lower_nb, upper_nb = k["lower_nb"], k["upper_nb"]
+    C, n = D.shape
+    dt = D.dtype
+    z_b, B, r, S, _ = _vertex(D, lower, upper, basis, at_upper)
+    in_basis = jnp.zeros(n + C, bool).at[basis].set(True)
+    lo = jnp.concatenate([jnp.zeros(n, dt), r * lower])[basis]
+    hi = jnp.concatenate([jnp.full(n, jnp.inf, dt), r * upper])[basis]
+    A = jnp.concatenate([r[:, None] * D * S[None, :], -jnp.eye(C, dtype=dt)], axis=1)
+    upper_nb = jnp.concatenate([jnp.zeros(n, bool), at_upper]) & ~in_basis
+    lower_nb = ~upper_nb & ~in_basis
+    alpha = small_solve(B, A)
     can_raise = jnp.any((lower_nb & (alpha < -_CERT_EPS)) | (upper_nb & (alpha > _CERT_EPS)), 1)
     can_lower = jnp.any((lower_nb & (alpha > _CERT_EPS)) | (upper_nb & (alpha < -_CERT_EPS)), 1)
-    return jnp.any((k["below"] & ~can_raise) | (k["above"] & ~can_lower))
+    below, above = lo - z_b > _CERT_TOL, z_b - hi > _CERT_TOL
+    return jnp.any((below & ~can_raise) | (above & ~can_lower))
 
 
 #: Problems per block of the pivot loop inside :func:`solve_lp`: larger batches are split into

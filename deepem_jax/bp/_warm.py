@@ -9,9 +9,10 @@ optimal bases of millions of pixels are a few thousand distinct ones, and a tabl
 frequent bases BP returned on training data (real observations of other dates and synthetic
 DEMs at real noise levels) holds the optimal basis of almost every pixel of a new date.
 
-:func:`choose_start` evaluates every basis of a :class:`BasisTable` on a batch of pixels with a
-few matrix products and picks, per pixel, the first one that is primal feasible, else the least
-infeasible one; the dual simplex then starts from it (zero pivots when it is already optimal).
+:func:`choose_start` evaluates the dual objective of every basis of a :class:`BasisTable` on a
+batch of pixels with one matrix product and picks, per pixel, the largest (a lower bound of the
+optimum, reached by the optimal basis); the dual simplex then starts from it (zero pivots when
+it is primal feasible, i.e. already optimal).
 Exactness does not rest on the table: the dual simplex runs from any dual feasible basis to the
 optimum, and :class:`~deepem_jax.bp.DualSimplex` certifies every end point in float64.
 """
