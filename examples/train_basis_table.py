@@ -4,7 +4,8 @@
     python examples/train_basis_table.py --channels 5 --out tables      # shipped cutouts only
     DEEPEM_JAX_DATA=../shared/data python examples/train_basis_table.py --channels 5 --out t5
 
-A table holds the distinct optimal bases BP returned on training pixels, most frequent first
+A table holds the distinct optimal bases BP returned on training pixels, most frequent first,
+and the Farkas rays that proved its infeasible pixels infeasible
 (:class:`deepem_jax.bp.BasisTable`). Training pixels: the real observations of the training
 dates (calibrated as :func:`deepem_jax.invert` does: sigma with the file's ``n_sample``,
 degradation-corrected), pixels synthesised from their BP solutions at real noise levels
@@ -13,13 +14,14 @@ degradation of a random date) and synthetic DEMs of the documented prior at the 
 levels. Every band is solved by the float64 dual simplex.
 
 For each evaluation date the script learns a table from the *other* dates (plus the synthetic
-pixels) and reports, over that date's BP-solved pixels: the fraction certified optimal at the
+pixels) and reports, over that date's bands: the fraction of the solved ones certified at the
 first try (the table's basis for the pixel is primal feasible, so the float64 simplex takes no
-pivot), the mean pivots from the table's start and from the all-slack basis, and whether the
-warm-started answers equal the cold ones (verdicts, objectives within 1e-9 relative). Then it
-learns the table from every date and writes it (``--out``/``bp_bases_<channels>.npz``; the
-tables in ``deepem_jax/tables/`` were written by this script with the default options and
-``DEEPEM_JAX_DATA`` set), with a ``report.json`` of the scores.
+pivot), the fraction of its infeasible pixels a ray of the table proves, the mean pivots from
+the table's start and from the all-slack basis, and whether the warm-started answers equal the
+cold ones (verdicts, objectives within 1e-9 relative). Then it learns the table from every date
+and writes it (``--out``/``bp_bases_<channels>.npz``; the tables in ``deepem_jax/tables/`` were
+written by this script with the default options and ``DEEPEM_JAX_DATA`` set), with a
+``report.json`` of the scores.
 """
 
 from __future__ import annotations
@@ -52,13 +54,15 @@ def parse_args() -> argparse.Namespace:
     )
     ap.add_argument("--rebin", type=int, default=1, help="rebin the synoptic set by this")
     ap.add_argument("--max-size", type=int, default=4096, help="bases kept per table")
+    ap.add_argument("--max-rays", type=int, default=128, help="Farkas rays kept per table")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args()
 
 
 class Date:
     """One reference date: its BP results (any channels it has) and, if it has the table's
-    channels, the bands (lower, upper) of its BP-solved pixels."""
+    channels, the bands (lower, upper) BP solved or proved infeasible: each pixel's band at
+    its final tolerance factor, and the nominal band of the pixels solved only at a retry."""
 
     def __init__(self, name: str, channels: list[int], rebin: int) -> None:
         self.name = name
@@ -71,8 +75,16 @@ class Date:
             if list(res.channels) != channels:
                 res = invert(stack, "bp", channels=channels * u.AA, progress=True)
             lower, upper = res.band()
-            ok = res.status == 0
+            ok = (res.status == 0) | (res.status == 1)
             bands.append((lower[ok], upper[ok]))
+            retried = (res.status == 0) & (res.band_tolfac > float(res.provenance["TOLFAC"]))
+            with jax.enable_x64(True):
+                lo, hi = bp.bounds(
+                    res.corrected_intensities[retried],
+                    res.corrected_sigma[retried],
+                    float(res.provenance["TOLFAC"]),
+                )
+            bands.append((np.asarray(lo), np.asarray(hi)))
         self.bands = (
             tuple(np.concatenate([b[i] for b in bands]) for i in range(2)) if bands else None
         )
@@ -101,7 +113,12 @@ def learn(dates: list[Date], D, response, args, rng) -> bp.BasisTable:
     lows.append(lo)
     highs.append(hi)
     return bp.learn_table(
-        D, np.concatenate(lows), np.concatenate(highs), response.channels, max_size=args.max_size
+        D,
+        np.concatenate(lows),
+        np.concatenate(highs),
+        response.channels,
+        max_size=args.max_size,
+        max_rays=args.max_rays,
     )
 
 
@@ -112,12 +129,17 @@ def score(table: bp.BasisTable, D, lower, upper) -> dict:
         cold = bp.solve_lp(D, lower, upper, dtype=np.float64)
     ws, cs = np.asarray(warm.status), np.asarray(cold.status)
     wo, co = np.asarray(warm.objective), np.asarray(cold.objective)
-    solved = cs == 0
+    solved, infeasible = cs == 0, cs == 1
     rel = np.abs(wo - co)[solved] / np.maximum(co[solved], 1e-300)
+    no_pivot = np.asarray(warm.iterations) == 0
     return {
         "pixels": int(len(lower)),
         "table_size": table.size,
-        "certified_first_try": float(np.mean((ws == 0) & (np.asarray(warm.iterations) == 0))),
+        "rays": len(table.rays),
+        "certified_first_try": float(np.mean(solved & (ws == 0) & no_pivot) / np.mean(solved)),
+        "infeasible": int(infeasible.sum()),
+        "infeasible_proven_by_ray": float(np.mean((ws == 1) & no_pivot & infeasible))
+        / max(float(np.mean(infeasible)), 1e-300),
         "mean_pivots_warm": float(np.mean(warm.iterations)),
         "mean_pivots_cold": float(np.mean(cold.iterations)),
         "same_verdicts": float(np.mean(ws == cs)),
@@ -151,6 +173,7 @@ def main() -> None:
     table.save(path)
     report["shipped"] = {"learned_from": [d.name for d in dates] + ["synthetic"]}
     report["shipped"]["table_size"] = table.size
+    report["shipped"]["rays"] = len(table.rays)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
     print(f"wrote {out / 'report.json'}")

@@ -29,8 +29,8 @@ def D(response):
         return np.asarray(dictionary(response, BASIS), np.float64)
 
 
-def _bands(response, n, seed, tolfac=1.4):
-    """BP bands (N, C) of noisy random-DEM pixels (n_sample 16, exposures 2 s)."""
+def _observations(response, n, seed):
+    """Intensities and sigma (N, C) of noisy random-DEM pixels (n_sample 16, exposures 2 s)."""
     rng = np.random.default_rng(seed)
     em = random_dems(DEEPEM_LOGT, n, rng)
     with jax.enable_x64(True):
@@ -38,6 +38,12 @@ def _bands(response, n, seed, tolfac=1.4):
     y = noisy_observation(y0, 2.0, response.channels, rng, n_sample=16)
     dn = u.DN / (u.s * u.pix)
     sig = aia_sigma(np.maximum(y, 0) * dn, 2.0 * u.s, response.wavelength, n_sample=16).value
+    return y, sig
+
+
+def _bands(response, n, seed, tolfac=1.4):
+    """BP bands (N, C) of :func:`_observations`."""
+    y, sig = _observations(response, n, seed)
     with jax.enable_x64(True):
         return tuple(np.asarray(a) for a in bp.bounds(y, sig, tolfac))
 
@@ -82,27 +88,78 @@ def test_warm_start_float32_matches_highs(response, D, table):
 def test_rows_scaled_like_a_degraded_response(response, D, table, x64):
     """A degraded response is the undegraded one with rows scaled: the table serves it."""
     f = np.array([0.51, 0.74, 0.49, 0.40, 0.17])
-    lower, upper = _bands(response, 500, seed=3)
+    lower, upper = _bands(response, 2000, seed=3, tolfac=1.0)  # some infeasible pixels
     Df, lo_f, hi_f = f[:, None] * D, lower * f, upper * f
     warm = bp.solve_lp(Df, lo_f, hi_f, dtype=np.float64, warm_start=table)
     _same_as_highs(Df, lo_f, hi_f, warm)
     same = bp.solve_lp(D, lower, upper, dtype=np.float64, warm_start=table)
+    np.testing.assert_array_equal(np.asarray(warm.status), np.asarray(same.status))
     np.testing.assert_array_equal(np.asarray(warm.iterations), np.asarray(same.iterations))
+    by_ray = (np.asarray(warm.status) == 1) & (np.asarray(warm.iterations) == 0)
+    assert by_ray.sum() > 5  # the rays serve the scaled rows too
 
 
-def test_bases_that_are_not_dual_feasible_are_dropped(response, D, x64):
-    """A table of arbitrary bases cannot change the answer: only dual feasible ones are kept."""
-    rng = np.random.default_rng(4)
+def test_rays_prove_most_infeasible_pixels_without_a_pivot(response, D, table, x64):
+    """The table's Farkas rays (learned from other pixels) settle infeasible pixels at once;
+    every one they settle is infeasible for HiGHS."""
+    assert len(table.rays) > 0
+    lower, upper = _bands(response, 2000, seed=6, tolfac=1.0)
+    warm = bp.solve_lp(D, lower, upper, dtype=np.float64, warm_start=table)
+    ref = bp.highs_lp(D, lower, upper)
+    by_ray = (np.asarray(warm.status) == 1) & (np.asarray(warm.iterations) == 0)
+    infeasible = ref.status == 1
+    print(f"{infeasible.sum()} infeasible, {by_ray.sum()} proven by a ray")
+    assert np.all(infeasible[by_ray])
+    assert by_ray.sum() > 0.5 * infeasible.sum()
+    np.testing.assert_array_equal(np.asarray(warm.status) == 0, ref.status == 0)
+
+
+def test_any_ray_is_a_sound_test(response, D, x64):
+    """The ray test is a proof whatever the rays: random rays never flag a band that a
+    non-negative x meets, and every band they do flag is infeasible for HiGHS."""
+    from deepem_jax.bp._warm import prove_infeasible
+
+    rng = np.random.default_rng(7)
     C, n = D.shape
-    basis = np.stack([rng.choice(n + C, C, replace=False) for _ in range(200)]).astype(np.int32)
-    basic_slack = np.stack([np.isin(n + np.arange(C), b) for b in basis])
-    stat = np.where(basic_slack, 0, rng.integers(1, 3, size=(200, C))).astype(np.int8)
-    junk = bp.BasisTable(basis, stat, np.ones(200, np.int64), tuple(FIVE), n)
-    kept = junk.prepare(D, np.float64)["full"]["basis"].shape[0]
-    assert kept < 200
-    lower, upper = _bands(response, 300, seed=5)
-    warm = bp.solve_lp(D, lower, upper, dtype=np.float64, warm_start=junk)
-    assert _same_as_highs(D, lower, upper, warm).max() < 1e-9
+    rays = rng.normal(size=(500, C)) * rng.random((500, C)) ** 4  # some nearly one-row rays
+    junk = bp.BasisTable(
+        np.zeros((0, C), np.int32),
+        np.zeros((0, C), np.int8),
+        np.zeros(0, np.int64),
+        tuple(FIVE),
+        n,
+        rays,
+    )
+    prep = junk.prepare(D, np.float64)["rays"]
+    x = rng.random((2000, n)) ** 8 * 1e3
+    y = x @ D.T
+    assert not np.any(np.asarray(prove_infeasible(prep, y, y)))  # a zero-width band, met
+    lower, upper = _bands(response, 2000, seed=8, tolfac=0.5)
+    flagged = np.asarray(prove_infeasible(prep, lower, upper))
+    assert flagged.sum() > 0
+    assert np.all(bp.highs_lp(D, lower[flagged], upper[flagged]).status == 1)
+
+
+def test_certified_solve_uses_the_rays(response, D, table):
+    """bp.solve (float32 pivots, float64 certificates): the verdicts proven by rays stand."""
+    y, sig = _observations(response, 2000, seed=9)
+    once = bp.ToleranceSchedule(retry_factors=(), min_signal=0.0)
+    res = bp.solve(
+        y,
+        sig,
+        response,
+        BASIS,
+        tolfac=1.0,
+        solver=bp.DualSimplex(warm_start=table),
+        schedule=once,
+        coeffs=False,
+    )
+    with jax.enable_x64(True):
+        lower, upper = (np.asarray(a) for a in bp.bounds(y, sig, 1.0))
+    ref = bp.highs_lp(D, lower, upper)
+    np.testing.assert_array_equal(res.status, ref.status)
+    by_ray = (res.status == 1) & (res.iterations == 0)
+    assert by_ray.sum() > 0.5 * np.sum(ref.status == 1)
 
 
 def test_table_round_trip_and_bad_files(table, D, tmp_path):
@@ -111,6 +168,12 @@ def test_table_round_trip_and_bad_files(table, D, tmp_path):
     back = bp.BasisTable.load(path)
     np.testing.assert_array_equal(back.basis, table.basis)
     np.testing.assert_array_equal(back.slack_stat, table.slack_stat)
+    np.testing.assert_array_equal(back.rays, table.rays)
+    np.testing.assert_array_equal(back.ray_counts, table.ray_counts)
+    without_rays = tmp_path / "old.npz"  # a table written before rays existed
+    with np.load(path) as z:
+        np.savez(without_rays, **{k: z[k] for k in ("basis", "slack_stat", "counts", "meta")})
+    assert bp.BasisTable.load(without_rays).rays.shape == (0, len(table.channels))
     assert back.channels == table.channels and back.n_basis == table.n_basis
     bad = tmp_path / "bad.npz"
     bad.write_bytes(path.read_bytes()[:100])

@@ -29,7 +29,7 @@ from .._batching import map_bounds_blocks
 from .._cache import enable_compilation_cache
 from .._linalg import small_solve
 from ._types import BPStatus, LPResult
-from ._warm import BasisTable, choose_start
+from ._warm import BasisTable, choose_start, prove_infeasible
 
 __all__ = [
     "basic_solution",
@@ -223,13 +223,17 @@ def _pivots_batch(D, lower, upper, max_pivots, first_pivots, gather):
 def _pivots_warm(D, lower, upper, max_pivots, gather, table):
     """Dual simplex on a batch started from the bases of a table (:func:`choose_start`):
     every problem is tried against the table's most frequent bases (``table["head"]``);
-    problems whose start is already feasible are done (zero pivots); the others are gathered
-    ``gather`` at a time, given the best start of the whole table (``table["full"]``) and
-    run from it to the end. Returns as :func:`_pivots_batch`."""
+    problems whose start is already feasible are done (zero pivots), and so are those a ray
+    of the table proves infeasible (:func:`prove_infeasible`; their basis is the start's);
+    the others are gathered ``gather`` at a time, given the best start of the whole table
+    (``table["full"]``) and run from it to the end. Returns as :func:`_pivots_batch`."""
     N = lower.shape[0]
     n = D.shape[1]
     basis, slack_stat, done = choose_start(table["head"], lower, upper)
-    state = (basis, slack_stat, jnp.where(done, 0, -1).astype(jnp.int32), jnp.zeros(N, jnp.int32))
+    code = jnp.where(done, 0, -1)
+    if table["rays"] is not None:
+        code = jnp.where(~done & prove_infeasible(table["rays"], lower, upper), 1, code)
+    state = (basis, slack_stat, code.astype(jnp.int32), jnp.zeros(N, jnp.int32))
     run = jax.vmap(_run, (None, 0, 0, None))
 
     def round_(st):

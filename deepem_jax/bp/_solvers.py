@@ -23,7 +23,7 @@ from ._simplex import (
     solve_lp,
 )
 from ._types import BPStatus, LPResult
-from ._warm import BasisTable, default_table
+from ._warm import BasisTable, default_table, prove_infeasible
 
 __all__ = ["DualSimplex", "HiGHS", "ToleranceSchedule"]
 
@@ -33,6 +33,7 @@ __all__ = ["DualSimplex", "HiGHS", "ToleranceSchedule"]
 _SECOND_PASS_CHUNK = 1024
 
 _certify_infeasible = jax.jit(jax.vmap(certify_infeasible, (None, 0, 0, 0, 0)))
+_prove_infeasible = jax.jit(prove_infeasible)
 
 #: (x (N, n) float64, status (N,) int32 BPStatus codes, pivots or simplex iterations (N,) int32)
 LPArrays = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -144,7 +145,7 @@ class DualSimplex:
             x, status, its, basis, at_upper = map_rows(
                 lp, [lower, upper], size, on_chunk=on_chunk, tail_min=PIVOT_BLOCK
             )
-        _certify_infeasible_verdicts(D, lower, upper, status, basis, at_upper)
+        _certify_infeasible_verdicts(D, lower, upper, status, basis, at_upper, table)
         redo = np.flatnonzero((status < 0) | (status == BPStatus.MAX_ITER))
         if redo.size:
             second = dataclasses.replace(self, chunk_size=_SECOND_PASS_CHUNK)
@@ -168,14 +169,22 @@ class DualSimplex:
             return map_rows(lp, [lower, upper], size, on_chunk=on_chunk, tail_min=PIVOT_BLOCK)
 
 
-def _certify_infeasible_verdicts(D, lower, upper, status, basis, at_upper) -> None:
-    """Set ``status`` to -1 where a float32 INFEASIBLE basis is not a float64 certificate of
-    infeasibility."""
+def _certify_infeasible_verdicts(D, lower, upper, status, basis, at_upper, table) -> None:
+    """Set ``status`` to -1 where a float32 INFEASIBLE verdict has no float64 certificate: no
+    ray of ``table`` (a :class:`BasisTable` or None) proves it in float64 and the final basis
+    does not prove it either."""
     idx = np.flatnonzero(status == BPStatus.INFEASIBLE)
     if idx.size == 0:
         return
-    args = [a[idx] for a in (lower, upper, basis, at_upper)]
     with jax.enable_x64(True):
+        rays = None if table is None else table.prepare(D, np.float64)["rays"]
+        if rays is not None:
+            args = [lower[idx], upper[idx]]
+            by_ray = map_rows(partial(_prove_infeasible, rays), args, _SECOND_PASS_CHUNK)
+            idx = idx[~by_ray]
+        if idx.size == 0:
+            return
+        args = [a[idx] for a in (lower, upper, basis, at_upper)]
         proved = map_rows(partial(_certify_infeasible, D), args, _SECOND_PASS_CHUNK)
     status[idx[~proved]] = -1
 

@@ -13,6 +13,12 @@ DEMs at real noise levels) holds the optimal basis of almost every pixel of a ne
 batch of pixels with one matrix product and picks, per pixel, the largest (a lower bound of the
 optimum, reached by the optimal basis); the dual simplex then starts from it (zero pivots when
 it is primal feasible, i.e. already optimal).
+A table also holds Farkas rays learned from the infeasible pixels of the training data: a row
+weighting ``w`` with ``w^T D <= eps |w|^T D`` (``D >= 0``) proves a band infeasible when
+``lower . w+ - upper . (w- + eps |w|) > 0`` (for a feasible ``x >= 0``, ``w^T D x`` would be at
+least the first two terms and at most ``eps |w|^T D x <= eps |w| . upper``). The same product
+per pixel as the dual objective then settles most infeasible pixels without a pivot
+(:func:`prove_infeasible`).
 Exactness does not rest on the table: the dual simplex runs from any dual feasible basis to the
 optimum, and :class:`~deepem_jax.bp.DualSimplex` certifies every end point in float64.
 """
@@ -34,7 +40,7 @@ import numpy as np
 
 from .._batching import map_bounds_blocks
 
-__all__ = ["BasisTable", "choose_start", "default_table", "learn_table"]
+__all__ = ["BasisTable", "choose_start", "default_table", "learn_table", "prove_infeasible"]
 
 _TABLES = Path(__file__).resolve().parent.parent / "tables"
 #: Reduced-cost tolerance of the dual feasibility test of a table's bases (the end point is
@@ -55,6 +61,10 @@ class BasisTable:
     counts : (K,) how many training pixels ended at each basis.
     channels : wavelengths (Angstrom) of the rows, in order.
     n_basis : number of dictionary columns the indices refer to.
+    rays : (R, C) float64 Farkas rays of infeasible training pixels, most frequent first, in
+        row-normalised form: the ray for a dictionary ``D`` is ``rays / max_j |D_ij|`` (so it
+        holds for any row scaling of ``D``, e.g. a degraded response). None for none.
+    ray_counts : (R,) how many training pixels each ray proved infeasible.
     """
 
     basis: np.ndarray
@@ -62,6 +72,8 @@ class BasisTable:
     counts: np.ndarray
     channels: tuple[int, ...]
     n_basis: int
+    rays: np.ndarray | None = None
+    ray_counts: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         K, C = np.shape(self.basis)
@@ -72,6 +84,15 @@ class BasisTable:
         b = np.asarray(self.basis)
         if np.any((b < 0) | (b >= self.n_basis + C)):
             raise ValueError(f"basis indices must be in [0, {self.n_basis + C})")
+        rays = np.zeros((0, C)) if self.rays is None else np.asarray(self.rays, np.float64)
+        counts = np.ones(len(rays), np.int64) if self.ray_counts is None else self.ray_counts
+        counts = np.asarray(counts, np.int64)
+        if rays.ndim != 2 or rays.shape[1] != C or counts.shape != (len(rays),):
+            raise ValueError(f"rays and ray_counts must be (R, {C}) and (R,)")
+        if not np.all(np.isfinite(rays)):
+            raise ValueError("rays must be finite")
+        object.__setattr__(self, "rays", rays)
+        object.__setattr__(self, "ray_counts", counts)
 
     @property
     def size(self) -> int:
@@ -118,22 +139,30 @@ class BasisTable:
         u, inv = np.unique(keys, axis=0, return_inverse=True)
         counts = np.bincount(inv.reshape(-1), weights=weights).astype(np.int64)
         order = np.argsort(-counts, kind="stable")[:max_size]
+        rays, ray_counts = _distinct_rays(
+            np.concatenate([self.rays, other.rays]),
+            np.concatenate([self.ray_counts, other.ray_counts]),
+        )
         return BasisTable(
             u[order, :C].astype(np.int32),
             u[order, C:].astype(np.int8),
             counts[order],
             self.channels,
             self.n_basis,
+            rays,
+            ray_counts,
         )
 
-    def head(self, size: int | None) -> BasisTable:
-        """The ``size`` most frequent bases (all for None)."""
+    def head(self, size: int | None, rays: int | None = None) -> BasisTable:
+        """The ``size`` most frequent bases and ``rays`` most frequent rays (all for None)."""
         return BasisTable(
             self.basis[:size],
             self.slack_stat[:size],
             self.counts[:size],
             self.channels,
             self.n_basis,
+            self.rays[:rays],
+            self.ray_counts[:rays],
         )
 
     def save(self, path: str | Path) -> None:
@@ -143,6 +172,8 @@ class BasisTable:
             basis=self.basis,
             slack_stat=self.slack_stat,
             counts=self.counts,
+            rays=self.rays,
+            ray_counts=self.ray_counts,
             meta=json.dumps({"channels": list(self.channels), "n_basis": self.n_basis}),
         )
 
@@ -152,12 +183,15 @@ class BasisTable:
         try:
             with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
+                with_rays = "rays" in z.files
                 return cls(
                     z["basis"].astype(np.int32),
                     z["slack_stat"].astype(np.int8),
                     z["counts"].astype(np.int64),
                     tuple(int(c) for c in meta["channels"]),
                     int(meta["n_basis"]),
+                    z["rays"].astype(np.float64) if with_rays else None,
+                    z["ray_counts"].astype(np.int64) if with_rays else None,
                 )
         except (OSError, EOFError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as err:
             raise ValueError(f"{path} is not a basis table: {err}") from None
@@ -166,7 +200,9 @@ class BasisTable:
         """The arrays :func:`choose_start` needs for dictionary ``D`` (C, n_basis), in
         ``dtype``, for the :func:`head_size` most frequent bases (``"head"``) and for all
         (``"full"``): the bases that are dual feasible for ``D`` (checked in float64) with
-        their inverses laid out for matrix products. Cached per ``D`` and dtype."""
+        their inverses laid out for matrix products; and the rays of
+        :func:`prove_infeasible` (``"rays"``, None without rays or when ``D`` has a negative
+        entry). Cached per ``D`` and dtype."""
         D = np.asarray(D, np.float64)
         if D.shape != (len(self.channels), self.n_basis):
             raise ValueError(
@@ -184,7 +220,8 @@ class BasisTable:
                 }
 
             head = self.head(head_size(self.counts))
-            cache[key] = {"head": arrays(head), "full": arrays(self)}
+            rays = _ray_layout(self.rays, D, dtype)
+            cache[key] = {"head": arrays(head), "full": arrays(self), "rays": rays}
         return cache[key]
 
 
@@ -229,6 +266,86 @@ def _layout(table: BasisTable, D: np.ndarray) -> dict[str, np.ndarray]:
         basis=basis.astype(np.int32),
         slack_stat=stat.astype(np.int8),
     )
+
+
+def _ray_terms(W: np.ndarray, D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 ``(P, Q)`` (R, C) of rays ``W`` (R, C) for a dictionary ``D >= 0`` (C, n): a band
+    is infeasible when ``lower @ P[r] - upper @ Q[r] > 0`` for some ray r. ``P = w+`` and
+    ``Q = w- + eps |w|`` with ``eps = max_j (w^T D)_j+ / (|w|^T D)_j`` (plus a float64 rounding
+    allowance), the share of ``w^T D`` that is not ``<= 0``."""
+    wd, den = W @ D, np.abs(W) @ D
+    ratio = np.where(den > 0, np.maximum(wd, 0.0) / np.where(den > 0, den, 1.0), 0.0)
+    eps = ratio.max(1, initial=0.0) + 1e-14
+    return np.maximum(W, 0.0), np.maximum(-W, 0.0) + eps[:, None] * np.abs(W)
+
+
+def _row_scale(D: np.ndarray) -> np.ndarray:
+    """Largest magnitude of each row of ``D`` (C,): rays are stored multiplied by it."""
+    return np.abs(D).max(1)
+
+
+def _ray_layout(rays: np.ndarray, D: np.ndarray, dtype) -> dict[str, jax.Array] | None:
+    """Arrays of :func:`prove_infeasible` for row-normalised ``rays`` (R, C) and ``D`` (C, n),
+    or None without rays or when ``D`` has a negative entry (the test needs ``D >= 0``).
+    ``signed`` (2C, R) gives ``[lower, upper] @ signed = lower @ P - upper @ Q``;
+    ``magnitude`` (2C, R) the scale of that sum for the rounding margin."""
+    if len(rays) == 0 or np.any(D < 0):
+        return None
+    scale = _row_scale(D)
+    W = rays / np.where(scale > 0, scale, np.inf)  # a row without response gets no weight
+    P, Q = _ray_terms(W, D)
+    signed, magnitude = np.concatenate([P, -Q], 1).T, np.concatenate([P, Q], 1).T
+    return {"signed": jnp.asarray(signed, dtype), "magnitude": jnp.asarray(magnitude, dtype)}
+
+
+#: Relative margin a ray's proof must clear, by dtype size: far above the rounding of the
+#: (2C)-term sums and of float32 bounds, so a proof in float32 is one in float64.
+_RAY_TOL = {4: 1e-4, 8: 1e-11}
+
+
+def prove_infeasible(rays: dict[str, jax.Array], lower: jax.Array, upper: jax.Array) -> jax.Array:
+    """(N,) bool: a ray of the prepared table (``BasisTable.prepare(...)["rays"]``) proves the
+    band ``lower <= D x <= upper`` (N, C) infeasible with a margin of :data:`_RAY_TOL`
+    (relative) of the sum's scale. False proves nothing."""
+    tol = _RAY_TOL[jnp.dtype(lower.dtype).itemsize]
+    b = jnp.concatenate([lower, upper], -1)
+    g = b @ rays["signed"]
+    return jnp.any(g > tol * (jnp.abs(b) @ rays["magnitude"]), -1)
+
+
+def _distinct_rays(rays: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rays (R, C) made distinct (equal to 1e-6), counts added, most frequent first."""
+    if len(rays) == 0:
+        return rays, counts
+    _, first, inv = np.unique(np.round(rays, 6), axis=0, return_index=True, return_inverse=True)
+    total = np.bincount(inv.reshape(-1), weights=counts).astype(np.int64)
+    order = np.argsort(-total, kind="stable")
+    return rays[first[order]], total[order]
+
+
+def _rays_of_bases(D, lower, upper, basis) -> np.ndarray:
+    """Row-normalised Farkas rays (M, C) float64 of infeasible problems from their final dual
+    simplex bases (N, C): of the rows of ``B^-1`` (``B`` the basic columns of ``[D, -I]``) and
+    their negatives, the one proving its own band infeasible with the largest relative margin,
+    for the problems where one does (with the margin of float64 :func:`prove_infeasible`)."""
+    C = D.shape[0]
+    if len(basis) == 0:
+        return np.zeros((0, C))
+    A = np.concatenate([D, -np.eye(C)], 1)
+    B = A[:, np.asarray(basis, np.int64)].transpose(1, 0, 2)  # (N, C, C)
+    ok = np.linalg.cond(B) < 1e12
+    binv = np.linalg.inv(np.where(ok[:, None, None], B, np.eye(C)))
+    cand = np.concatenate([binv, -binv], 1)  # (N, 2C, C)
+    scale = _row_scale(D)
+    P, Q = _ray_terms(cand.reshape(-1, C), D)
+    P, Q = P.reshape(cand.shape), Q.reshape(cand.shape)
+    lo, hi = lower[:, None, :], upper[:, None, :]
+    g = np.sum(lo * P - hi * Q, -1)
+    margin = g / np.maximum(np.sum(np.abs(lo) * P + np.abs(hi) * Q, -1), 1e-300)
+    k = margin.argmax(1)
+    proven = ok & (margin[np.arange(len(k)), k] > _RAY_TOL[8])
+    W = cand[np.arange(len(k)), k][proven] * scale
+    return W / np.abs(W).max(1, keepdims=True)
 
 
 #: Candidate sizes of a table's head: the most frequent bases, which every pixel is tried
@@ -313,11 +430,14 @@ def learn_table(
     channels: Sequence[int],
     *,
     max_size: int | None = None,
+    max_rays: int | None = 128,
     chunk: int = 65_536,
 ) -> BasisTable:
     """A :class:`BasisTable` of the optimal bases of BP problems: ``lower <= D x <= upper``
     (N, C) bands with dictionary ``D`` (C, n), solved by the float64 dual simplex (the bases of
-    SOLVED problems; an optimal basis is a property of the LP, whichever exact solver finds it).
+    SOLVED problems; an optimal basis is a property of the LP, whichever exact solver finds it),
+    at most ``max_size``; and the Farkas rays that prove the INFEASIBLE problems infeasible
+    (from their final bases), at most ``max_rays``, most frequent first.
     """
     from ._simplex import solve_lp
 
@@ -326,10 +446,14 @@ def learn_table(
     with jax.enable_x64(True):
         for i in range(0, len(lower), chunk):
             res = solve_lp(D, lower[i : i + chunk], upper[i : i + chunk], dtype=np.float64)
-            ok = np.asarray(res.status) == 0
-            b, au = np.asarray(res.basis)[ok], np.asarray(res.at_upper)[ok]
-            tables.append(BasisTable.learn(b, au, channels, D.shape[1]))
+            status, basis = np.asarray(res.status), np.asarray(res.basis)
+            ok, bad = status == 0, np.flatnonzero(status == 1)
+            table = BasisTable.learn(basis[ok], np.asarray(res.at_upper)[ok], channels, D.shape[1])
+            lo, hi = (np.asarray(a, np.float64)[i : i + chunk][bad] for a in (lower, upper))
+            rays = _rays_of_bases(D, lo, hi, basis[bad])
+            rays, counts = _distinct_rays(rays, np.ones(len(rays), np.int64))
+            tables.append(dataclasses.replace(table, rays=rays, ray_counts=counts))
     out = tables[0]
     for t in tables[1:]:
         out = out.merged(t)
-    return out.head(max_size)
+    return out.head(max_size, max_rays)
