@@ -227,12 +227,12 @@ class BasisTable:
 
 def _layout(table: BasisTable, D: np.ndarray) -> dict[str, np.ndarray]:
     """float64 arrays of the bases of ``table`` that are dual feasible for ``D`` (C, n), K of
-    them: ``dual_lo``, ``dual_hi`` (C, K) with ``lower @ dual_lo + upper @ dual_hi`` the dual
-    objective of every basis (a lower bound of the optimum, reached by the optimal basis);
-    ``binv_lo``, ``binv_hi`` (K, C, C) with ``binv_lo[k] @ lower + binv_hi[k] @ upper`` the
-    basic values of basis ``k``; ``rows`` (K, C, C) one-hot of the row of each basic slack;
-    ``absa`` (K, C, C) the magnitudes of the basic columns of ``[D, -I]``; ``structural``
-    (K, C) bool; ``basis``, ``slack_stat`` (K, C). The all-slack basis is added first."""
+    them: ``duals`` (2C, K) with ``[lower, upper] @ duals`` the dual objective of every basis
+    (a lower bound of the optimum, reached by the optimal basis); ``binv_lo``, ``binv_hi``
+    (K, C, C) with ``binv_lo[k] @ lower + binv_hi[k] @ upper`` the basic values of basis
+    ``k``; ``rows`` (K, C, C) one-hot of the row of each basic slack; ``absa`` (K, C, C) the
+    magnitudes of the basic columns of ``[D, -I]``; ``structural`` (K, C) bool; ``basis``,
+    ``slack_stat`` (K, C). The all-slack basis is added first."""
     C, n = D.shape
     # the all-slack basis (every slack at its lower bound; optimal, x = 0, when every lower
     # bound is 0) comes first, so it wins the ties of the dual objective
@@ -256,8 +256,7 @@ def _layout(table: BasisTable, D: np.ndarray) -> dict[str, np.ndarray]:
     keep = ok & dual_ok
     basis, stat, binv, y, B = basis[keep], stat[keep], binv[keep], y[keep], B[keep]
     return dict(
-        dual_lo=(y * (stat == 1)).T,
-        dual_hi=(y * (stat == 2)).T,
+        duals=np.concatenate([y * (stat == 1), y * (stat == 2)], 1).T,
         binv_lo=binv * (stat == 1)[:, None, :],
         binv_hi=binv * (stat == 2)[:, None, :],
         rows=(basis[:, None, :] == n + np.arange(C)[None, :, None]).astype(np.float64),
@@ -393,7 +392,7 @@ _START_TOL = {4: 1e-6, 8: 1e-10}
 
 def _choose(prep, lower, upper):
     K = prep["basis"].shape[0]
-    g = lower @ prep["dual_lo"] + upper @ prep["dual_hi"]  # dual objectives (N, K)
+    g = jnp.concatenate([lower, upper], -1) @ prep["duals"]  # dual objectives (N, K)
     idx = jnp.arange(K, dtype=jnp.int32)
     k = jnp.minimum(jnp.min(jnp.where(g == jnp.max(g, -1, keepdims=True), idx, K), -1), K - 1)
     take = partial(jnp.take, indices=k, axis=0)
