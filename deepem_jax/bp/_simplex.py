@@ -122,8 +122,8 @@ def _first_argmax(v: jax.Array) -> jax.Array:
 
 def _step(D, p, state):
     """One dual-simplex pivot (or the optimality / infeasibility verdict) of one problem.
-    Selections by index are masks (no gathers or scatters, which are slow under ``vmap`` on
-    CPU)."""
+    Single entries are read and written by index (gathers and scatters of one row or entry:
+    under ``vmap`` on CPU cheaper than masks over the row or the columns)."""
     C, n = D.shape
     dt = D.dtype
     tol_p, tol_d, tol_a = _TOLS[jnp.dtype(dt).itemsize]
@@ -134,9 +134,9 @@ def _step(D, p, state):
     z_s = jnp.where(stat_s == 1, lo_s, jnp.where(stat_s == 2, hi_s, 0.0))
     x_b = Binv @ z_s
     # bounds of the basic variables: [0, inf) for columns of D, [lo_k, hi_k] for slack k
-    is_slack = basis[:, None] == jnp.arange(n, n + C, dtype=jnp.int32)[None, :]
-    lo_b = jnp.sum(jnp.where(is_slack, lo_s[None, :], 0.0), 1)
-    hi_b = jnp.where(basis >= n, jnp.sum(jnp.where(is_slack, hi_s[None, :], 0.0), 1), jnp.inf)
+    slack_row = jnp.maximum(basis - n, 0)
+    lo_b = jnp.where(basis >= n, lo_s[slack_row], 0.0)
+    hi_b = jnp.where(basis >= n, hi_s[slack_row], jnp.inf)
     below = lo_b - x_b
     above = x_b - hi_b
     infeas = jnp.maximum(jnp.maximum(below, above), 0.0)
@@ -144,7 +144,7 @@ def _step(D, p, state):
     at_row = jnp.arange(C, dtype=jnp.int32) == row
     optimal = jnp.max(infeas) <= tol_p
     go_low = jnp.any(at_row & (below > 0))
-    rho = jnp.sum(jnp.where(at_row[:, None], Binv, 0.0), 0)
+    rho = Binv[row]
     y = c_b @ Binv
     # one product with the shared D for the duals and the pivot row
     yd, rd = ((jnp.stack([y, rho]) * r) @ D) * S
@@ -160,15 +160,13 @@ def _step(D, p, state):
     q = _first_argmax(jnp.where(ok, abs_a, -1.0))
     infeasible = ~jnp.any(cand)
     at_q = jnp.arange(n + C, dtype=jnp.int32) == q
-    a_q = r * (D @ jnp.where(at_q[:n], S, 0.0)) - at_q[n:].astype(dt)
+    q_col = jnp.minimum(q, n - 1)
+    a_q = jnp.where(q < n, r * D[:, q_col] * S[q_col], 0.0) - at_q[n:].astype(dt)
     col = Binv @ a_q
-    new_row = rho / jnp.sum(jnp.where(at_row, col, 0.0))
+    new_row = rho / col[row]
     new_binv = jnp.where(at_row[:, None], new_row[None, :], Binv - jnp.outer(col, new_row))
-    leaving = jnp.max(jnp.where(at_row, basis, -1))
     leave = jnp.where(go_low, jnp.int8(1), jnp.int8(2))
-    new_stat = jnp.where(
-        at_q, jnp.int8(0), jnp.where(jnp.arange(n + C, dtype=jnp.int32) == leaving, leave, stat)
-    )
+    new_stat = stat.at[basis[row]].set(leave).at[q].set(jnp.int8(0))
     pivot = ~optimal & ~infeasible
     swap = pivot & at_row
     code = jnp.where(optimal, jnp.int32(0), jnp.where(infeasible, jnp.int32(1), jnp.int32(-1)))
@@ -176,7 +174,7 @@ def _step(D, p, state):
         jnp.where(pivot, new_binv, Binv),
         jnp.where(swap, q, basis),
         jnp.where(pivot, new_stat, stat),
-        jnp.where(swap, jnp.sum(jnp.where(at_q, c, 0.0)), c_b),
+        jnp.where(swap, c[q], c_b),
         code,
         it + pivot.astype(jnp.int32),
     )
