@@ -23,9 +23,10 @@ Rows, each the median of ``--repeats`` calls after one call that compiles:
   certified in float64, uncertified pixels re-solved in float64): what ``invert`` runs.
 
 Agreement with HiGHS (verdicts; objectives within 1e-4 relative) is checked for every row on
-the HiGHS pixels, and the fraction of pixels whose table basis is optimal at once (no pivot)
-is reported. The shipped tables were learned from both real dates: for dates a table never
-saw, see ``examples/train_basis_table.py``.
+the HiGHS pixels, and the fractions of pixels whose table basis is optimal at once and of
+pixels a ray of the table proves infeasible (both without a pivot) are reported. The shipped
+tables were learned from both real dates: for dates a table never saw, see
+``examples/train_basis_table.py``.
 """
 
 from __future__ import annotations
@@ -149,7 +150,9 @@ def bench_set(name, channels, y, s, args) -> list[dict]:
             **_agreement(out.status, out.objective, ref),
         }
         if "warm" in method:
-            row["no_pivot"] = float(np.mean((its == 0) & (np.asarray(out.status) == 0)))
+            st = np.asarray(out.status)
+            row["no_pivot"] = float(np.mean((its == 0) & (st == 0)))
+            row["infeasible_no_pivot"] = float(np.mean((its == 0) & (st == 1)))
         rows.append(row)
         print(f"  {method:28s} {row['px_per_s']:>10,.0f} px/s  {row['x_linprog']:6.0f}x linprog")
     return rows
