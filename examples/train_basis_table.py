@@ -34,7 +34,7 @@ import astropy.units as u
 import jax
 import numpy as np
 
-from deepem_jax import bp, invert
+from deepem_jax import DEMStatus, bp, invert
 from deepem_jax.basis import cheung_basis, dictionary
 from deepem_jax.data import REFERENCE_DATES, reference_observations
 from deepem_jax.forward import random_dems
@@ -75,14 +75,15 @@ class Date:
             if list(res.channels) != channels:
                 res = invert(stack, "bp", channels=channels * u.AA, progress=True)
             lower, upper = res.band()
-            ok = (res.status == 0) | (res.status == 1)
+            ok = (res.status == DEMStatus.SOLVED) | (res.status == DEMStatus.INFEASIBLE)
             bands.append((lower[ok], upper[ok]))
-            retried = (res.status == 0) & (res.band_tolfac > float(res.provenance["TOLFAC"]))
+            nominal = float(res.provenance["TOLFAC"])
+            retried = (res.status == DEMStatus.SOLVED) & (res.band_tolfac > nominal)
             with jax.enable_x64(True):
                 lo, hi = bp.bounds(
                     res.corrected_intensities[retried],
                     res.corrected_sigma[retried],
-                    float(res.provenance["TOLFAC"]),
+                    nominal,
                 )
             bands.append((np.asarray(lo), np.asarray(hi)))
         self.bands = (
@@ -129,17 +130,17 @@ def score(table: bp.BasisTable, D, lower, upper) -> dict:
         cold = bp.solve_lp(D, lower, upper, dtype=np.float64)
     ws, cs = np.asarray(warm.status), np.asarray(cold.status)
     wo, co = np.asarray(warm.objective), np.asarray(cold.objective)
-    solved, infeasible = cs == 0, cs == 1
+    solved, infeasible = cs == DEMStatus.SOLVED, cs == DEMStatus.INFEASIBLE
     rel = np.abs(wo - co)[solved] / np.maximum(co[solved], 1e-300)
-    no_pivot = np.asarray(warm.iterations) == 0
+    first_try = solved & (ws == DEMStatus.SOLVED) & (np.asarray(warm.iterations) == 0)
+    by_ray = table.proves_infeasible(D, lower.astype(np.float32), upper.astype(np.float32))
     return {
         "pixels": int(len(lower)),
         "table_size": table.size,
         "rays": len(table.rays),
-        "certified_first_try": float(np.mean(solved & (ws == 0) & no_pivot) / np.mean(solved)),
+        "certified_first_try": float(first_try.sum() / max(solved.sum(), 1)),
         "infeasible": int(infeasible.sum()),
-        "infeasible_proven_by_ray": float(np.mean((ws == 1) & no_pivot & infeasible))
-        / max(float(np.mean(infeasible)), 1e-300),
+        "infeasible_proven_by_ray": float(by_ray[infeasible].sum()) / max(int(infeasible.sum()), 1),
         "mean_pivots_warm": float(np.mean(warm.iterations)),
         "mean_pivots_cold": float(np.mean(cold.iterations)),
         "same_verdicts": float(np.mean(ws == cs)),

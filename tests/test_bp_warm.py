@@ -10,6 +10,7 @@ import pytest
 
 from deepem_jax import bp
 from deepem_jax.basis import cheung_basis, dictionary
+from deepem_jax.bp._warm import prove_infeasible
 from deepem_jax.forward import forward, noisy_observation, random_dems
 from deepem_jax.response import DEEPEM_LOGT, default_response
 from deepem_jax.uncertainty import aia_sigma
@@ -95,30 +96,33 @@ def test_rows_scaled_like_a_degraded_response(response, D, table, x64):
     same = bp.solve_lp(D, lower, upper, dtype=np.float64, warm_start=table)
     np.testing.assert_array_equal(np.asarray(warm.status), np.asarray(same.status))
     np.testing.assert_array_equal(np.asarray(warm.iterations), np.asarray(same.iterations))
-    by_ray = (np.asarray(warm.status) == 1) & (np.asarray(warm.iterations) == 0)
+    by_ray = np.asarray(prove_infeasible(table.prepare(Df, np.float64)["rays"], lo_f, hi_f))
     assert by_ray.sum() > 5  # the rays serve the scaled rows too
+    assert np.all(np.asarray(warm.status)[by_ray] == 1)
 
 
 def test_rays_prove_most_infeasible_pixels_without_a_pivot(response, D, table, x64):
-    """The table's Farkas rays (learned from other pixels) settle infeasible pixels at once;
-    every one they settle is infeasible for HiGHS."""
+    """The table's Farkas rays (learned from other pixels) prove most infeasible pixels, in
+    float64 and float32 alike; each pixel they prove is infeasible for HiGHS and ends
+    INFEASIBLE without a pivot."""
     assert len(table.rays) > 0
     lower, upper = _bands(response, 2000, seed=6, tolfac=1.0)
-    warm = bp.solve_lp(D, lower, upper, dtype=np.float64, warm_start=table)
     ref = bp.highs_lp(D, lower, upper)
-    by_ray = (np.asarray(warm.status) == 1) & (np.asarray(warm.iterations) == 0)
+    by_ray = np.asarray(prove_infeasible(table.prepare(D, np.float64)["rays"], lower, upper))
+    by_ray32 = table.proves_infeasible(D, lower.astype(np.float32), upper.astype(np.float32))
     infeasible = ref.status == 1
-    print(f"{infeasible.sum()} infeasible, {by_ray.sum()} proven by a ray")
-    assert np.all(infeasible[by_ray])
-    assert by_ray.sum() > 0.5 * infeasible.sum()
+    print(f"{infeasible.sum()} infeasible, {by_ray.sum()} / {by_ray32.sum()} proven by a ray")
+    assert np.all(infeasible[by_ray]) and np.all(by_ray[by_ray32])
+    assert by_ray32.sum() > 0.5 * infeasible.sum()
+    warm = bp.solve_lp(D, lower, upper, dtype=np.float64, warm_start=table)
+    assert np.all(np.asarray(warm.status)[by_ray] == 1)
+    assert np.all(np.asarray(warm.iterations)[by_ray] == 0)
     np.testing.assert_array_equal(np.asarray(warm.status) == 0, ref.status == 0)
 
 
 def test_any_ray_is_a_sound_test(response, D, x64):
     """The ray test is a proof whatever the rays: random rays never flag a band that a
     non-negative x meets, and every band they do flag is infeasible for HiGHS."""
-    from deepem_jax.bp._warm import prove_infeasible
-
     rng = np.random.default_rng(7)
     C, n = D.shape
     rays = rng.normal(size=(500, C)) * rng.random((500, C)) ** 4  # some nearly one-row rays
@@ -141,25 +145,49 @@ def test_any_ray_is_a_sound_test(response, D, x64):
 
 
 def test_certified_solve_uses_the_rays(response, D, table):
-    """bp.solve (float32 pivots, float64 certificates): the verdicts proven by rays stand."""
+    """bp.solve (float32 pivots, float64 certificates) gives HiGHS's verdicts with the rays."""
     y, sig = _observations(response, 2000, seed=9)
     once = bp.ToleranceSchedule(retry_factors=(), min_signal=0.0)
-    res = bp.solve(
-        y,
-        sig,
-        response,
-        BASIS,
-        tolfac=1.0,
-        solver=bp.DualSimplex(warm_start=table),
-        schedule=once,
-        coeffs=False,
-    )
+    solver = bp.DualSimplex(warm_start=table)
+    res = bp.solve(y, sig, response, BASIS, tolfac=1.0, solver=solver, schedule=once, coeffs=False)
     with jax.enable_x64(True):
         lower, upper = (np.asarray(a) for a in bp.bounds(y, sig, 1.0))
     ref = bp.highs_lp(D, lower, upper)
     np.testing.assert_array_equal(res.status, ref.status)
-    by_ray = (res.status == 1) & (res.iterations == 0)
-    assert by_ray.sum() > 0.5 * np.sum(ref.status == 1)
+
+
+def test_ray_verdicts_stand_without_a_basis_certificate(response, D, table):
+    """The float64 check of INFEASIBLE verdicts accepts a ray proof on its own: with the
+    all-slack basis (no certificate) a ray-proven pixel stays INFEASIBLE, and without rays it
+    is sent to the float64 re-solve (-1)."""
+    from deepem_jax.bp._solvers import _certify_infeasible_verdicts
+
+    lower, upper = _bands(response, 2000, seed=10, tolfac=1.0)
+    with jax.enable_x64(True):
+        by_ray = np.asarray(prove_infeasible(table.prepare(D, np.float64)["rays"], lower, upper))
+    assert by_ray.sum() > 5
+    C, n = D.shape
+    slack = np.broadcast_to(n + np.arange(C, dtype=np.int32), lower.shape).copy()
+    at_upper = np.zeros(lower.shape, bool)
+    for tab, expected in ((table, 1), (None, -1)):
+        status = np.where(by_ray, 1, 0).astype(np.int32)
+        _certify_infeasible_verdicts(D, lower, upper, status, slack, at_upper, tab)
+        assert np.all(status[by_ray] == expected)
+
+
+def test_bases_that_are_not_dual_feasible_are_dropped(response, D, x64):
+    """A table of arbitrary bases cannot change the answer: only dual feasible ones are kept."""
+    rng = np.random.default_rng(4)
+    C, n = D.shape
+    basis = np.stack([rng.choice(n + C, C, replace=False) for _ in range(200)]).astype(np.int32)
+    basic_slack = np.stack([np.isin(n + np.arange(C), b) for b in basis])
+    stat = np.where(basic_slack, 0, rng.integers(1, 3, size=(200, C))).astype(np.int8)
+    junk = bp.BasisTable(basis, stat, np.ones(200, np.int64), tuple(FIVE), n)
+    kept = junk.prepare(D, np.float64)["full"]["basis"].shape[0]
+    assert kept < 200
+    lower, upper = _bands(response, 300, seed=5)
+    warm = bp.solve_lp(D, lower, upper, dtype=np.float64, warm_start=junk)
+    assert _same_as_highs(D, lower, upper, warm).max() < 1e-9
 
 
 def test_table_round_trip_and_bad_files(table, D, tmp_path):

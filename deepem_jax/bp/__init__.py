@@ -22,8 +22,9 @@ feasible, no phase 1 is needed, and a leaving row that no column can repair prov
 infeasible. The answers are vertices of the LP, not approximations: with ``DualSimplex(
 precision="float64")`` they are HiGHS's; with the default ``precision="float32"`` the pivots run
 in float32 and every final basis is re-evaluated in float64 and certified, either optimal
-(primal and dual feasible) or infeasible, and the pixels without such a certificate are
-re-solved in float64. Measured speed and agreement with HiGHS are in the README.
+(primal and dual feasible) or infeasible (by the basis, or by a Farkas ray of the warm-start
+table, re-checked in float64), and the pixels without such a certificate are re-solved in
+float64. Measured speed and agreement with HiGHS are in the README.
 
 Gradients
 ---------

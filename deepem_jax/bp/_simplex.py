@@ -285,16 +285,14 @@ def certify_optimal(
     """Vertex (n,) of a final basis of one problem and whether it is optimal (primal and dual
     feasible within 1e-7 in scaled units), in the dtype of the inputs: run in float64 to
     certify a float32 solve. D (C, n); lower, upper (C,); basis (C,) int; at_upper (C,).
-    Values are placed by basis index with scatters of C entries (under ``vmap`` on CPU these
-    are cheaper than (n, C) masks)."""
+    Values are read and placed by basis index (gathers and scatters of C entries: under
+    ``vmap`` on CPU cheaper than (n, C) masks)."""
     C, n = D.shape
     z_b, B, r, S, c_x = _vertex(D, lower, upper, basis, at_upper)
     structural = basis < n
-    is_slack = basis[:, None] == n + jnp.arange(C, dtype=basis.dtype)[None, :]  # (pos, row)
-    lo_b = jnp.where(structural, 0.0, jnp.sum(jnp.where(is_slack, (r * lower)[None, :], 0.0), 1))
-    hi_b = jnp.where(
-        structural, jnp.inf, jnp.sum(jnp.where(is_slack, (r * upper)[None, :], 0.0), 1)
-    )
+    row = jnp.maximum(basis - n, 0)  # the row of each basic slack
+    lo_b = jnp.where(structural, 0.0, (r * lower)[row])
+    hi_b = jnp.where(structural, jnp.inf, (r * upper)[row])
     primal = jnp.all((z_b >= lo_b - _CERT_TOL) & (z_b <= hi_b + _CERT_TOL))
     y = small_solve(B.T, jnp.where(structural, c_x[jnp.minimum(basis, n - 1)], 0.0))
     d_x = c_x - ((y * r) @ D) * S  # reduced costs of the columns; y_i is that of slack i
@@ -449,7 +447,11 @@ def solve_lp(
         float64 requires x64 (``with jax.enable_x64(True):``); it is never turned on here.
     warm_start : a :class:`~deepem_jax.bp.BasisTable` for ``D``: each problem starts from the
         table's basis that fits its bounds best instead of the all-slack basis (zero pivots when
-        that basis is optimal). The answers are the same; only the pivot count changes.
+        that basis is optimal), and its Farkas rays settle the infeasible problems they
+        prove (INFEASIBLE with no pivot; ``basis`` is then the start, not a certificate). The
+        answers are those of the cold start up to the simplex's tolerances: a band infeasible
+        by less than its feasibility tolerance may be SOLVED from one start and proven
+        INFEASIBLE by a ray from the other.
 
     Returns
     -------

@@ -58,14 +58,14 @@ def _finite(name: str, value: object, *, positive: bool = False) -> float:
 @dataclasses.dataclass(frozen=True)
 class DualSimplex:
     """The batched bounded dual simplex in JAX (:func:`deepem_jax.bp.solve_lp`): exact, with
-    infeasibility proven by the final basis.
+    infeasibility proven by the final basis or by a Farkas ray of the warm-start table.
 
     Attributes
     ----------
     precision : ``"float32"`` (float32 pivots; every final basis is re-evaluated in float64 and
-        certified optimal or infeasible, and the pixels without a certificate, or at the pivot
-        cap, are re-solved in float64) or ``"float64"`` (float64 pivots). The arrays of
-        :class:`BPResult` have this dtype.
+        certified optimal or infeasible, every ray verdict re-checked in float64, and the pixels
+        without a certificate, or at the pivot cap, are re-solved in float64) or
+        ``"float64"`` (float64 pivots). The arrays of :class:`BPResult` have this dtype.
     max_pivots : pivot cap per pixel; MAX_ITER beyond it.
     chunk_size : largest number of pixels per jitted call. Each call, the last one of a large
         input included, is padded to a power of two, at least ``PIVOT_BLOCK`` (4096) and at
@@ -76,7 +76,9 @@ class DualSimplex:
         (:func:`default_table`) when there is one for that dictionary, else from the all-slack
         basis; ``"table"``: the shipped table, a ValueError if there is none; a
         :class:`BasisTable`: that table; None: the all-slack basis. Only the number of pivots
-        changes: the answers are certified in float64 either way.
+        changes (and a band infeasible by less than the simplex's tolerance may be proven
+        INFEASIBLE by a ray where the cold start calls it SOLVED): the answers are certified
+        in float64 either way.
     """
 
     precision: str = "float32"

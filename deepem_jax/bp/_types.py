@@ -29,7 +29,8 @@ class LPResult:
     status : (...) int32 :class:`BPStatus` code (SOLVED, INFEASIBLE, MAX_ITER or INVALID_INPUT).
     iterations : (...) int32 dual-simplex pivots taken.
     basis : (..., C) int32 final basis; index ``j < n`` is column ``j`` of ``D``, ``n + i`` the
-        slack ``s_i = (D x)_i`` of row ``i``.
+        slack ``s_i = (D x)_i`` of row ``i``. For a problem a warm-start table's Farkas ray
+        proved infeasible, the starting basis (the ray, not the basis, is the proof).
     at_upper : (..., C) bool, for each non-basic slack ``s_i``: True if at ``upper_i``, False if
         at ``lower_i`` (meaningless for basic slacks).
     """

@@ -64,7 +64,8 @@ class BasisTable:
     rays : (R, C) float64 Farkas rays of infeasible training pixels, most frequent first, in
         row-normalised form: the ray for a dictionary ``D`` is ``rays / max_j |D_ij|`` (so it
         holds for any row scaling of ``D``, e.g. a degraded response). None for none.
-    ray_counts : (R,) how many training pixels each ray proved infeasible.
+    ray_counts : (R,) for how many infeasible training pixels each ray was the proof taken
+        from the pixel's own final basis (other rays may prove those pixels too).
     """
 
     basis: np.ndarray
@@ -128,7 +129,8 @@ class BasisTable:
         )
 
     def merged(self, other: BasisTable, max_size: int | None = None) -> BasisTable:
-        """The union of two tables of the same channels, counts added, at most ``max_size``."""
+        """The union of two tables of the same channels, counts added, at most ``max_size``
+        bases; their rays merged the same way (equal to 1e-6), all kept."""
         if (self.channels, self.n_basis) != (other.channels, other.n_basis):
             raise ValueError("tables of different channels or dictionary widths")
         C = len(self.channels)
@@ -153,16 +155,17 @@ class BasisTable:
             ray_counts,
         )
 
-    def head(self, size: int | None, rays: int | None = None) -> BasisTable:
-        """The ``size`` most frequent bases and ``rays`` most frequent rays (all for None)."""
+    def head(self, size: int | None, max_rays: int | None = None) -> BasisTable:
+        """The ``size`` most frequent bases and ``max_rays`` most frequent rays (all for
+        None)."""
         return BasisTable(
             self.basis[:size],
             self.slack_stat[:size],
             self.counts[:size],
             self.channels,
             self.n_basis,
-            self.rays[:rays],
-            self.ray_counts[:rays],
+            self.rays[:max_rays],
+            self.ray_counts[:max_rays],
         )
 
     def save(self, path: str | Path) -> None:
@@ -196,6 +199,17 @@ class BasisTable:
         except (OSError, EOFError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as err:
             raise ValueError(f"{path} is not a basis table: {err}") from None
 
+    def proves_infeasible(self, D: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+        """(N,) bool: a ray of this table proves the band ``lower <= D x <= upper`` (N, C)
+        infeasible (:func:`prove_infeasible`, in the dtype of ``lower``: float64 needs x64);
+        all False without rays or for a ``D`` with a negative entry."""
+        dtype = jax.dtypes.canonicalize_dtype(np.result_type(lower, np.float32))
+        rays = self.prepare(D, dtype)["rays"]
+        if rays is None:
+            return np.zeros(np.shape(lower)[0], bool)
+        lo, hi = jnp.asarray(lower, dtype), jnp.asarray(upper, dtype)
+        return np.asarray(prove_infeasible(rays, lo, hi))
+
     def prepare(self, D: np.ndarray, dtype) -> dict[str, dict[str, jax.Array]]:
         """The arrays :func:`choose_start` needs for dictionary ``D`` (C, n_basis), in
         ``dtype``, for the :func:`head_size` most frequent bases (``"head"``) and for all
@@ -209,7 +223,8 @@ class BasisTable:
                 f"the basis table is for a ({len(self.channels)}, {self.n_basis}) dictionary, "
                 f"got {D.shape}"
             )
-        key = (hashlib.sha256(D.tobytes()).hexdigest(), np.dtype(dtype).name)
+        dtype = jax.dtypes.canonicalize_dtype(dtype)  # float32 for float64 without x64
+        key = (hashlib.sha256(D.tobytes()).hexdigest(), dtype.name)
         cache = self.__dict__.setdefault("_prepared", {})  # frozen fields, mutable cache
         if key not in cache:
 
@@ -332,7 +347,8 @@ def _rays_of_bases(D, lower, upper, basis) -> np.ndarray:
         return np.zeros((0, C))
     A = np.concatenate([D, -np.eye(C)], 1)
     B = A[:, np.asarray(basis, np.int64)].transpose(1, 0, 2)  # (N, C, C)
-    ok = np.linalg.cond(B) < 1e12
+    # columns scaled to unit max so the conditioning test does not see the units of D
+    ok = np.linalg.cond(B / np.maximum(np.abs(B).max(1, keepdims=True), 1e-300)) < 1e12
     binv = np.linalg.inv(np.where(ok[:, None, None], B, np.eye(C)))
     cand = np.concatenate([binv, -binv], 1)  # (N, 2C, C)
     scale = _row_scale(D)
@@ -441,6 +457,7 @@ def learn_table(
     from ._simplex import solve_lp
 
     D = np.asarray(D, np.float64)
+    lower, upper = np.asarray(lower, np.float64), np.asarray(upper, np.float64)
     tables = []
     with jax.enable_x64(True):
         for i in range(0, len(lower), chunk):
@@ -448,7 +465,7 @@ def learn_table(
             status, basis = np.asarray(res.status), np.asarray(res.basis)
             ok, bad = status == 0, np.flatnonzero(status == 1)
             table = BasisTable.learn(basis[ok], np.asarray(res.at_upper)[ok], channels, D.shape[1])
-            lo, hi = (np.asarray(a, np.float64)[i : i + chunk][bad] for a in (lower, upper))
+            lo, hi = lower[i : i + chunk][bad], upper[i : i + chunk][bad]
             rays = _rays_of_bases(D, lo, hi, basis[bad])
             rays, counts = _distinct_rays(rays, np.ones(len(rays), np.int64))
             tables.append(dataclasses.replace(table, rays=rays, ray_counts=counts))
