@@ -23,7 +23,7 @@ from ._simplex import (
     solve_lp,
 )
 from ._types import BPStatus, LPResult
-from ._warm import BasisTable, default_table, prove_infeasible
+from ._warm import BasisTable, default_table
 
 __all__ = ["DualSimplex", "HiGHS", "ToleranceSchedule"]
 
@@ -33,7 +33,6 @@ __all__ = ["DualSimplex", "HiGHS", "ToleranceSchedule"]
 _SECOND_PASS_CHUNK = 1024
 
 _certify_infeasible = jax.jit(jax.vmap(certify_infeasible, (None, 0, 0, 0, 0)))
-_prove_infeasible = jax.jit(prove_infeasible)
 
 #: (x (N, n) float64, status (N,) int32 BPStatus codes, pivots or simplex iterations (N,) int32)
 LPArrays = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -179,11 +178,8 @@ def _certify_infeasible_verdicts(D, lower, upper, status, basis, at_upper, table
     if idx.size == 0:
         return
     with jax.enable_x64(True):
-        rays = None if table is None else table.prepare(D, np.float64)["rays"]
-        if rays is not None:
-            args = [lower[idx], upper[idx]]
-            by_ray = map_rows(partial(_prove_infeasible, rays), args, _SECOND_PASS_CHUNK)
-            idx = idx[~by_ray]
+        if table is not None:
+            idx = idx[~table.proves_infeasible(D, lower[idx], upper[idx])]
         if idx.size == 0:
             return
         args = [a[idx] for a in (lower, upper, basis, at_upper)]

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._batching import map_bounds_blocks
+from .._batching import map_bounds_blocks, map_rows
 
 __all__ = ["BasisTable", "choose_start", "default_table", "learn_table", "prove_infeasible"]
 
@@ -201,14 +201,21 @@ class BasisTable:
 
     def proves_infeasible(self, D: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
         """(N,) bool: a ray of this table proves the band ``lower <= D x <= upper`` (N, C)
-        infeasible (:func:`prove_infeasible`, in the dtype of ``lower``: float64 needs x64);
-        all False without rays or for a ``D`` with a negative entry."""
+        infeasible (:func:`prove_infeasible`, in the dtype of ``lower``: float64 needs x64;
+        :data:`RAY_CHUNK` pixels per jitted call); all False without rays or for a ``D`` with
+        a negative entry."""
+        D = np.asarray(D, np.float64)
+        if D.shape != (len(self.channels), self.n_basis):
+            raise ValueError(
+                f"the basis table is for a ({len(self.channels)}, {self.n_basis}) "
+                f"dictionary, got {D.shape}"
+            )
         dtype = jax.dtypes.canonicalize_dtype(np.result_type(lower, np.float32))
-        rays = self.prepare(D, dtype)["rays"]
+        rays = _ray_layout(self.rays, D, dtype)
         if rays is None:
             return np.zeros(np.shape(lower)[0], bool)
-        lo, hi = jnp.asarray(lower, dtype), jnp.asarray(upper, dtype)
-        return np.asarray(prove_infeasible(rays, lo, hi))
+        args = [np.asarray(a, dtype) for a in (lower, upper)]
+        return map_rows(partial(_prove_jit, rays), args, RAY_CHUNK)
 
     def prepare(self, D: np.ndarray, dtype) -> dict[str, dict[str, jax.Array]]:
         """The arrays :func:`choose_start` needs for dictionary ``D`` (C, n_basis), in
@@ -325,6 +332,11 @@ def prove_infeasible(rays: dict[str, jax.Array], lower: jax.Array, upper: jax.Ar
     b = jnp.concatenate([lower, upper], -1)
     g = b @ rays["signed"]
     return jnp.any(g > tol * (jnp.abs(b) @ rays["magnitude"]), -1)
+
+
+_prove_jit = jax.jit(prove_infeasible)
+#: Pixels per jitted call of :meth:`BasisTable.proves_infeasible` (one compiled shape).
+RAY_CHUNK = 1024
 
 
 def _distinct_rays(rays: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
