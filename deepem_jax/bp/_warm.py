@@ -420,9 +420,11 @@ _START_TOL = {4: 1e-6, 8: 1e-10}
 
 def _choose(prep, lower, upper):
     K = prep["basis"].shape[0]
-    g = jnp.concatenate([lower, upper], -1) @ prep["duals"]  # dual objectives (N, K)
-    idx = jnp.arange(K, dtype=jnp.int32)
-    k = jnp.minimum(jnp.min(jnp.where(g == jnp.max(g, -1, keepdims=True), idx, K), -1), K - 1)
+    # dual objectives (K, N): bases down, pixels across, so the first-maximum search reduces
+    # over the leading axis (with jax 0.10.2 on CPU about twice as fast as along rows)
+    g = prep["duals"].T @ jnp.concatenate([lower, upper], -1).T
+    idx = jnp.arange(K, dtype=jnp.int32)[:, None]
+    k = jnp.minimum(jnp.min(jnp.where(g == jnp.max(g, 0, keepdims=True), idx, K), 0), K - 1)
     take = partial(jnp.take, indices=k, axis=0)
     z = jnp.einsum("npc,nc->np", take(prep["binv_lo"]), lower) + jnp.einsum(
         "npc,nc->np", take(prep["binv_hi"]), upper
