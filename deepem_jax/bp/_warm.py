@@ -204,14 +204,11 @@ class BasisTable:
         infeasible (:func:`prove_infeasible`, in the dtype of ``lower``: float64 needs x64;
         :data:`RAY_CHUNK` pixels per jitted call); all False without rays or for a ``D`` with
         a negative entry."""
-        D = np.asarray(D, np.float64)
-        if D.shape != (len(self.channels), self.n_basis):
-            raise ValueError(
-                f"the basis table is for a ({len(self.channels)}, {self.n_basis}) "
-                f"dictionary, got {D.shape}"
-            )
+        D = self._dictionary(D)
         dtype = jax.dtypes.canonicalize_dtype(np.result_type(lower, np.float32))
-        rays = _ray_layout(self.rays, D, dtype)
+        rays = self._cached(
+            ("rays", _digest(D), dtype.name), lambda: _ray_layout(self.rays, D, dtype)
+        )
         if rays is None:
             return np.zeros(np.shape(lower)[0], bool)
         args = [np.asarray(a, dtype) for a in (lower, upper)]
@@ -224,27 +221,49 @@ class BasisTable:
         their inverses laid out for matrix products; and the rays of
         :func:`prove_infeasible` (``"rays"``, None without rays or when ``D`` has a negative
         entry). Cached per ``D`` and dtype."""
+        D = self._dictionary(D)
+        dtype = jax.dtypes.canonicalize_dtype(dtype)  # float32 for float64 without x64
+        digest = _digest(D)
+
+        def arrays(table):
+            return {
+                k: jnp.asarray(v, dtype if v.dtype.kind == "f" else v.dtype)
+                for k, v in _layout(table, D).items()
+            }
+
+        def build():
+            rays = self._cached(
+                ("rays", digest, dtype.name), lambda: _ray_layout(self.rays, D, dtype)
+            )
+            return {
+                "head": arrays(self.head(head_size(self.counts))),
+                "full": arrays(self),
+                "rays": rays,
+            }
+
+        return self._cached(("bases", digest, dtype.name), build)
+
+    def _dictionary(self, D: np.ndarray) -> np.ndarray:
+        """``D`` as float64, or a ValueError when it is not (C, n_basis) for this table."""
         D = np.asarray(D, np.float64)
         if D.shape != (len(self.channels), self.n_basis):
             raise ValueError(
                 f"the basis table is for a ({len(self.channels)}, {self.n_basis}) dictionary, "
                 f"got {D.shape}"
             )
-        dtype = jax.dtypes.canonicalize_dtype(dtype)  # float32 for float64 without x64
-        key = (hashlib.sha256(D.tobytes()).hexdigest(), dtype.name)
+        return D
+
+    def _cached(self, key: tuple, build):
+        """``build()``, computed once per table and ``key``."""
         cache = self.__dict__.setdefault("_prepared", {})  # frozen fields, mutable cache
         if key not in cache:
-
-            def arrays(table):
-                return {
-                    k: jnp.asarray(v, dtype if v.dtype.kind == "f" else v.dtype)
-                    for k, v in _layout(table, D).items()
-                }
-
-            head = self.head(head_size(self.counts))
-            rays = _ray_layout(self.rays, D, dtype)
-            cache[key] = {"head": arrays(head), "full": arrays(self), "rays": rays}
+            cache[key] = build()
         return cache[key]
+
+
+def _digest(D: np.ndarray) -> str:
+    """Cache key of a float64 dictionary."""
+    return hashlib.sha256(D.tobytes()).hexdigest()
 
 
 def _layout(table: BasisTable, D: np.ndarray) -> dict[str, np.ndarray]:
