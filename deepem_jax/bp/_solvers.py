@@ -28,9 +28,11 @@ from ._warm import BasisTable, default_table
 __all__ = ["DualSimplex", "HiGHS", "ToleranceSchedule"]
 
 # Pixels per float64 call of the second pass (infeasibility certificates, re-solves of the
-# uncertified pixels): one compiled shape each, small because these are a few pixels in most
-# images. (With jax 0.10.2 on CPU the vmapped certificate hung at 10^4 pixels per call.)
+# uncertified pixels): small because these are a few pixels in most images. (With jax 0.10.2
+# on CPU the vmapped certificate hung at 10^4 pixels per call.) The last call of the
+# certificates is padded to a power of two of at least _SECOND_PASS_MIN pixels only.
 _SECOND_PASS_CHUNK = 1024
+_SECOND_PASS_MIN = 64
 
 _certify_infeasible = jax.jit(jax.vmap(certify_infeasible, (None, 0, 0, 0, 0)))
 
@@ -183,7 +185,9 @@ def _certify_infeasible_verdicts(D, lower, upper, status, basis, at_upper, table
         if idx.size == 0:
             return
         args = [a[idx] for a in (lower, upper, basis, at_upper)]
-        proved = map_rows(partial(_certify_infeasible, D), args, _SECOND_PASS_CHUNK)
+        proved = map_rows(
+            partial(_certify_infeasible, D), args, _SECOND_PASS_CHUNK, tail_min=_SECOND_PASS_MIN
+        )
     status[idx[~proved]] = -1
 
 
