@@ -157,14 +157,23 @@ def map_bounds_blocks(fn: Callable[..., Any], lower: jax.Array, upper: jax.Array
     ``size`` rows run one after another (``lax.map``: the blocks' temporaries stay in the CPU
     caches); the last block is padded with bounds [0, 1] (a problem solved at once). ``fn``
     returns a pytree of arrays with the block's rows first; the N real rows are returned."""
-    N, C = lower.shape
+    return map_blocks(fn, (lower, upper), (0.0, 1.0), size)
+
+
+def map_blocks(fn: Callable[..., Any], arrays: Sequence[jax.Array], fills, size: int):
+    """``fn(*arrays)`` inside a jitted function over consecutive blocks of ``size`` rows of the
+    arrays (all with N rows first), run one after another (``lax.map``); the last block is
+    padded with ``fills`` (one per array). ``fn`` returns a pytree of arrays with the block's
+    rows first; the N real rows are returned."""
+    N = arrays[0].shape[0]
     if N <= size:
-        return fn(lower, upper)
+        return fn(*arrays)
     k = -(-N // size)
     pad = k * size - N
 
     def blocks(a, fill):
-        return jnp.pad(a, ((0, pad), (0, 0)), constant_values=fill).reshape(k, size, C)
+        widths = ((0, pad),) + ((0, 0),) * (a.ndim - 1)
+        return jnp.pad(a, widths, constant_values=fill).reshape(k, size, *a.shape[1:])
 
-    out = jax.lax.map(lambda b: fn(*b), (blocks(lower, 0.0), blocks(upper, 1.0)))
+    out = jax.lax.map(lambda b: fn(*b), tuple(map(blocks, arrays, fills)))
     return jax.tree.map(lambda a: a.reshape(k * size, *a.shape[2:])[:N], out)

@@ -25,11 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._batching import map_bounds_blocks
+from .._batching import map_blocks, map_bounds_blocks
 from .._cache import enable_compilation_cache
 from .._linalg import small_solve
 from ._types import BPStatus, LPResult
-from ._warm import BasisTable, choose_start, prove_infeasible
+from ._warm import SUB_BLOCK, BasisTable, choose_start, prove_infeasible
 
 __all__ = [
     "basic_solution",
@@ -230,7 +230,10 @@ def _pivots_warm(D, lower, upper, max_pivots, gather, table):
     basis, slack_stat, done = choose_start(table["head"], lower, upper)
     code = jnp.where(done, 0, -1)
     if table["rays"] is not None:
-        code = jnp.where(~done & prove_infeasible(table["rays"], lower, upper), 1, code)
+        proven = map_bounds_blocks(
+            partial(prove_infeasible, table["rays"]), lower, upper, SUB_BLOCK
+        )
+        code = jnp.where(~done & proven, 1, code)
     state = (basis, slack_stat, code.astype(jnp.int32), jnp.zeros(N, jnp.int32))
     run = jax.vmap(_run, (None, 0, 0, None))
 
@@ -329,19 +332,22 @@ def certify_infeasible(
 #: Problems per block of the pivot loop inside :func:`solve_lp`: larger batches are split into
 #: blocks run one after another (``lax.map``), which keeps the loop's arrays in the CPU caches.
 PIVOT_BLOCK = 4096
+#: A warm-started batch of N problems is not split into blocks: the problems whose start is
+#: not optimal are gathered ``N // WARM_GATHER`` at a time from the whole batch.
+WARM_GATHER = 64
 
 
 def _pivots_blocked(D, lower, upper, max_pivots, first_pivots, gather, table=None):
     """:func:`_pivots_batch` over blocks of at most :data:`PIVOT_BLOCK` problems; the padding
     problems (bounds [0, 1]) are optimal at the start. With ``table`` (prepared
-    :class:`~deepem_jax.bp.BasisTable` arrays) each block starts from the bases
-    :func:`~deepem_jax.bp._warm.choose_start` picks."""
+    :class:`~deepem_jax.bp.BasisTable` arrays), :func:`_pivots_warm` on the whole batch."""
+    if table is not None:
+        g = min(max(len(lower) // WARM_GATHER, 1), len(lower))
+        return _pivots_warm(D, lower, upper, max_pivots, g, table)
 
     def batch(lo, hi):
         g = min(gather(len(lo)), len(lo))
-        if table is None:
-            return _pivots_batch(D, lo, hi, max_pivots, first_pivots, g)
-        return _pivots_warm(D, lo, hi, max_pivots, g, table)
+        return _pivots_batch(D, lo, hi, max_pivots, first_pivots, g)
 
     return map_bounds_blocks(batch, lower, upper, PIVOT_BLOCK)
 
@@ -411,15 +417,21 @@ def solve_certified(D, lower, upper, max_pivots, first_pivots, table=None):
     f32 = jnp.float32
     D32 = D.astype(f32)
 
-    def one(lo, hi):
-        basis, at_upper, code, it = _solve_bases(
-            D32, lo.astype(f32), hi.astype(f32), max_pivots, first_pivots, table
-        )
+    def bases(lo, hi):
+        return _solve_bases(D32, lo.astype(f32), hi.astype(f32), max_pivots, first_pivots, table)
+
+    def certified(lo, hi, basis, at_upper, code, it):
         x, optimal = jax.vmap(certify_optimal, (None, 0, 0, 0, 0))(D, lo, hi, basis, at_upper)
         code = jnp.where(code == 0, jnp.where(optimal, 0, -1), code)
         return jnp.where((code == 0)[:, None], x, 0.0), code, it, basis, at_upper
 
-    return map_bounds_blocks(one, lower, upper, PIVOT_BLOCK)
+    if table is None:  # pivots and certificates block by block
+        return map_bounds_blocks(
+            lambda lo, hi: certified(lo, hi, *bases(lo, hi)), lower, upper, PIVOT_BLOCK
+        )
+    # a warm start gathers the problems it has to pivot from the whole batch
+    arrays = (lower, upper, *bases(lower, upper))
+    return map_blocks(certified, arrays, (0.0, 1.0, 0, False, 0, 0), PIVOT_BLOCK)
 
 
 def _is_x64() -> bool:
