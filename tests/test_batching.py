@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepem_jax._batching import bucket, map_rows, pad_rows
+from deepem_jax._batching import bucket, map_blocks, map_rows, pad_rows
 
 
 @pytest.mark.parametrize(
@@ -127,3 +127,19 @@ def test_map_rows_rejects_bad_arguments():
         map_rows(lambda x: x[:1], [a], 4)
     with pytest.raises(ValueError, match="size"):
         map_rows(_fn, [a, a], 0)
+
+
+@pytest.mark.parametrize("n", [5, 8, 13])
+def test_map_blocks_matches_numpy_and_sees_fills_only_in_padding(n):
+    rng = np.random.default_rng(n)
+    a, b = rng.standard_normal((n, 3)), rng.integers(0, 9, (n, 2, 2))
+    seen = []
+
+    def fn(x, y):
+        seen.append(x.shape)
+        return {"s": x.sum(-1) + y.sum((-1, -2)).astype(x.dtype), "pad": jnp.all(y == -1, (-1, -2))}
+
+    out = jax.jit(lambda x, y: map_blocks(fn, (x, y), (0.0, -1), 4))(a, b)
+    np.testing.assert_allclose(out["s"], a.sum(-1) + b.sum((-1, -2)))
+    assert out["s"].shape == (n,) and not np.any(out["pad"])  # padded rows dropped
+    assert seen == [(4, 3)]  # traced once, on blocks of 4 rows
