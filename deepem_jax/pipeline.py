@@ -419,7 +419,9 @@ def _result(obs, em, status, used, logt, resp, factors, method, tolfac, cards, t
         synthetic=synth,
         intensities=_float32(obs.y),
         sigma=_float32(obs.sigma),
-        tolfac=np.where(np.isin(status, _JUDGED), np.asarray(used, np.float32), np.float32(np.nan)),
+        tolfac=np.where(
+            DEMStatus.isin(status, _JUDGED), np.asarray(used, np.float32), np.float32(np.nan)
+        ),
         channels=obs.channels,
         method=method,
         response=resp,

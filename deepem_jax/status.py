@@ -41,7 +41,19 @@ class DEMStatus(enum.IntEnum):
     @classmethod
     def with_em(cls, status: np.ndarray) -> np.ndarray:
         """(...) bool: pixels whose status carries an EM."""
-        return np.isin(np.asarray(status), [int(c) for c in _WITH_EM])
+        return cls.isin(status, _WITH_EM)
+
+    @classmethod
+    def isin(cls, status: np.ndarray, codes) -> np.ndarray:
+        """(...) bool: pixels whose status is one of ``codes``. An int8 status array is
+        looked up in a 256-entry table (``np.isin`` would make int64 temporaries of a
+        full-disk status map)."""
+        status = np.asarray(status)
+        if status.dtype != np.int8:
+            return np.isin(status, [int(c) for c in codes])
+        table = np.zeros(256, bool)  # indexed by the int8 code's byte
+        table[[int(c) % 256 for c in codes if -128 <= int(c) <= 127]] = True
+        return table[status.view(np.uint8)]
 
     @classmethod
     def counts(cls, status: np.ndarray) -> dict[str, int]:

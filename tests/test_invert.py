@@ -281,3 +281,13 @@ def test_degraded_response_is_not_corrected_twice(five_channel_pixels):
         invert(
             y[:4], "bp", sigma=sig[:4], channels=FIVE, obstime=T_OBS, response=resp.degrade(T_OBS)
         )
+
+
+def test_status_isin_equals_numpy_isin():
+    rng = np.random.default_rng(0)
+    status = rng.integers(-128, 128, (50, 40)).astype(np.int8)
+    for codes in ([0, 5, 8], [-1, 127, -128], [300, 3], []):
+        np.testing.assert_array_equal(DEMStatus.isin(status, codes), np.isin(status, codes))
+        np.testing.assert_array_equal(
+            DEMStatus.isin(status.astype(np.int32), codes), np.isin(status, codes)
+        )
