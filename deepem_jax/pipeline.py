@@ -417,8 +417,8 @@ def _result(obs, em, status, used, logt, resp, factors, method, tolfac, cards, t
         status=status,
         chi2=chi,
         synthetic=synth,
-        intensities=_float32(obs.y),
-        sigma=_float32(obs.sigma),
+        intensities=_kept(obs.y),
+        sigma=_kept(obs.sigma),
         tolfac=np.where(
             DEMStatus.isin(status, _JUDGED), np.asarray(used, np.float32), np.float32(np.nan)
         ),
@@ -433,10 +433,10 @@ def _result(obs, em, status, used, logt, resp, factors, method, tolfac, cards, t
     )
 
 
-def _float32(a: np.ndarray) -> np.ndarray:
-    """``a`` as float32: ``a`` itself when it is a writeable C-contiguous float32 array (a
-    full-disk input is not held twice), otherwise a copy."""
-    if a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable:
+def _kept(a: np.ndarray) -> np.ndarray:
+    """``a`` itself when it is a writeable C-contiguous float32 or float64 array (a full-disk
+    input is not held twice), otherwise a float32 copy."""
+    if a.dtype in (np.float32, np.float64) and a.flags.c_contiguous and a.flags.writeable:
         return a
     return a.astype(np.float32)
 

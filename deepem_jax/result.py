@@ -36,10 +36,11 @@ class DEMResult:
     synthetic : (..., C) float32
         Intensities the EM predicts through the response degraded to the observation time,
         DN s^-1 pix^-1 (comparable with :attr:`intensities`); NaN without an EM.
-    intensities, sigma : (..., C) float32
+    intensities, sigma : (..., C) float32 or float64
         The observed intensities and their 1-sigma errors, DN s^-1 pix^-1 (not corrected
         for degradation). Intensities or errors given to :func:`~deepem_jax.invert` as a
-        (writeable, C-contiguous) float32 array are that array itself, not a copy.
+        (writeable, C-contiguous) float32 or float64 array are that array itself, not a copy
+        (a full-disk input is not held twice); others are float32 copies.
     tolfac : (...) float32
         Tolerance factor of the band each pixel was judged against (BP: ``tolfac`` times the
         retry factor that succeeded, or the last one tried; NaN where the pixel was not
