@@ -14,7 +14,9 @@ five-channel one on both dates. Per network, date and variant (the network alone
 ``consistency="exact"``: projected, and BP for the pixels the projection leaves outside),
 over the pixels BP solved: fraction in BP's band, MSE of sqrt(EM/1e25) against BP, median
 relative error of the total EM, median |delta <log T>|, median chi^2 of the network and of BP
-(:func:`deepem_jax.metrics.compare_results`). ``--weights6`` / ``--weights5`` score other
+(:func:`deepem_jax.metrics.compare_results`). Two reference rows per date score BP itself at
+tolfac 1.4 x 1.01 and x 1.1 against BP at 1.4: the scale of each metric when BP's own band
+widens by 1 % or 10 %. ``--weights6`` / ``--weights5`` score other
 checkpoints (e.g. networks trained without one of the dates).
 """
 
@@ -89,12 +91,19 @@ def observations(channels: list[int], n_pixels: int | None, seed: int):
     return out
 
 
+#: Reference rows: BP itself at the default tolfac times these factors, scored against BP at the
+#: default tolfac (how far BP's own answer moves when its band widens by 1 % or 10 %).
+BP_REFERENCE = {"BP, tolfac x1.01": 1.01, "BP, tolfac x1.1": 1.1}
+
+
 def score(predictor, channels, data) -> list[dict]:
-    """BP and the network (alone, shipped) on each date's pixels; one row per variant."""
+    """BP and the network (alone, projected, shipped) on each date's pixels, and BP at a wider
+    tolerance (:data:`BP_REFERENCE`); one row per variant."""
     rows = []
     want = np.array(channels) * u.AA
+    variants = ("alone", "projected", "shipped", *BP_REFERENCE)
     for date, (y, s, owner, times) in data.items():
-        parts: dict[str, list] = {"bp": [], "alone": [], "projected": [], "shipped": []}
+        parts: dict[str, list] = {"bp": [], **{v: [] for v in variants}}
         for i, t in enumerate(times):
             sel = owner == i
             if not sel.any():
@@ -106,7 +115,9 @@ def score(predictor, channels, data) -> list[dict]:
                     invert(y[sel], "net", predictor=predictor, consistency=consistency, **kw)
                 )
             parts["shipped"].append(invert(y[sel], "net", predictor=predictor, **kw))
-        for variant in ("alone", "projected", "shipped"):
+            for variant, factor in BP_REFERENCE.items():
+                parts[variant].append(invert(y[sel], "bp", tolfac=1.4 * factor, **kw))
+        for variant in variants:
             for net, bp in zip(parts[variant], parts["bp"], strict=True):
                 rows.append({"date": date, "variant": variant, **compare_results(net, bp)})
     return _merge(rows)
@@ -135,9 +146,11 @@ def table(name: str, rows: list[dict]) -> str:
     )
     lines = [head, "|" + "---|" * 9]
     for r in rows:
+        # a BP reference row is SOLVED in its own, wider band: no in-band fraction
+        band = "—" if r["variant"] in BP_REFERENCE else f"{100 * r['in_band']:.2f} %"
         lines.append(
             f"| {name} | {r['date']} | {r['variant']} | {r['pixels']:,} | "
-            f"{100 * r['in_band']:.2f} % | {r['mse_sqrt']:.3f} | {r['med_rel_total_em']:.3f} | "
+            f"{band} | {r['mse_sqrt']:.3g} | {r['med_rel_total_em']:.3f} | "
             f"{r['med_abs_dlogt']:.3f} | {r['med_chi2']:.2f} / {r['med_chi2_bp']:.2f} |"
         )
     return "\n".join(lines)

@@ -154,11 +154,15 @@ def test_train_pretrained_five_channels_with_real_data(run, tmp_path):
 def test_evaluate_by_date_on_the_shipped_cutouts(run, tmp_path):
     out = run("evaluate_by_date.py", "--pixels", "1500", cwd=tmp_path, env={"DEEPEM_JAX_DATA": ""})
     rows = [line for line in out.splitlines() if line.startswith("| ") and "2011-02-15" in line]
-    assert len(rows) == 6  # two networks x (alone, projected, shipped)
+    assert len(rows) == 10  # two networks x (alone, projected, shipped, BP at two tolfacs)
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert int(cells[3].replace(",", "")) > 1000  # pixels BP solved
         assert "nan" not in row
+    mse = {c[2]: float(c[5]) for c in (r.strip("|").split("|") for r in rows)}
+    mse = {k.strip(): v for k, v in mse.items()}
+    # BP moves when its band widens: more at 10 % than at 1 %, and not at all never
+    assert 0 < mse["BP, tolfac x1.01"] < mse["BP, tolfac x1.1"]
 
 
 @pytest.fixture(scope="module")
