@@ -60,9 +60,16 @@ class _Observation:
     saturated: np.ndarray  # (...) bool
     wcs: Any
     info: dict[str, Any]
+    #: whether ``y`` and ``sigma`` are (views of) arrays the caller holds
+    callers: tuple[bool, bool] = (False, False)
 
 
-def _stack_observation(stack, channels: list[int] | None) -> _Observation:
+def _callers(a, given) -> bool:
+    """Whether ``a`` is (a view of) the caller's numpy array ``given``."""
+    return isinstance(given, np.ndarray) and np.may_share_memory(a, given)
+
+
+def _stack_observation(stack, channels: list[int] | None, given: bool) -> _Observation:
     have = channel_list(stack.channels)
     idx = list(range(len(have)))
     if channels is not None:
@@ -86,6 +93,7 @@ def _stack_observation(stack, channels: list[int] | None) -> _Observation:
         saturated=np.any(flags & PixelFlag.SATURATED, axis=-1),
         wcs=stack.wcs,
         info={"NSAMPLE": int(stack.n_sample)},
+        callers=(given and _callers(y, stack.data), False),  # sigma() is computed here
     )
 
 
@@ -130,6 +138,7 @@ def _array_observation(y, sigma, channels, obstime) -> _Observation:
         saturated=np.zeros(yv.shape[:-1], bool),
         wcs=None,
         info={},
+        callers=(_callers(yv, y), _callers(sv, sigma)),
     )
 
 
@@ -139,7 +148,7 @@ def _observation(observation, sigma, channels, obstime, rebin) -> _Observation:
     if isinstance(observation, AIAStack):
         if sigma is not None:
             raise ValueError("sigma= is computed from an AIAStack's error model; do not pass it")
-        return _stack_observation(observation, channels)
+        return _stack_observation(observation, channels, True)
     if isinstance(observation, u.Quantity | np.ndarray | jax.Array):
         return _array_observation(observation, sigma, channels, obstime)
     wanted = None if channels is None else np.array(channels) * u.AA
@@ -148,7 +157,7 @@ def _observation(observation, sigma, channels, obstime, rebin) -> _Observation:
         if wanted is None
         else load_aia(observation, wanted, rebin=rebin)
     )
-    return _stack_observation(stack, None)
+    return _stack_observation(stack, None, False)
 
 
 def _check(obs: _Observation, tolfac: float) -> None:
@@ -417,8 +426,8 @@ def _result(obs, em, status, used, logt, resp, factors, method, tolfac, cards, t
         status=status,
         chi2=chi,
         synthetic=synth,
-        intensities=_kept(obs.y),
-        sigma=_kept(obs.sigma),
+        intensities=_kept(obs.y, obs.callers[0]),
+        sigma=_kept(obs.sigma, obs.callers[1]),
         tolfac=np.where(
             DEMStatus.isin(status, _JUDGED), np.asarray(used, np.float32), np.float32(np.nan)
         ),
@@ -433,10 +442,12 @@ def _result(obs, em, status, used, logt, resp, factors, method, tolfac, cards, t
     )
 
 
-def _kept(a: np.ndarray) -> np.ndarray:
-    """``a`` itself when it is a writeable C-contiguous float32 or float64 array (a full-disk
-    input is not held twice), otherwise a float32 copy."""
-    if a.dtype in (np.float32, np.float64) and a.flags.c_contiguous and a.flags.writeable:
+def _kept(a: np.ndarray, callers: bool) -> np.ndarray:
+    """``a`` itself when it is a writeable C-contiguous float32 array, or a float64 one the
+    caller holds (``callers``): a full-disk input is not held twice; otherwise a float32
+    copy."""
+    wanted = a.dtype == np.float32 or (callers and a.dtype == np.float64)
+    if wanted and a.flags.c_contiguous and a.flags.writeable:
         return a
     return a.astype(np.float32)
 

@@ -39,8 +39,10 @@ class DEMResult:
     intensities, sigma : (..., C) float32 or float64
         The observed intensities and their 1-sigma errors, DN s^-1 pix^-1 (not corrected
         for degradation). Intensities or errors given to :func:`~deepem_jax.invert` as a
-        (writeable, C-contiguous) float32 or float64 array are that array itself, not a copy
-        (a full-disk input is not held twice); others are float32 copies.
+        (writeable, C-contiguous) float32 array, or as a float64 array (or Quantity, or
+        ``AIAStack.data``) that the result can share, are that array itself, not a copy (a
+        full-disk input is not held twice); anything else, e.g. values converted to other
+        units or the errors of an ``AIAStack``, is kept as a float32 copy.
     tolfac : (...) float32
         Tolerance factor of the band each pixel was judged against (BP: ``tolfac`` times the
         retry factor that succeeded, or the last one tried; NaN where the pixel was not

@@ -284,6 +284,21 @@ def test_degraded_response_is_not_corrected_twice(five_channel_pixels):
         )
 
 
+def test_result_keeps_only_the_callers_float_arrays(five_channel_pixels):
+    y, sig, _, _ = five_channel_pixels
+    y, sig = y[:50], sig[:50]
+    dn = u.DN / (u.s * u.pix)
+    kw = dict(channels=FIVE, obstime=T_OBS)
+    q = y * dn  # a float64 Quantity in the intensity unit: shared, not copied
+    kept = invert(q, "bp", sigma=sig * dn, **kw)
+    assert np.shares_memory(kept.intensities, q) and kept.intensities.dtype == np.float64
+    # converted values (other units, integers) are the result's own float32 copies
+    conv = invert((y * dn).to(dn / 1000), "bp", sigma=sig * dn, **kw)
+    assert conv.intensities.dtype == np.float32
+    ints = invert(np.round(y).astype(np.int32), "bp", sigma=sig, **kw)
+    assert ints.intensities.dtype == np.float32
+
+
 def test_status_isin_equals_numpy_isin():
     rng = np.random.default_rng(0)
     status = rng.integers(-128, 128, (50, 40)).astype(np.int8)
