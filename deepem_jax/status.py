@@ -53,7 +53,7 @@ class DEMStatus(enum.IntEnum):
             return np.isin(status, [int(c) for c in codes])
         table = np.zeros(256, bool)  # indexed by the int8 code's byte
         table[[int(c) % 256 for c in codes if -128 <= int(c) <= 127]] = True
-        return table[status.view(np.uint8)]
+        return np.asarray(table[status.view(np.uint8)])  # a 0-d array for a 0-d status
 
     @classmethod
     def counts(cls, status: np.ndarray) -> dict[str, int]:

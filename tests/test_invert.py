@@ -307,3 +307,5 @@ def test_status_isin_equals_numpy_isin():
         np.testing.assert_array_equal(
             DEMStatus.isin(status.astype(np.int32), codes), np.isin(status, codes)
         )
+    zero_d = DEMStatus.isin(np.int8(5), [5])
+    assert isinstance(zero_d, np.ndarray) and zero_d.shape == () and zero_d
