@@ -189,16 +189,18 @@ def _run(D, p, state, limit):
 
 def _pivots_batch(D, lower, upper, max_pivots, first_pivots, gather):
     """Dual simplex on a batch: every problem runs ``first_pivots`` pivots, then the unfinished
-    ones are gathered ``gather`` at a time into a smaller batch and run to the end (a vmapped
-    ``while_loop`` costs as much as its slowest lane, and a few problems need many pivots).
-    Returns (basis, at_upper, code, iterations) with code 0 optimal, 1 infeasible, 2 pivot cap.
+    ones are gathered ``gather`` at a time into a smaller batch that runs at most
+    :data:`ROUND_PIVOTS` more, until none is left (a vmapped ``while_loop`` costs as much as
+    its slowest lane: short rounds, each gathering the problems still running, keep the lanes
+    busy). Returns (basis, at_upper, code, iterations) with code 0 optimal, 1 infeasible, 2
+    pivot cap.
     """
     N = lower.shape[0]
     n = D.shape[1]
     p = jax.vmap(_setup, (None, 0, 0))(D, lower, upper)
     state = jax.tree.map(lambda a: jnp.broadcast_to(a, (N, *a.shape)), _init(D))
-    run = jax.vmap(_run, (None, 0, 0, None))
-    state = run(D, p, state, min(first_pivots, max_pivots))
+    run = jax.vmap(_run, (None, 0, 0, 0))
+    state = run(D, p, state, jnp.full(N, min(first_pivots, max_pivots), jnp.int32))
 
     def unfinished(st):
         return (st[4] < 0) & (st[5] < max_pivots)
@@ -210,7 +212,7 @@ def _pivots_batch(D, lower, upper, max_pivots, first_pivots, gather):
         sub = jax.tree.map(lambda a: a[take], st)
         # padding lanes are marked finished so they cost one predicate evaluation only
         sub = (*sub[:4], jnp.where(idx < N, sub[4], 0), sub[5])
-        sub = run(D, sub_p, sub, max_pivots)
+        sub = run(D, sub_p, sub, jnp.minimum(sub[5] + ROUND_PIVOTS, max_pivots))
         return jax.tree.map(lambda a, b: a.at[idx].set(b, mode="drop"), st, sub)
 
     state = jax.lax.while_loop(lambda st: jnp.any(unfinished(st)), round_, state)
@@ -402,7 +404,9 @@ def _solve_flat(D, lower, upper, max_pivots, first_pivots, table=None):
 
 #: Pivots every problem of a block runs from the all-slack basis before the unfinished ones
 #: are gathered (a warm start gathers the problems whose start is not optimal at once).
-FIRST_PIVOTS = 16
+FIRST_PIVOTS = 12
+#: Most pivots a gathered problem runs per round before the unfinished ones are gathered anew.
+ROUND_PIVOTS = 4
 
 
 @partial(jax.jit, static_argnames=("max_pivots", "first_pivots"))
