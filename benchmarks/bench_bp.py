@@ -13,7 +13,9 @@ calibrated as :func:`deepem_jax.invert` does (sigma with the file's n_sample, in
 sigma corrected for degradation at each channel's time) and solved at tolfac 1.4 without
 retries, so every method sees exactly the same LPs.
 
-Rows, each the median of ``--repeats`` calls after one call that compiles:
+Rows, each the median of at least ``--repeats`` calls after one call that compiles (more
+until ``--min-seconds`` are timed: the small flare set needs many calls for a stable median
+on a shared machine):
 
 * ``linprog(highs)``: :func:`deepem_jax.bp.highs_lp`, one call per pixel, on the first
   ``--highs-pixels`` pixels (the reference every ratio is taken against);
@@ -87,11 +89,11 @@ def pixel_sets(n: int, rng) -> dict[str, tuple]:
     return sets
 
 
-def _median_time(fn, repeats: int):
+def _median_time(fn, repeats: int, min_seconds: float):
     out = fn()  # compiles
     jax.block_until_ready(out)
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats or sum(times) < min_seconds:
         t0 = time.perf_counter()
         out = fn()
         jax.block_until_ready(out)
@@ -139,7 +141,7 @@ def bench_set(name, channels, y, s, args) -> list[dict]:
         ),
     }
     for method, fn in runs.items():
-        out, dt = _median_time(fn, args.repeats)
+        out, dt = _median_time(fn, args.repeats, args.min_seconds)
         its = np.asarray(out.iterations)
         row = {
             "set": name,
@@ -163,6 +165,12 @@ def main() -> None:
     ap.add_argument("--pixels", type=int, default=100_000, help="pixels per set (at most)")
     ap.add_argument("--highs-pixels", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--min-seconds",
+        type=float,
+        default=2.0,
+        help="repeat each timed call until at least this many seconds are timed",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = ap.parse_args()
