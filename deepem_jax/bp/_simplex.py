@@ -339,16 +339,13 @@ PIVOT_BLOCK = 4096
 WARM_GATHER = 64
 
 
-def _pivots_blocked(D, lower, upper, max_pivots, first_pivots, gather, table=None):
-    """:func:`_pivots_batch` over blocks of at most :data:`PIVOT_BLOCK` problems; the padding
-    problems (bounds [0, 1]) are optimal at the start. With ``table`` (prepared
-    :class:`~deepem_jax.bp.BasisTable` arrays), :func:`_pivots_warm` on the whole batch."""
-    if table is not None:
-        g = min(max(len(lower) // WARM_GATHER, 1), len(lower))
-        return _pivots_warm(D, lower, upper, max_pivots, g, table)
+def _pivots_blocked(D, lower, upper, max_pivots, first_pivots, gather):
+    """:func:`_pivots_batch` over blocks of at most :data:`PIVOT_BLOCK` problems, each block's
+    unfinished problems gathered ``max(block // gather, 1)`` at a time; the padding problems
+    (bounds [0, 1]) are optimal at the start."""
 
     def batch(lo, hi):
-        g = min(gather(len(lo)), len(lo))
+        g = min(max(len(lo) // gather, 1), len(lo))
         return _pivots_batch(D, lo, hi, max_pivots, first_pivots, g)
 
     return map_bounds_blocks(batch, lower, upper, PIVOT_BLOCK)
@@ -374,15 +371,12 @@ def _solve_bases(D, lower, upper, max_pivots, first_pivots, table, gather=16):
     INFEASIBLE for crossed bounds."""
     Dc, lo, hi, invalid, crossed = _clean(D, lower, upper)
     sg = jax.lax.stop_gradient
-    basis, at_upper, code, it = _pivots_blocked(
-        sg(Dc),
-        sg(lo),
-        sg(hi),
-        max_pivots,
-        first_pivots,
-        lambda m: max(m // gather, 1),
-        None if table is None else sg(table),
-    )
+    Dc, lo, hi = sg(Dc), sg(lo), sg(hi)
+    if table is None:
+        basis, at_upper, code, it = _pivots_blocked(Dc, lo, hi, max_pivots, first_pivots, gather)
+    else:  # no blocks: the problems to pivot are gathered from the whole batch
+        g = min(max(len(lo) // WARM_GATHER, 1), len(lo))
+        basis, at_upper, code, it = _pivots_warm(Dc, lo, hi, max_pivots, g, sg(table))
     code = jnp.where(invalid, int(BPStatus.INVALID_INPUT), jnp.where(crossed, 1, code))
     return basis, at_upper, code, it
 

@@ -206,9 +206,7 @@ class BasisTable:
         a negative entry."""
         D = self._dictionary(D)
         dtype = jax.dtypes.canonicalize_dtype(np.result_type(lower, np.float32))
-        rays = self._cached(
-            ("rays", _digest(D), dtype.name), lambda: _ray_layout(self.rays, D, dtype)
-        )
+        rays = self._ray_arrays(D, dtype)
         if rays is None:
             return np.zeros(np.shape(lower)[0], bool)
         args = [np.asarray(a, dtype) for a in (lower, upper)]
@@ -223,7 +221,6 @@ class BasisTable:
         entry). Cached per ``D`` and dtype."""
         D = self._dictionary(D)
         dtype = jax.dtypes.canonicalize_dtype(dtype)  # float32 for float64 without x64
-        digest = _digest(D)
 
         def arrays(table):
             return {
@@ -232,16 +229,20 @@ class BasisTable:
             }
 
         def build():
-            rays = self._cached(
-                ("rays", digest, dtype.name), lambda: _ray_layout(self.rays, D, dtype)
-            )
             return {
                 "head": arrays(self.head(head_size(self.counts))),
                 "full": arrays(self),
-                "rays": rays,
+                "rays": self._ray_arrays(D, dtype),
             }
 
-        return self._cached(("bases", digest, dtype.name), build)
+        return self._cached(("bases", _digest(D), dtype.name), build)
+
+    def _ray_arrays(self, D: np.ndarray, dtype) -> dict[str, jax.Array] | None:
+        """:func:`_ray_layout` of this table's rays for float64 ``D``, cached per ``D`` and
+        ``dtype``."""
+        return self._cached(
+            ("rays", _digest(D), dtype.name), lambda: _ray_layout(self.rays, D, dtype)
+        )
 
     def _dictionary(self, D: np.ndarray) -> np.ndarray:
         """``D`` as float64, or a ValueError when it is not (C, n_basis) for this table."""
