@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 __all__ = [
     "CONFIGS",
+    "TARGET_BOUND",
     "DeepEMNet",
     "ModelConfig",
     "decode_em",
@@ -38,6 +39,7 @@ __all__ = [
     "encode_intensities",
     "get_config",
     "network_em",
+    "split_params",
 ]
 
 _ACTIVATIONS: dict[str, Callable[..., jax.Array]] = {
@@ -48,6 +50,8 @@ _ACTIVATIONS: dict[str, Callable[..., jax.Array]] = {
     "tanh": jnp.tanh,
 }
 _OUTPUTS = ("square", "relu_square")
+#: Largest distance, in sigma, of a band target from the data (inside BP's default band, 1.4).
+TARGET_BOUND = 1.2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +76,13 @@ class ModelConfig:
         (``EM = em_scale * max(out, 0)**2``, so negative outputs mean zero EM, not positive EM).
     em_scale : float
         EM unit of the network in cm^-5 (the original: 1e25).
+    refine_steps : int
+        Learned Gauss-Newton steps against the data after the MLP (:mod:`deepem_jax.refine`;
+        the original: 0). A refined network needs the intensities' errors and the response.
+    band_target : bool
+        With refinement, the MLP also outputs ``n_channels`` values ``o``, and the steps aim at
+        the intensities ``y + TARGET_BOUND * tanh(o) * sigma`` (inside BP's default band)
+        instead of ``y``.
     """
 
     hidden: tuple[int, ...] = (300, 300)
@@ -81,6 +92,8 @@ class ModelConfig:
     negative_slope: float = 0.01
     output: str = "square"
     em_scale: float = 1e25
+    refine_steps: int = 0
+    band_target: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -92,14 +105,23 @@ class ModelConfig:
             )
         if self.output not in _OUTPUTS:
             raise ValueError(f"unknown output transform {self.output!r}; choose from {_OUTPUTS}")
+        if self.refine_steps < 0:
+            raise ValueError(f"refine_steps must be >= 0, got {self.refine_steps}")
+        if self.band_target and not self.refine_steps:
+            raise ValueError("band_target needs refine_steps > 0")
         if not (math.isfinite(self.em_scale) and self.em_scale > 0):
             raise ValueError(f"em_scale must be finite and positive, got {self.em_scale}")
 
     @property
     def n_params(self) -> int:
         """Number of trainable parameters."""
-        widths = (self.n_channels, *self.hidden, self.n_temperatures)
-        return sum(a * b + b for a, b in itertools.pairwise(widths))
+        widths = (self.n_channels, *self.hidden, self.n_outputs)
+        return sum(a * b + b for a, b in itertools.pairwise(widths)) + 2 * self.refine_steps
+
+    @property
+    def n_outputs(self) -> int:
+        """Width of the MLP's last layer: the bins, and the band targets if any."""
+        return self.n_temperatures + (self.n_channels if self.band_target else 0)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python form (lists, numbers, strings) for serialisation."""
@@ -117,15 +139,20 @@ class ModelConfig:
         return cls(**d)
 
 
-#: Named configurations: the original network and a small one for quick experiments.
+#: Named configurations: the original network, a small one for quick experiments, and both
+#: followed by learned Gauss-Newton steps (:mod:`deepem_jax.refine`).
 CONFIGS: dict[str, ModelConfig] = {
     "deepem": ModelConfig(),
     "small": ModelConfig(hidden=(64, 64)),
+    "deepem_gn": ModelConfig(refine_steps=5),
+    "small_gn": ModelConfig(hidden=(64, 64), refine_steps=5),
+    "deepem_gnt": ModelConfig(refine_steps=5, band_target=True),
+    "small_gnt": ModelConfig(hidden=(64, 64), refine_steps=5, band_target=True),
 }
 
 
 def get_config(name: str) -> ModelConfig:
-    """The named :class:`ModelConfig` (``"deepem"`` or ``"small"``)."""
+    """The named :class:`ModelConfig` (a key of :data:`CONFIGS`)."""
     try:
         return CONFIGS[name]
     except KeyError:
@@ -133,7 +160,7 @@ def get_config(name: str) -> ModelConfig:
 
 
 class DeepEMNet(nn.Module):
-    """Per-pixel MLP (= stack of 1x1 convolutions): (..., n_channels) -> (..., n_temperatures).
+    """Per-pixel MLP (= stack of 1x1 convolutions): (..., n_channels) -> (..., n_outputs).
 
     Takes *encoded* intensities (:func:`encode_intensities`) and returns the raw output in the
     sqrt-scaled EM space (:func:`decode_em` turns it into cm^-5). Parameters are float32;
@@ -150,7 +177,7 @@ class DeepEMNet(nn.Module):
         act = _ACTIVATIONS[cfg.activation]
         if cfg.activation == "leaky_relu":
             act = partial(nn.leaky_relu, negative_slope=cfg.negative_slope)
-        for i, width in enumerate((*cfg.hidden, cfg.n_temperatures)):
+        for i, width in enumerate((*cfg.hidden, cfg.n_outputs)):
             if i > 0:
                 x = act(x)
             x = nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32, name=f"dense_{i}")(x)
@@ -175,11 +202,36 @@ def decode_em(out: jax.Array, config: ModelConfig = CONFIGS["deepem"]) -> jax.Ar
     return config.em_scale * jnp.square(out)
 
 
+def split_params(params: Any) -> tuple[Any, Any]:
+    """(MLP params of :class:`DeepEMNet`, refinement params or None) of a network's params."""
+    mlp = {k: v for k, v in params.items() if k != "refine"}
+    return mlp, params.get("refine")
+
+
 def network_em(
-    params: Any, y: jax.Array, config: ModelConfig, dtype: Any = jnp.float32
+    params: Any,
+    y: jax.Array,
+    config: ModelConfig,
+    dtype: Any = jnp.float32,
+    *,
+    sigma: jax.Array | None = None,
+    K: jax.Array | None = None,
 ) -> jax.Array:
-    """EM (..., n_T) in cm^-5 per bin (float32) of finite intensities (..., C) in
-    DN s^-1 pix^-1: the network's pure apply with its input and output transforms."""
+    """EM (N, n_T) in cm^-5 per bin (float32) of finite intensities (N, C) in
+    DN s^-1 pix^-1: the network's pure apply with its input and output transforms, then its
+    refinement steps (if any), which need ``sigma`` (N, C) DN s^-1 pix^-1 (> 0) and the
+    response ``K`` (C, n_T) DN cm^5 s^-1 pix^-1 the network was trained with."""
+    mlp, refine_params = split_params(params)
     x = encode_intensities(y).astype(dtype)
-    out = DeepEMNet(config, dtype=dtype).apply({"params": params}, x).astype(jnp.float32)
-    return decode_em(out, config)
+    out = DeepEMNet(config, dtype=dtype).apply({"params": mlp}, x).astype(jnp.float32)
+    em = decode_em(out[..., : config.n_temperatures], config)
+    if config.refine_steps == 0:
+        return em
+    if sigma is None or K is None:
+        raise ValueError("this network refines its EM against the data: give sigma and K")
+    from .refine import refine
+
+    offset = None
+    if config.band_target:
+        offset = TARGET_BOUND * jnp.tanh(out[..., config.n_temperatures :])
+    return refine(refine_params, em, y, sigma, K, offset)

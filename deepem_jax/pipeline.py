@@ -548,7 +548,7 @@ def _net_tile(params, y, sigma, K, tolfac, config, n_iter, consistency):
     valid = jnp.all(jnp.isfinite(y), -1) & jnp.all(jnp.isfinite(sigma) & (sigma > 0), -1)
     y0 = jnp.where(valid[:, None], y, 0.0)
     s0 = jnp.where(valid[:, None], sigma, 1.0)
-    em = network_em(params, y0, config)
+    em = network_em(params, y0, config, sigma=s0, K=K)
     lower, upper = bounds(y0, s0, tolfac)
     if consistency:
         res = project_to_band(em, K, lower, upper, n_iter=n_iter)
@@ -606,8 +606,10 @@ def _run_net(obs, factors, response, predictor, tolfac, consistency, progress):
         n_bp = _bp_fallback(y, s, resp, tolfac, em, status, used, progress)
     cfg = predictor.config
     widths = (cfg.n_channels, *cfg.hidden, cfg.n_temperatures)
+    refined = f"+GN{cfg.refine_steps}" if cfg.refine_steps else ""
+    refined += "T" if cfg.band_target else ""
     prov = {
-        "NETWORK": "-".join(str(w) for w in widths),
+        "NETWORK": "-".join(str(w) for w in widths) + refined,
         "WEIGHTS": _params_sha256(predictor.params)[:16],
         "CONSIST": str(consistency),
         "BPFALLBK": n_bp,

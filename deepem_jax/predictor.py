@@ -37,7 +37,8 @@ class Predictor:
     Attributes
     ----------
     params : dict
-        Flax parameters of :class:`DeepEMNet` (``{"dense_0": {"kernel", "bias"}, ...}``).
+        Flax parameters of :class:`DeepEMNet` (``{"dense_0": {"kernel", "bias"}, ...}``),
+        and ``"refine"`` (:func:`deepem_jax.refine.init_refine_params`) if the config refines.
     config : ModelConfig
         Architecture and transforms (static).
     logt : tuple of float
@@ -83,10 +84,15 @@ class Predictor:
         logt: tuple[float, ...] | np.ndarray = tuple(DEEPEM_LOGT),
         channels: tuple[int, ...] = tuple(int(c) for c in AIA_CHANNELS.to_value(u.AA)),
     ) -> Predictor:
-        """A freshly initialised (untrained) network with Flax's default initialisers."""
+        """A freshly initialised (untrained) network with Flax's default initialisers (and
+        :func:`deepem_jax.refine.init_refine_params` for its refinement steps)."""
+        from .refine import init_refine_params
+
         cfg = get_config(config) if isinstance(config, str) else config
         x = jnp.zeros((1, cfg.n_channels), jnp.float32)
-        params = DeepEMNet(cfg).init(rng, x)["params"]
+        params = dict(DeepEMNet(cfg).init(rng, x)["params"])
+        if cfg.refine_steps:
+            params["refine"] = init_refine_params(cfg.refine_steps)
         return cls(params, cfg, tuple(logt), tuple(channels))
 
     def predict(
@@ -142,6 +148,10 @@ class Predictor:
         else:
             if response is not None:
                 raise ValueError("response is only used with sigma (the consistency step)")
+            if self.config.refine_steps:
+                raise ValueError(
+                    "this network refines its EM against the data: pass sigma= (and response=)"
+                )
             em = _tiled_em(self, y.reshape(-1, n_chan), jnp.dtype(dtype), tile_size, progress)
             em = em.reshape(*y.shape[:-1], self.config.n_temperatures)
         return em * u.cm**-5 if is_quantity else em

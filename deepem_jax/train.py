@@ -41,6 +41,7 @@ from .model import (
     encode_em,
     encode_intensities,
     get_config,
+    network_em,
 )
 from .predictor import Predictor
 from .response import TemperatureResponse
@@ -265,14 +266,19 @@ def _loss_fn(params, batch, w, K, config: ModelConfig, physics_weight: float, ph
     """(total, mse): weighted MSE on sqrt-scaled EM plus ``physics_weight`` times the physics
     term; ``w`` (n,) is 1 for pixels used, 0 for padding."""
     y, sigma, em, tolfac = batch
-    out = DeepEMNet(config).apply({"params": params}, encode_intensities(y))
+    if config.refine_steps:
+        em_pred = network_em(params, y, config, sigma=sigma, K=K)
+        out = encode_em(em_pred, config)
+    else:
+        out = DeepEMNet(config).apply({"params": params}, encode_intensities(y))
+        em_pred = decode_em(out, config)
     target = encode_em(em, config)
     per_pixel = jnp.mean(jnp.square(out - target), axis=-1)
     wsum = jnp.maximum(w.sum(), 1.0)
     mse = jnp.sum(w * per_pixel) / wsum
     if physics_weight == 0.0:
         return mse, mse
-    resynth = forward(K, decode_em(out, config))
+    resynth = forward(K, em_pred)
     if physics == "chi2":
         term = jnp.mean(jnp.square((resynth - y) / sigma), axis=-1)
     else:
