@@ -538,11 +538,11 @@ def _run_bp(obs, factors, response, tolfac, solver, progress):
     return em.reshape(*lead, em.shape[-1]), status.reshape(lead), used.reshape(lead), prov
 
 
-@partial(jax.jit, static_argnames=("config", "n_iter", "consistency"))
-def _net_tile(params, y, sigma, K, tolfac, config, n_iter, consistency):
-    """EM (n, n_T), in-band flag (n,) of one tile of corrected intensities and sigma (n, C)."""
+@partial(jax.jit, static_argnames=("config",))
+def _net_tile(params, y, sigma, K, tolfac, config):
+    """EM (n, n_T), in-band flag (n,) and finite flag (n,) of the network on one tile of
+    corrected intensities and sigma (n, C); NaN EM where the input is not valid."""
     from .bp import bounds
-    from .consistency import project_to_band
     from .model import network_em
 
     valid = jnp.all(jnp.isfinite(y), -1) & jnp.all(jnp.isfinite(sigma) & (sigma > 0), -1)
@@ -550,14 +550,22 @@ def _net_tile(params, y, sigma, K, tolfac, config, n_iter, consistency):
     s0 = jnp.where(valid[:, None], sigma, 1.0)
     em = network_em(params, y0, config, sigma=s0, K=K)
     lower, upper = bounds(y0, s0, tolfac)
-    if consistency:
-        res = project_to_band(em, K, lower, upper, n_iter=n_iter)
-        em, in_band = res.em, res.in_band
-    else:
-        r = em @ K.T
-        in_band = jnp.all((r >= lower) & (r <= upper), axis=-1)
+    r = em @ K.T
+    in_band = jnp.all((r >= lower) & (r <= upper), axis=-1)
     finite = jnp.all(jnp.isfinite(em), -1)
     return jnp.where(valid[:, None], em, jnp.nan), in_band & valid, finite | ~valid
+
+
+@partial(jax.jit, static_argnames=("n_iter",))
+def _project_tile(em, y, sigma, K, tolfac, n_iter):
+    """EM (n, n_T), in-band flag (n,) and finite flag (n,) of network EMs (n, n_T) of valid
+    pixels moved into their band (:func:`deepem_jax.consistency.project_to_band`)."""
+    from .bp import bounds
+    from .consistency import project_to_band
+
+    lower, upper = bounds(y, sigma, tolfac)
+    res = project_to_band(em, K, lower, upper, n_iter=n_iter)
+    return res.em, res.in_band, jnp.all(jnp.isfinite(res.em), -1)
 
 
 def _run_net(obs, factors, response, predictor, tolfac, consistency, progress):
@@ -577,15 +585,8 @@ def _run_net(obs, factors, response, predictor, tolfac, consistency, progress):
     yf = y.reshape(-1, C).astype(np.float32)
     sf = s.reshape(-1, C).astype(np.float32)
     K = jnp.asarray(resp.K, jnp.float32)
-    fn = partial(
-        _net_tile,
-        predictor.params,
-        K=K,
-        tolfac=jnp.float32(tolfac),
-        config=predictor.config,
-        n_iter=10,
-        consistency=bool(consistency),
-    )
+    tol = jnp.float32(tolfac)
+    fn = partial(_net_tile, predictor.params, K=K, tolfac=tol, config=predictor.config)
     bar = _bar(progress, yf.shape[0], "network")
     em, in_band, finite = map_rows(
         lambda a, b: fn(a, b),
@@ -596,6 +597,16 @@ def _run_net(obs, factors, response, predictor, tolfac, consistency, progress):
     )
     if bar is not None:
         bar.close()
+    if consistency:
+        # only the pixels the network left outside are projected: the others keep its EM
+        redo = np.flatnonzero(~in_band & finite & np.all(np.isfinite(em), -1))
+        if redo.size:
+            em[redo], in_band[redo], finite[redo] = map_rows(
+                partial(_project_tile, K=K, tolfac=tol, n_iter=10),
+                [em[redo], yf[redo], sf[redo]],
+                bucket(redo.size, _TILE, min_size=1),
+                fills=(0.0, 0.0, 1.0),
+            )
     lead = y.shape[:-1]
     status = np.where(in_band, int(DEMStatus.SOLVED), int(DEMStatus.OUTSIDE_BAND))
     status = np.where(finite, status, int(DEMStatus.NONFINITE_OUTPUT)).reshape(lead)

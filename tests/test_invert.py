@@ -152,11 +152,14 @@ def test_network_band_flag_is_an_independent_check():
         np.testing.assert_array_equal(r.status == DEMStatus.SOLVED, inside(r.em))
         assert set(np.unique(r.status)) <= {DEMStatus.SOLVED, DEMStatus.OUTSIDE_BAND}
         assert np.all(np.isfinite(r.em))  # outside the band: EM kept
-    assert (res.status == 0).mean() > max(0.9, (raw.status == 0).mean() + 0.3)
-    # already consistent pixels move at most into the 2 % margin of their band
+    # the projection puts at least half of the pixels the network left outside into the band
+    outside_raw, outside = (raw.status != 0).mean(), (res.status != 0).mean()
+    assert outside < min(0.1, 0.5 * outside_raw)
+    # pixels the network put in the band keep its EM; only the others are projected
     keep = raw.status == 0
-    shift = np.abs((res.em[keep] - raw.em[keep]).astype(np.float64) @ K.T)
-    assert np.all(shift <= 0.021 * (hi - lo)[keep])
+    assert keep.sum() > 500
+    np.testing.assert_array_equal(res.status[keep], raw.status[keep])
+    np.testing.assert_array_equal(res.em[keep], raw.em[keep])
 
 
 @pytest.mark.parametrize(
