@@ -13,7 +13,8 @@ with AIA noise; sigma from the AIA error model) is given to every method:
   consistency step. ``deepem`` is the shipped six-channel network; ``small`` (6->64->64->18)
   is randomly initialised, so only its speed means anything;
 * ``net_<name>_bf16`` -- :meth:`deepem_jax.Predictor.predict` with ``dtype=jnp.bfloat16``
-  (:func:`deepem_jax.invert` has no computation-dtype option), the network alone;
+  (:func:`deepem_jax.invert` has no computation-dtype option), the network alone; not for a
+  network with refinement steps, which need sigma;
 * ``fit_bp_f32`` -- :func:`deepem_jax.fit.fit` (``Fitter()``: log EM, no regulariser,
   L-BFGS, float32, compacted rounds, as ``invert(method="fit")`` runs it) on a random subset of
   ``fit_pixels`` pixels (all when the scene has fewer; the HiGHS subset is a prefix of it),
@@ -176,8 +177,12 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
 
 
 def _net_flops_per_pixel(config) -> float:
-    widths = (config.n_channels, *config.hidden, config.n_temperatures)
-    return float(sum(2 * a * b for a, b in itertools.pairwise(widths)))
+    """Multiply-adds x 2 of the MLP, plus those of the refinement's products (``J J.T``, the
+    residual, ``J.T v``) and its C x C Cholesky solve."""
+    widths = (config.n_channels, *config.hidden, config.n_outputs)
+    C, T = config.n_channels, config.n_temperatures
+    step = 2 * T * C * C + 4 * C * T + C**3 // 3 + 2 * C * C
+    return float(sum(2 * a * b for a, b in itertools.pairwise(widths)) + config.refine_steps * step)
 
 
 def _chi2(em: np.ndarray, K: np.ndarray, y: np.ndarray, sigma: np.ndarray) -> np.ndarray:
@@ -583,6 +588,8 @@ def _bench_net(ctx: _Context, scene: _Scene, name: str, net) -> None:
         method = f"net_{name}_consistent_f32" if consistent else f"net_{name}_f32"
         extra = {} if consistent else _flops(m, fpp, ctx.peak_flops)
         _record_invert(ctx, scene, method, res, m, "all", scene.common, **extra)
+    if net.config.refine_steps:
+        return  # its refinement needs sigma: predict(dtype=bfloat16) takes the network alone
     em, m = _measure(lambda: net.predict(scene.y, dtype=jnp.bfloat16), n)
     em = em.reshape(n, -1)
     chi2 = _chi2(em, ctx.response.K, *scene.flat())

@@ -406,8 +406,9 @@ def _finite_nonnegative(ctx, param, value):
     "--model",
     default="small",
     show_default=True,
-    type=click.Choice(["small", "deepem"]),
-    help="Architecture: 'deepem' is the original 6-300-300-18, 'small' 6-64-64-18.",
+    type=click.Choice(["small", "deepem", "small_gn", "deepem_gn", "small_gnt", "deepem_gnt"]),
+    help="Architecture: 'deepem' is the original 6-300-300-18, 'small' 6-64-64-18; '_gn' adds "
+    "five learned Gauss-Newton steps, '_gnt' with band targets (the shipped weights).",
 )
 @click.option(
     "--epochs",

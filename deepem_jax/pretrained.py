@@ -1,8 +1,9 @@
 """The network weights shipped inside the package (see ``deepem_jax/weights/MODEL_CARD.md``).
 
-Two models of the original DeepEM architecture (6->300->300->18 and its five-channel variant
-without 94 Å, for observations where 94 Å is missing), trained by
-``examples/train_pretrained.py`` on deepem_jax's own BP solutions of synthetic observations.
+Two networks of the original DeepEM width followed by learned Gauss-Newton steps
+(``"deepem_gnt"``: six channels, and five without 94 Å for observations where 94 Å is missing),
+trained by ``examples/train_pretrained.py`` on deepem_jax's own BP solutions of synthetic
+observations and of observations synthesised from the BP solutions of one real date.
 """
 
 from importlib import resources

@@ -1,6 +1,7 @@
 """Train the network weights shipped in ``deepem_jax/weights/`` (see MODEL_CARD.md there).
 
-    python examples/train_pretrained.py --channels 6 --out deepem_jax/weights
+    DEEPEM_JAX_DATA=../shared/data python examples/train_pretrained.py --channels 6 \
+        --out deepem_jax/weights
     DEEPEM_JAX_DATA=../shared/data python examples/train_pretrained.py --channels 5 \
         --out deepem_jax/weights
     python examples/train_pretrained.py --channels 6 --out DIR --evaluate   # DIR holds weights
@@ -17,14 +18,16 @@ response (demregpy's table) regridded to DeepEM's grid (log T 5.5-7.2, 18 bins):
   (:func:`deepem_jax.prior.realistic_observations`: n_sample 1-64, exposures 0.005-3 s,
   degradation of a random epoch; the network sees degradation-corrected intensities). No pixel
   of a real date enters training itself: hold a date out by leaving it out of
-  ``--prior-dates`` and score it with ``examples/evaluate_by_date.py``.
+  ``--prior-dates`` (the default holds out the date each network is scored on) and score it
+  with ``examples/evaluate_by_date.py``.
 
 10% of the pixels are held out for validation (early stopping) and 10% for the test metrics the
 script prints (markdown), writes to ``<out>/<model>.metrics.md`` and stores in the checkpoint:
 the network alone (``invert(..., consistency=False)``) and with the consistency step.
 ``--figure`` draws Figure 1 (AIA 171 Å | BP EM | network EM at log T 5.9) on the 2011-02-15
-01:44 cutouts shipped with deepem_jax, which no model has seen. ``--pixels``, ``--epochs`` and
-``--rebin`` make small runs (e.g. ``--pixels 2000 --epochs 2 --model small --rebin 16``).
+01:44 cutouts shipped with deepem_jax (a held-out date for the six-channel network; the
+five-channel one's default prior comes from that date). ``--pixels``, ``--epochs`` and
+``--rebin`` make small runs (e.g. ``--pixels 2000 --epochs 2 --model small_gnt --rebin 16``).
 """
 
 import argparse
@@ -47,6 +50,11 @@ from deepem_jax.train import TrainConfig, build_dataset, train_and_evaluate
 EXPTIME = {94: 2.9, 131: 2.9, 171: 2.0, 193: 2.0, 211: 2.9, 335: 2.9}
 CHANNELS = {6: [94, 131, 171, 193, 211, 335], 5: [131, 171, 193, 211, 335]}
 NAMES = {6: "deepem_aia6.msgpack", 5: "deepem_aia5_no94.msgpack"}
+#: Default real-DEM prior per network: six channels exist only on 2011-02-15, which the
+#: six-channel network is scored on; the five-channel one is scored on 2024-10-04.
+PRIOR_DATES = {6: "2024-10-04", 5: "2011-02-15"}
+#: Epochs of the shipped weights (each chosen by its held-out date; see MODEL_CARD.md).
+EPOCHS = {6: 160, 5: 320}
 
 
 def synthetic_pixels(response, n, seed):
@@ -79,11 +87,19 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument(
         "--rebin", type=int, default=1, help="average n x n blocks of the real observation"
     )
-    ap.add_argument("--epochs", type=int, default=40)
-    ap.add_argument("--model", default="deepem", help="architecture (deepem_jax.model)")
-    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="passes over the data (default: the shipped weights', 160 for six channels, "
+        "320 for five)",
+    )
+    ap.add_argument("--model", default="deepem_gnt", help="architecture (deepem_jax.model.CONFIGS)")
+    ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--patience", type=int, default=20)
+    ap.add_argument(
+        "--patience", type=int, default=None, help="early-stopping patience (default: none)"
+    )
     ap.add_argument(
         "--workdir",
         default=None,
@@ -93,9 +109,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--prior-dates",
-        default="2024-10-04",
+        default=None,
         help="comma-separated real dates whose BP solutions are the real-DEM prior "
-        "(2024-10-04, 2011-02-15; empty: synthetic only)",
+        "(2024-10-04, 2011-02-15; empty: synthetic only; default: the date the network is not "
+        "scored on, 2024-10-04 for six channels, 2011-02-15 for five)",
     )
     ap.add_argument("--prior-pixels", type=int, default=300_000, help="pixels from that prior")
     ap.add_argument("--figure", default=None, help="write a Figure-1-style PNG here")
@@ -106,7 +123,7 @@ def parse_args() -> argparse.Namespace:
         help="physics term on the resynthesised intensities (see deepem_jax.train)",
     )
     ap.add_argument(
-        "--physics-weight", type=float, default=1.0, help="weight of the physics term in the loss"
+        "--physics-weight", type=float, default=3.0, help="weight of the physics term in the loss"
     )
     ap.add_argument(
         "--evaluate",
@@ -123,7 +140,10 @@ def main() -> None:
     response = default_response().regrid(DEEPEM_LOGT).select(CHANNELS[args.channels] * u.AA)
     observations = [synthetic_pixels(response, args.pixels, args.seed)]
     sources = [f"{args.pixels:,} synthetic pixels from the documented prior, real noise levels"]
-    dates = [d for d in args.prior_dates.split(",") if d]
+    prior_dates = args.prior_dates
+    if prior_dates is None:
+        prior_dates = PRIOR_DATES[args.channels]
+    dates = [d for d in prior_dates.split(",") if d]
     prior = (
         prior_pixels(response, dates, args.prior_pixels, args.seed, args.rebin) if dates else None
     )
@@ -155,7 +175,7 @@ def main() -> None:
     report.write_text(f"Data: {'; '.join(sources)}\n\nConfig: {cfg_text}\n\n{table}\n")
     print(f"wrote {report}")
     if args.figure:
-        figure(args.figure, pred, response)
+        figure(args.figure, pred, response, held_out="2011-02-15" not in dates)
 
 
 def evaluate(pred, test, response):
@@ -197,7 +217,7 @@ def train_network(args, train_data, val_data, response):
     """Train a network: (predictor with the best validation loss, config JSON, metrics)."""
     cfg = TrainConfig(
         model=args.model,
-        epochs=args.epochs,
+        epochs=args.epochs or EPOCHS[args.channels],
         batch_size=args.batch_size,
         learning_rate=args.lr,
         schedule="cosine",
@@ -215,7 +235,7 @@ def train_network(args, train_data, val_data, response):
     return pred, json.dumps(cfg.to_dict()), metrics
 
 
-def figure(path, pred, response) -> None:
+def figure(path, pred, response, held_out: bool) -> None:
     """Figure 1 (AIA 171 Å | BP EM at log T 5.9 | network EM at log T 5.9) of the shipped
     2011-02-15 01:44 cutouts, through :func:`deepem_jax.invert` with both methods."""
     from deepem_jax.products import compare_figure
@@ -225,7 +245,11 @@ def figure(path, pred, response) -> None:
     bp = invert(stack, "bp", response=response)
     net = invert(stack, "net", response=response, predictor=pred)
     compare_figure(
-        bp, net, path=path, title="NOAA AR 11158, AIA 2011-02-15 01:44 UTC (not seen in training)"
+        bp,
+        net,
+        path=path,
+        title="NOAA AR 11158, AIA 2011-02-15 01:44 UTC"
+        + (" (not seen in training)" if held_out else " (its date gave the DEM prior)"),
     )
     print(f"wrote {path}")
 

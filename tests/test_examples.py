@@ -30,7 +30,7 @@ TESTED = (
 #: Small training run: a few seconds of training after BP on the synthetic pixels.
 SMALL = (
     *("--pixels", "1500", "--prior-pixels", "1500", "--rebin", "16"),
-    *("--epochs", "2", "--model", "small", "--batch-size", "256"),
+    *("--epochs", "2", "--model", "small_gnt", "--batch-size", "256"),
 )
 
 
@@ -142,7 +142,7 @@ def test_train_pretrained_evaluate(run, trained6, tmp_path):
 def test_train_pretrained_five_channels_with_real_data(run, tmp_path):
     shared_path("aia", "synoptic_2024-10-04", "AIAsynoptic0131.fits")
     args = ("--channels", 5, "--out", tmp_path / "w", "--workdir", tmp_path / "work")
-    out = run("train_pretrained.py", *args, *SMALL, cwd=tmp_path)
+    out = run("train_pretrained.py", *args, *SMALL, "--prior-dates", "2024-10-04", cwd=tmp_path)
     # the real observation is a DEM prior (BP of its 64x64 rebinned pixels), not training data
     assert "1,500 pixels synthesised from" in out and "of 2024-10-04 (rebin 16)" in out
     assert [p.name for p in written(out, tmp_path)] == [
