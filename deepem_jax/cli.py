@@ -17,6 +17,8 @@ import astropy.units as u
 import click
 import numpy as np
 
+from .model import CONFIGS
+
 EXIT_INPUT = 3
 EXIT_EXISTS = 4
 EXIT_DIVERGED = 5
@@ -406,7 +408,7 @@ def _finite_nonnegative(ctx, param, value):
     "--model",
     default="small",
     show_default=True,
-    type=click.Choice(["small", "deepem", "small_gn", "deepem_gn", "small_gnt", "deepem_gnt"]),
+    type=click.Choice(list(CONFIGS)),
     help="Architecture: 'deepem' is the original 6-300-300-18, 'small' 6-64-64-18; '_gn' adds "
     "five learned Gauss-Newton steps, '_gnt' with band targets (the shipped weights).",
 )

@@ -362,10 +362,3 @@ def test_degradation_options(runner, aia_dir, tmp_path):
         ],
     )
     assert r.exit_code == 2 and "contradicts" in r.output
-
-
-def test_train_offers_every_named_architecture():
-    from deepem_jax.model import CONFIGS
-
-    opt = next(p for p in main.commands["train"].params if p.name == "model")
-    assert sorted(opt.type.choices) == sorted(CONFIGS)
