@@ -26,7 +26,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ._linalg import cholesky_solve
+from ._linalg import cholesky_solve_rows, pair_products
 
 __all__ = ["ConsistencyResult", "project_to_band"]
 
@@ -124,7 +124,7 @@ def _scaled_problem(x0: jax.Array, K: jax.Array, lower, upper, margin: float) ->
     """The scaled projection problem of EM ``x0`` (N, n_T) cm^-5 per bin into the band
     ``lower``, ``upper`` (..., C) DN s^-1 pix^-1, in the dtype of ``x0``."""
     dtype = x0.dtype
-    C, n_t = K.shape
+    C = K.shape[0]
     lo = jnp.asarray(lower, dtype).reshape(-1, C)
     hi = jnp.asarray(upper, dtype).reshape(-1, C)
     ok = jnp.all(jnp.isfinite(x0), -1) & jnp.all(jnp.isfinite(lo) & jnp.isfinite(hi), -1)
@@ -132,7 +132,7 @@ def _scaled_problem(x0: jax.Array, K: jax.Array, lower, upper, margin: float) ->
     x0 = jnp.where(ok[:, None], jnp.maximum(x0, 0.0), 0.0) / _EM_UNIT
     inv = jnp.where(ok[:, None], 1.0 / jnp.where(hi > 0, hi, 1.0), 1.0)
     Ks = jnp.asarray(K, dtype) * _EM_UNIT
-    KK = (Ks[:, None, :] * Ks[None, :, :]).reshape(C * C, n_t).T
+    KK = pair_products(Ks)
     lo_m, hi_m = lo + margin * (hi - lo), hi - margin * (hi - lo)
     r0 = x0 @ Ks.T
     t = jnp.clip(r0, lo_m, hi_m) * inv
@@ -151,12 +151,7 @@ def _newton_step(p: _Problem, nu: jax.Array, max_step: float) -> jax.Array:
     M = M * p.inv[:, :, None] * p.inv[:, None, :]
     ridge = 1e-6 * jnp.trace(M, axis1=1, axis2=2) + tiny
     M = M + ridge[:, None, None] * jnp.eye(C, dtype=nu.dtype)
-    d = jnp.stack(
-        cholesky_solve(
-            [[M[:, i, j] for j in range(C)] for i in range(C)], [g[:, i] for i in range(C)]
-        ),
-        -1,
-    )
+    d = cholesky_solve_rows(M, g)
     dz = jnp.max(jnp.abs((d * p.inv) @ p.Ks), -1)
     s = jnp.minimum(1.0, max_step / jnp.maximum(dz, tiny))
     return nu - s[:, None] * d

@@ -29,6 +29,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .refine import refine
+
 __all__ = [
     "CONFIGS",
     "TARGET_BOUND",
@@ -229,8 +231,6 @@ def network_em(
         return em
     if sigma is None or K is None:
         raise ValueError("this network refines its EM against the data: give sigma and K")
-    from .refine import refine
-
     offset = None
     if config.band_target:
         offset = TARGET_BOUND * jnp.tanh(out[..., config.n_temperatures :])

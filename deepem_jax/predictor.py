@@ -14,6 +14,7 @@ import numpy as np
 
 from ._units import INTENSITY_UNIT, to_value
 from .model import DeepEMNet, ModelConfig, get_config, network_em
+from .refine import init_refine_params
 from .response import AIA_CHANNELS, DEEPEM_LOGT, TemperatureResponse
 
 __all__ = ["Predictor"]
@@ -86,8 +87,6 @@ class Predictor:
     ) -> Predictor:
         """A freshly initialised (untrained) network with Flax's default initialisers (and
         :func:`deepem_jax.refine.init_refine_params` for its refinement steps)."""
-        from .refine import init_refine_params
-
         cfg = get_config(config) if isinstance(config, str) else config
         x = jnp.zeros((1, cfg.n_channels), jnp.float32)
         params = dict(DeepEMNet(cfg).init(rng, x)["params"])

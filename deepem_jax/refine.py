@@ -24,7 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from ._linalg import cholesky_solve
+from ._linalg import cholesky_solve_rows, pair_products
 
 __all__ = ["FLOOR", "init_refine_params", "refine"]
 
@@ -65,9 +65,9 @@ def refine(
     instead of ``y``. Pure jnp in the dtype of ``em``: jit-able and differentiable with
     respect to ``params``, ``em`` and ``offset``."""
     dtype = em.dtype
-    C, n_t = K.shape
+    C = K.shape[0]
     Ks = jnp.asarray(K, dtype) * _EM_UNIT
-    KK = (Ks[:, None, :] * Ks[None, :, :]).reshape(C * C, n_t).T
+    KK = pair_products(Ks)
     inv = 1.0 / sigma.astype(dtype)
     ys = y.astype(dtype) * inv
     if offset is not None:
@@ -85,13 +85,7 @@ def refine(
         A = A.reshape(-1, C * C)
         trace = jnp.sum(A * eye, -1, keepdims=True)
         A = A + (lam / C) * trace * eye + jnp.finfo(dtype).tiny
-        v = jnp.stack(
-            cholesky_solve(
-                [[A[:, i * C + j] for j in range(C)] for i in range(C)],
-                [r[:, i] for i in range(C)],
-            ),
-            -1,
-        )
+        v = cholesky_solve_rows(A.reshape(-1, C, C), r)
         du = -eta * x * ((v * inv) @ Ks)
         u = u + _MAX_STEP * jnp.tanh(du / _MAX_STEP)
     return jnp.exp(u) * _EM_UNIT
