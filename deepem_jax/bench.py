@@ -62,8 +62,6 @@ __all__ = ["matmul_peak_flops", "run_suite", "to_markdown", "write_report"]
 DEMREG_TIMEOUT = 900
 #: Pixels of the warm-up call of the HiGHS row (compiles the JAX parts of the BP pipeline).
 _HIGHS_WARMUP = 2
-#: Pixels per network tile in :func:`deepem_jax.invert` (the warm-up of the tiled run).
-_NET_TILE = 65536
 
 _DESCRIPTIONS = {
     "bp_highs": (
@@ -642,7 +640,7 @@ def _flops(m: dict[str, float], flops_per_pixel: float, peak: float) -> dict[str
 def _bench_tiled(ctx: _Context, y: np.ndarray, sigma: np.ndarray, tiled_size: int) -> None:
     """The networks alone (``consistency=False``) on a 256^2 scene tiled to ``tiled_size``
     (rounded down to a multiple of 256, at least 256); BP is not run."""
-    from .pipeline import invert
+    from .pipeline import _NET_TILE, invert
 
     reps = max(tiled_size // 256, 1)
     big_y = np.tile(y.astype(np.float32), (reps, reps, 1))

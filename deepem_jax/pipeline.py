@@ -36,8 +36,11 @@ MIN_CHANNELS = 3
 METHODS = ("bp", "net", "fit")
 #: Statuses of pixels that were judged against a tolerance band.
 _JUDGED = [DEMStatus.SOLVED, DEMStatus.INFEASIBLE, DEMStatus.MAX_ITER, DEMStatus.OUTSIDE_BAND]
-#: Pixels per jit-compiled network tile.
+#: Pixels per jit-compiled tile of the fit.
 _TILE = 65536
+#: Pixels per jit-compiled network tile: small enough that a tile's hidden activations stay in
+#: the CPU's caches (README, "Benchmarks").
+_NET_TILE = 4096
 #: Pixels per host block of BP and of the synthetic intensities and chi^2 (bounds the float64
 #: temporaries of a full-disk inversion).
 _ROWS = 1 << 18
@@ -591,7 +594,7 @@ def _run_net(obs, factors, response, predictor, tolfac, consistency, progress):
     em, in_band, finite = map_rows(
         lambda a, b: fn(a, b),
         [yf, sf],
-        bucket(yf.shape[0], _TILE, min_size=1),
+        bucket(yf.shape[0], _NET_TILE, min_size=1),
         fills=(0.0, 1.0),
         on_chunk=None if bar is None else bar.update,
     )
@@ -604,7 +607,7 @@ def _run_net(obs, factors, response, predictor, tolfac, consistency, progress):
             em[redo], in_band[redo], finite[redo] = map_rows(
                 partial(_project_tile, K=K, tolfac=tol, n_iter=10),
                 [em[redo], yf[redo], sf[redo]],
-                bucket(redo.size, _TILE, min_size=1),
+                bucket(redo.size, _NET_TILE, min_size=1),
                 fills=(0.0, 0.0, 1.0),
             )
     lead = y.shape[:-1]

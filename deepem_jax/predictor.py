@@ -102,7 +102,7 @@ class Predictor:
         response: TemperatureResponse | None = None,
         tolfac: float = 1.4,
         dtype: Any = jnp.float32,
-        tile_size: int = 65536,
+        tile_size: int = 4096,
         progress: bool = False,
     ) -> np.ndarray | u.Quantity:
         """EM (..., n_T) in cm^-5 per bin of intensities (..., n_channels) in DN s^-1 pix^-1.

@@ -10,10 +10,11 @@ end with the network (``ModelConfig.refine_steps``). With the normalised residua
 
 with ``eta_k = softplus(a_k)`` and ``lambda_k = softplus(b_k)`` learned per step. A network
 may also predict where in the band its data should land: with ``offset`` the residual is
-taken against ``y + offset * sigma`` (``ModelConfig.band_target``). The C x C
-system is solved by the unrolled Cholesky of :mod:`deepem_jax._linalg` with pixels in the batch
-axis, and ``J J.T`` is one (N, n_T) x (n_T, C^2) product, so a step costs a few hundred
-multiply-adds per pixel (the original MLP: ~97k). Bins where the network's EM is below
+taken against ``y + offset * sigma`` (``ModelConfig.band_target``). The steps
+run with pixels in the last axis: ``J J.T`` is one (C^2, n_T) x (n_T, N) product and the C x C
+systems are solved by the unrolled Cholesky of :mod:`deepem_jax._linalg` on contiguous (N,)
+rows, so a step costs a few hundred multiply-adds per pixel (the original MLP: ~97k) in
+vector operations over pixels. Bins where the network's EM is below
 ``FLOOR`` cm^-5 start at ``FLOOR``.
 """
 
@@ -24,7 +25,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from ._linalg import cholesky_solve_rows, pair_products
+from ._linalg import cholesky_solve, pair_products
 
 __all__ = ["FLOOR", "init_refine_params", "refine"]
 
@@ -66,26 +67,27 @@ def refine(
     respect to ``params``, ``em`` and ``offset``."""
     dtype = em.dtype
     C = K.shape[0]
-    Ks = jnp.asarray(K, dtype) * _EM_UNIT
-    KK = pair_products(Ks)
-    inv = 1.0 / sigma.astype(dtype)
-    ys = y.astype(dtype) * inv
+    Ks = jnp.asarray(K, dtype) * _EM_UNIT  # (C, n_T)
+    KK = pair_products(Ks).T  # (C*C, n_T)
+    inv = 1.0 / sigma.astype(dtype).T  # (C, N): pixels last from here on
+    ys = y.astype(dtype).T * inv
     if offset is not None:
-        ys = ys + offset.astype(dtype)
-    u = jnp.log(jnp.maximum(em, FLOOR) / _EM_UNIT)
-    eye = jnp.eye(C, dtype=dtype).reshape(C * C)
+        ys = ys + offset.astype(dtype).T
+    u = jnp.log(jnp.maximum(em, FLOOR) / _EM_UNIT).T
+    tiny = jnp.finfo(dtype).tiny
     for eta, lam in zip(
         jax.nn.softplus(params["eta"]).astype(dtype),
         jax.nn.softplus(params["lam"]).astype(dtype),
         strict=True,
     ):
         x = jnp.exp(u)
-        r = (x @ Ks.T) * inv - ys
-        A = ((x * x) @ KK).reshape(-1, C, C) * inv[:, :, None] * inv[:, None, :]
-        A = A.reshape(-1, C * C)
-        trace = jnp.sum(A * eye, -1, keepdims=True)
-        A = A + (lam / C) * trace * eye + jnp.finfo(dtype).tiny
-        v = cholesky_solve_rows(A.reshape(-1, C, C), r)
-        du = -eta * x * ((v * inv) @ Ks)
+        r = (Ks @ x) * inv - ys
+        A = KK @ (x * x)
+        M = [[A[i * C + j] * inv[i] * inv[j] for j in range(C)] for i in range(C)]
+        damp = (lam / C) * sum(M[i][i] for i in range(C)) + tiny
+        for i in range(C):
+            M[i][i] = M[i][i] + damp
+        v = jnp.stack(cholesky_solve(M, list(r)))
+        du = -eta * x * (Ks.T @ (v * inv))
         u = u + _MAX_STEP * jnp.tanh(du / _MAX_STEP)
-    return jnp.exp(u) * _EM_UNIT
+    return (jnp.exp(u) * _EM_UNIT).T
