@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["cholesky_solve", "cholesky_solve_rows", "pair_products", "small_solve"]
+__all__ = ["cholesky_solve", "pair_products", "small_solve"]
 
 
 def small_solve(A: jax.Array, b: jax.Array) -> jax.Array:
@@ -61,16 +61,6 @@ def cholesky_solve(M: list[list[jax.Array]], b: list[jax.Array]) -> list[jax.Arr
         s = sum((L[k][i] * x[k] for k in range(i + 1, C)), zero)
         x[i] = (z[i] - s) / L[i][i]
     return x
-
-
-def cholesky_solve_rows(M: jax.Array, b: jax.Array) -> jax.Array:
-    """:func:`cholesky_solve` of systems given as arrays: ``M`` (N, C, C), ``b`` (N, C);
-    returns ``x`` (N, C)."""
-    C = b.shape[-1]
-    x = cholesky_solve(
-        [[M[:, i, j] for j in range(C)] for i in range(C)], [b[:, i] for i in range(C)]
-    )
-    return jnp.stack(x, -1)
 
 
 def pair_products(K: jax.Array) -> jax.Array:

@@ -605,7 +605,7 @@ def _run_net(obs, factors, response, predictor, tolfac, consistency, progress):
         redo = np.flatnonzero(~in_band & finite & np.all(np.isfinite(em), -1))
         if redo.size:
             em[redo], in_band[redo], finite[redo] = map_rows(
-                partial(_project_tile, K=K, tolfac=tol, n_iter=10),
+                partial(_project_tile, K=K, tolfac=tol, n_iter=20),
                 [em[redo], yf[redo], sf[redo]],
                 bucket(redo.size, _NET_TILE, min_size=1),
                 fills=(0.0, 0.0, 1.0),
