@@ -584,7 +584,10 @@ def _bench_net(ctx: _Context, scene: _Scene, name: str, net) -> None:
             lambda c=consistent: invert(scene.y, "net", predictor=net, consistency=c, **kw), n
         )
         method = f"net_{name}_consistent_f32" if consistent else f"net_{name}_f32"
-        extra = {} if consistent else _flops(m, fpp, ctx.peak_flops)
+        if consistent:
+            extra = {"bp_fallback_pixels": res.provenance["BPFALLBK"]}
+        else:
+            extra = _flops(m, fpp, ctx.peak_flops)
         _record_invert(ctx, scene, method, res, m, "all", scene.common, **extra)
     if net.config.refine_steps:
         return  # its refinement needs sigma: predict(dtype=bfloat16) takes the network alone
@@ -833,6 +836,23 @@ def to_markdown(report: dict[str, Any]) -> str:
                 f"{r['pixels_per_s_with_init']:,.0f} | {st['median']:.0f} / {st['p99']:.0f} / "
                 f"{st['max']} | {counts} | {_fmt(b['fit_chi2_median'], '.3g')} | "
                 f"{_fmt(b['bp_chi2_median'], '.3g')} ({b['pixels']:,} px) |"
+            )
+    nets = [r for r in report["results"] if "status_counts" in r and r["method"].startswith("net_")]
+    if nets:
+        lines += [
+            "",
+            "Network rows through `invert`: statuses (SOLVED: inside BP's band) and, for the "
+            "shipped model, the pixels BP solved in its consistency step.",
+            "",
+            "| method | size | statuses | solved by BP |",
+            "|---|---|---|---|",
+        ]
+        for r in nets:
+            counts = ", ".join(f"{k} {v:,}" for k, v in r["status_counts"].items())
+            bp_px = r.get("bp_fallback_pixels")
+            lines.append(
+                f"| {r['method']} | {r['size']}² | {counts} | "
+                f"{'' if bp_px is None else format(bp_px, ',')} |"
             )
     if report.get("full_disk"):
         lines += [

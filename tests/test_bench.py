@@ -57,6 +57,13 @@ def test_every_method_row_with_compile_time_and_fit(report):
     assert rows["bp_highs"]["pixels"] == 6
     assert rows["bp_jax_f32"]["pixels"] == SIZE * SIZE
     assert rows["bp_jax_f32"]["status_counts"]["SOLVED"] > 0.9 * SIZE * SIZE
+    # the shipped model sends to BP at most the pixels the network alone left outside the band
+    alone, shipped = rows["net_deepem_f32"], rows["net_deepem_consistent_f32"]
+    outside = alone["pixels"] - alone["status_counts"].get("SOLVED", 0)
+    assert 0 <= shipped["bp_fallback_pixels"] <= outside
+    md = to_markdown(report)
+    assert "| statuses | solved by BP |" in md
+    assert f"| net_deepem_consistent_f32 | {SIZE}² | SOLVED " in md
 
 
 def test_ratios_name_their_reference(report):
