@@ -138,21 +138,27 @@ def _measure(
     n_pixels: int,
     warmup: Callable[[], Any] | None = None,
     warm_pixels: int | None = None,
+    repeats: int = 1,
 ) -> tuple[Any, dict[str, float]]:
     """``fn()``'s result and timing: a first call ``warmup`` (default ``fn``) on
-    ``warm_pixels`` pixels (default ``n_pixels``), then the measured call with the peak RSS
-    increase sampled. ``compile_seconds`` is the first call's time minus what the measured
-    rate gives for its pixels."""
+    ``warm_pixels`` pixels (default ``n_pixels``), then ``repeats`` measured calls with the
+    peak RSS increase sampled over them; ``seconds`` is their median (``seconds_each`` all of
+    them). ``compile_seconds`` is the first call's time minus what the measured rate gives for
+    its pixels."""
     warm_pixels = n_pixels if warm_pixels is None else warm_pixels
     t0 = time.perf_counter()
     (warmup or fn)()
     first = time.perf_counter() - t0
+    times = []
     with _PeakRSS() as mem:
-        t0 = time.perf_counter()
-        out = fn()
-        dt = time.perf_counter() - t0
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t0)
+    dt = float(np.median(times))
     return out, {
         "seconds": dt,
+        "seconds_each": times,
         "pixels_per_s": n_pixels / dt,
         "first_call_seconds": first,
         "first_call_pixels": warm_pixels,
@@ -242,6 +248,7 @@ def run_suite(
     log: Callable[[str], None] | None = print,
     fit_pixels: int = 4096,
     full_disk: int = 0,
+    repeats: int = 3,
 ) -> dict[str, Any]:
     """Run the suite; a JSON-ready dict with ``meta``, ``results`` (one row per method and
     size), ``ratios``, ``methods`` (what each row ran) and ``full_disk``. ``fit_pixels`` caps
@@ -249,7 +256,11 @@ def run_suite(
     two calls of ~85 s each on a 2-core CPU). ``full_disk``: side of the real-image BP run
     (:func:`deepem_jax.bench_disk.full_disk_bp`, once with the inputs as ``load_aia`` returns
     them and once in float32; each in a fresh process, minutes at 4096); 0 skips it, and so
-    does a missing synoptic data set (recorded in ``meta["errors"]``)."""
+    does a missing synoptic data set (recorded in ``meta["errors"]``). Every per-size row
+    times ``repeats`` calls after its warm-up call and reports their median (the tiled run:
+    one call)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     from .forward import synthetic_scene
     from .predictor import Predictor
     from .pretrained import load_default_predictor
@@ -267,12 +278,12 @@ def run_suite(
     }
     peak = matmul_peak_flops()
     demregpy_version = _demregpy_version() if demreg_pixels else None
-    meta = _run_meta(response, exptime, peak, demregpy_version)
+    meta = {**_run_meta(response, exptime, peak, demregpy_version), "repeats": repeats}
     say(
         f"device {meta['device']} ({meta['platform']}), jax {meta['jax_version']}, "
         f"{meta['cpu_count']} cores, matmul peak {peak / 1e9:.1f} GFLOP/s"
     )
-    ctx = _Context(response, channels, nets, peak, [], {}, say)
+    ctx = _Context(response, channels, nets, peak, [], {}, say, repeats)
     for size in sizes:
         say(f"size {size}x{size}")
         n_demreg = demreg_pixels if demregpy_version else 0
@@ -376,6 +387,7 @@ class _Context:
     results: list[dict[str, Any]]
     errors: dict[str, str]
     say: Callable[[str], None]
+    repeats: int = 1
 
     def record(self, method, scene_size, pixels, pixel_set, m, fit, same=None, **extra) -> None:
         row = {
@@ -451,6 +463,7 @@ def _bench_highs(ctx: _Context, scene: _Scene) -> None:
     res, m = _measure(
         lambda: invert(ys, "bp", solver=bp.HiGHS(), **kw),
         scene.n_highs,
+        repeats=ctx.repeats,
         warmup=lambda: invert(
             ys[:_HIGHS_WARMUP],
             "bp",
@@ -472,7 +485,11 @@ def _bench_bp_jax(ctx: _Context, scene: _Scene, with_f64: bool) -> tuple[Any, fl
     out = None
     for prec in ("float32", "float64") if with_f64 else ("float32",):
         solver = bp.DualSimplex(precision=prec)
-        res, m = _measure(lambda solver=solver: invert(scene.y, "bp", solver=solver, **kw), scene.n)
+        res, m = _measure(
+            lambda solver=solver: invert(scene.y, "bp", solver=solver, **kw),
+            scene.n,
+            repeats=ctx.repeats,
+        )
         extra = _bp_new_process_seconds(ctx, scene) if prec == "float32" else {}
         _record_invert(ctx, scene, f"bp_jax_f{prec[-2:]}", res, m, "all", scene.common, **extra)
         out = (res, m["pixels_per_s"]) if out is None else out
@@ -498,7 +515,11 @@ def _bench_fit(ctx: _Context, scene: _Scene, bp_res, bp_rate: float) -> None:
     bp_solved = bp_res.status.reshape(-1)[idx] == DEMStatus.SOLVED
     bp_chi2 = bp_res.chi2.reshape(-1)[idx]
     K = np.asarray(ctx.response.K, np.float32)
-    res, m = _measure(lambda: jax.block_until_ready(fit(y, s, K, Fitter(), em0=em0)), len(idx))
+    res, m = _measure(
+        lambda: jax.block_until_ready(fit(y, s, K, Fitter(), em0=em0)),
+        len(idx),
+        repeats=ctx.repeats,
+    )
     em, chi2 = np.asarray(res.em, np.float64), np.asarray(res.chi2, np.float64)
     steps, status = np.asarray(res.steps), np.asarray(res.status)
     n_common = len(scene.common)
@@ -581,7 +602,9 @@ def _bench_net(ctx: _Context, scene: _Scene, name: str, net) -> None:
     kw = ctx.invert_kwargs(scene.sigma)
     for consistent in (False, "exact"):
         res, m = _measure(
-            lambda c=consistent: invert(scene.y, "net", predictor=net, consistency=c, **kw), n
+            lambda c=consistent: invert(scene.y, "net", predictor=net, consistency=c, **kw),
+            n,
+            repeats=ctx.repeats,
         )
         method = f"net_{name}_consistent_f32" if consistent else f"net_{name}_f32"
         if consistent:
@@ -591,7 +614,7 @@ def _bench_net(ctx: _Context, scene: _Scene, name: str, net) -> None:
         _record_invert(ctx, scene, method, res, m, "all", scene.common, **extra)
     if net.config.refine_steps:
         return  # its refinement needs sigma: predict(dtype=bfloat16) takes the network alone
-    em, m = _measure(lambda: net.predict(scene.y, dtype=jnp.bfloat16), n)
+    em, m = _measure(lambda: net.predict(scene.y, dtype=jnp.bfloat16), n, repeats=ctx.repeats)
     em = em.reshape(n, -1)
     chi2 = _chi2(em, ctx.response.K, *scene.flat())
     ctx.record(
@@ -800,7 +823,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"jax {meta['jax_version']}, measured f32 matmul peak {meta['matmul_peak_gflops']:.1f} "
         f"GFLOP/s; demregpy: {meta['demregpy']}",
         "",
-        "px/s: second call. compile: first call minus the second call's time for its pixels. "
+        f"px/s: median of {meta.get('repeats', 1)} calls after the first (the tiled run: one). "
+        "compile: first call minus the median call's time for its pixels. "
         "χ²: mean over channels of ((K·EM − y)/σ)², median over pixels with an EM; "
         "'same px': over the pixels every method of that size ran on. neg: fraction of pixels "
         "with an EM that have a negative bin. GFLOP/s: network FLOPs over the whole call.",

@@ -532,7 +532,14 @@ def train(
     help="Side of a full-disk BP run on the real synoptic image tiled (e.g. 4096; needs "
     "$DEEPEM_JAX_DATA; minutes; 0: skip).",
 )
-def bench(sizes, tiled, out_dir, highs_pixels, fit_pixels, full_disk):
+@click.option(
+    "--repeats",
+    default=3,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Timed calls per row after its warm-up call; the median is reported.",
+)
+def bench(sizes, tiled, out_dir, highs_pixels, fit_pixels, full_disk, repeats):
     """Benchmark network inference against Basis Pursuit (JAX and HiGHS) on the same pixels.
 
     \b
@@ -553,6 +560,7 @@ def bench(sizes, tiled, out_dir, highs_pixels, fit_pixels, full_disk):
         highs_pixels=highs_pixels,
         fit_pixels=fit_pixels,
         full_disk=full_disk,
+        repeats=repeats,
         log=click.echo,
     )
     jpath, mpath = write_report(report, out_dir)

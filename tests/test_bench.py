@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO
 
@@ -26,6 +27,8 @@ INVERT_ROWS = [
     "net_small_f32",
     "net_small_consistent_f32",
 ]
+#: Timed calls per row.
+REPEATS = 2
 #: The shipped network refines against sigma, so it has no Predictor.predict (bf16) row.
 PREDICT_ROWS = ["net_small_bf16"]
 
@@ -33,7 +36,13 @@ PREDICT_ROWS = ["net_small_bf16"]
 @pytest.fixture(scope="module")
 def report():
     return run_suite(
-        [SIZE], None, highs_pixels=6, demreg_pixels=12, fit_pixels=FIT_PIXELS, log=None
+        [SIZE],
+        None,
+        highs_pixels=6,
+        demreg_pixels=12,
+        fit_pixels=FIT_PIXELS,
+        log=None,
+        repeats=REPEATS,
     )
 
 
@@ -52,6 +61,8 @@ def test_every_method_row_with_compile_time_and_fit(report):
         assert math.isfinite(r["chi2_median"]) and r["chi2_median"] >= 0
         assert 0 <= r["em_fraction"] <= 1
         assert r["same_pixels"]["pixels"] == 6
+        assert len(r["seconds_each"]) == REPEATS
+        assert r["seconds"] == np.median(r["seconds_each"])
     for name in INVERT_ROWS:
         assert sum(rows[name]["status_counts"].values()) == rows[name]["pixels"]
     assert rows["bp_highs"]["pixels"] == 6

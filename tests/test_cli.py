@@ -158,12 +158,17 @@ def test_train_and_resume(runner, tmp_path):
 
 def test_bench_small(runner, tmp_path):
     args = ["bench", "--sizes", "16", "--tiled", "0", "--highs-pixels", "5", "--fit-pixels", "8"]
-    r = runner.invoke(main, [*args, "--out", str(tmp_path)])
+    r = runner.invoke(main, [*args, "--repeats", "1", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.md").exists()
     assert "bp_jax_f32" in r.output and "net_deepem_f32" in r.output
-    rows = json.loads((tmp_path / "bench.json").read_text())["results"]
-    assert [row["pixels"] for row in rows if row["method"] == "fit_bp_f32"] == [8]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["meta"]["repeats"] == 1
+    timed = [row for row in report["results"] if row["method"] != "demregpy"]  # own timer
+    assert timed and all(len(row["seconds_each"]) == 1 for row in timed)
+    assert [row["pixels"] for row in report["results"] if row["method"] == "fit_bp_f32"] == [8]
+    r = runner.invoke(main, [*args, "--repeats", "0", "--out", str(tmp_path)])
+    assert r.exit_code != 0 and "repeats" in r.output
 
 
 def test_demo(runner, tmp_path, monkeypatch):
