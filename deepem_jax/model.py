@@ -142,7 +142,8 @@ class ModelConfig:
 
 
 #: Named configurations: the original network, a small one for quick experiments, and both
-#: followed by learned Gauss-Newton steps (:mod:`deepem_jax.refine`).
+#: followed by learned Gauss-Newton steps (:mod:`deepem_jax.refine`); ``mid_gnt`` is a
+#: half-width MLP with the steps (a quarter of the original's multiply-adds).
 CONFIGS: dict[str, ModelConfig] = {
     "deepem": ModelConfig(),
     "small": ModelConfig(hidden=(64, 64)),
@@ -150,6 +151,7 @@ CONFIGS: dict[str, ModelConfig] = {
     "small_gn": ModelConfig(hidden=(64, 64), refine_steps=5),
     "deepem_gnt": ModelConfig(refine_steps=5, band_target=True),
     "small_gnt": ModelConfig(hidden=(64, 64), refine_steps=5, band_target=True),
+    "mid_gnt": ModelConfig(hidden=(150, 150), refine_steps=5, band_target=True),
 }
 
 
