@@ -3,10 +3,13 @@
 import astropy.units as u
 import numpy as np
 
-__all__ = ["INTENSITY_UNIT", "to_value"]
+__all__ = ["INTENSITY_UNIT", "SCALED_EM", "to_value"]
 
 #: Exposure-normalised AIA intensity, DN s^-1 pix^-1.
 INTENSITY_UNIT = u.DN / (u.s * u.pix)
+#: EM unit (cm^-5) of the scaled arithmetic inside the consistency projection and the
+#: refinement steps, keeping their float32 intermediates near 1.
+SCALED_EM = 1e26
 
 
 def to_value(q, unit: u.UnitBase, name: str, allow_plain: bool = False) -> np.ndarray:

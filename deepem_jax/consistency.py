@@ -32,11 +32,10 @@ import jax
 import jax.numpy as jnp
 
 from ._linalg import cholesky_solve, pair_products
+from ._units import SCALED_EM as _EM_UNIT
 
 __all__ = ["ConsistencyResult", "project_to_band"]
 
-#: EM unit of the internal arithmetic (cm^-5), keeping float32 intermediates near 1.
-_EM_UNIT = 1e26
 #: ``c`` of the Newton steps' active-set guess ``clip(t - c w nu, lower', upper')`` (``w`` the
 #: shrunk band's width): smaller values trust the resynthesis more than the multipliers' signs.
 _CLIP_SCALE = 0.03

@@ -26,13 +26,12 @@ import jax
 import jax.numpy as jnp
 
 from ._linalg import cholesky_solve, pair_products
+from ._units import SCALED_EM as _EM_UNIT
 
 __all__ = ["FLOOR", "init_refine_params", "refine"]
 
 #: Smallest EM per bin (cm^-5) the refinement starts from (its intensities are ~1e-4 DN/s).
 FLOOR = 1e20
-#: EM unit of the internal arithmetic (cm^-5), keeping float32 intermediates near 1.
-_EM_UNIT = 1e26
 #: Bound on each entry of a step in log EM (a factor of e^3).
 _MAX_STEP = 3.0
 
