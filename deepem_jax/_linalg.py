@@ -64,8 +64,8 @@ def cholesky_solve(M: list[list[jax.Array]], b: list[jax.Array]) -> list[jax.Arr
 
 
 def pair_products(K: jax.Array) -> jax.Array:
-    """(n, C*C) products ``K[i, t] * K[j, t]`` of every row pair of ``K`` (C, n), per column
-    ``t``: ``w @ pair_products(K)`` reshaped to (C, C) is ``K diag(w) K.T`` for each row of
-    weights ``w`` (N, n)."""
+    """(C*C, n) products ``K[i, t] * K[j, t]`` of every row pair of ``K`` (C, n), per column
+    ``t``: ``pair_products(K) @ w`` reshaped to (C, C) is ``K diag(w) K.T`` for each column of
+    weights ``w`` (n, N)."""
     C, n = K.shape
-    return (K[:, None, :] * K[None, :, :]).reshape(C * C, n).T
+    return (K[:, None, :] * K[None, :, :]).reshape(C * C, n)

@@ -139,7 +139,7 @@ def _scaled_problem(x0: jax.Array, K: jax.Array, lower, upper, margin: float) ->
     inv = jnp.where(ok, 1.0 / jnp.where(hi > 0, hi, 1.0), 1.0)
     Ks = jnp.asarray(K, dtype) * _EM_UNIT
     lo_m, hi_m = lo + margin * (hi - lo), hi - margin * (hi - lo)
-    return _Problem(x0, Ks, pair_products(Ks).T, inv, lo, hi, lo_m * inv, hi_m * inv, ok)
+    return _Problem(x0, Ks, pair_products(Ks), inv, lo, hi, lo_m * inv, hi_m * inv, ok)
 
 
 def _newton_step(p: _Problem, nu: jax.Array, max_step: float) -> jax.Array:

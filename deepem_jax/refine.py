@@ -67,7 +67,7 @@ def refine(
     dtype = em.dtype
     C = K.shape[0]
     Ks = jnp.asarray(K, dtype) * _EM_UNIT  # (C, n_T)
-    KK = pair_products(Ks).T  # (C*C, n_T)
+    KK = pair_products(Ks)  # (C*C, n_T)
     inv = 1.0 / sigma.astype(dtype).T  # (C, N): pixels last from here on
     ys = y.astype(dtype).T * inv
     if offset is not None:
