@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["cholesky_solve", "pair_products", "small_solve"]
+__all__ = ["cholesky_solve", "pair_products", "small_solve", "symmetric"]
 
 
 def small_solve(A: jax.Array, b: jax.Array) -> jax.Array:
@@ -64,8 +64,23 @@ def cholesky_solve(M: list[list[jax.Array]], b: list[jax.Array]) -> list[jax.Arr
 
 
 def pair_products(K: jax.Array) -> jax.Array:
-    """(C*C, n) products ``K[i, t] * K[j, t]`` of every row pair of ``K`` (C, n), per column
-    ``t``: ``pair_products(K) @ w`` reshaped to (C, C) is ``K diag(w) K.T`` for each column of
-    weights ``w`` (n, N)."""
-    C, n = K.shape
-    return (K[:, None, :] * K[None, :, :]).reshape(C * C, n)
+    """(C(C+1)/2, n) products ``K[i, t] * K[j, t]`` of the row pairs ``j <= i`` of ``K`` (C, n),
+    per column ``t``, in the order ``(0, 0), (1, 0), (1, 1), (2, 0), ...``: ``pair_products(K)
+    @ w`` holds the lower triangle of ``K diag(w) K.T`` for each column of weights ``w`` (n, N);
+    :func:`symmetric` unpacks it."""
+    C = K.shape[0]
+    return jnp.stack([K[i] * K[j] for i in range(C) for j in range(i + 1)])
+
+
+def symmetric(rows: jax.Array, scale: jax.Array) -> list[list[jax.Array]]:
+    """The symmetric C x C matrices ``M[i][j] = rows[p(i, j)] * scale[i] * scale[j]`` entry-wise
+    (each a (N,) array, as :func:`cholesky_solve` takes them) from the (C(C+1)/2, N) lower
+    triangles ``rows`` in :func:`pair_products`' order and the (C, N) row scales ``scale``."""
+    C = scale.shape[0]
+    M: list[list[jax.Array]] = [[None] * C for _ in range(C)]  # type: ignore[list-item]
+    p = 0
+    for i in range(C):
+        for j in range(i + 1):
+            M[i][j] = M[j][i] = rows[p] * (scale[i] * scale[j])
+            p += 1
+    return M

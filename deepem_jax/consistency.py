@@ -31,7 +31,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ._linalg import cholesky_solve, pair_products
+from ._linalg import cholesky_solve, pair_products, symmetric
 from ._units import SCALED_EM as _EM_UNIT
 
 __all__ = ["ConsistencyResult", "project_to_band"]
@@ -117,7 +117,7 @@ class _Problem(NamedTuple):
 
     x0: jax.Array  # (n_T, N) starting EM, 0 where the pixel is not ``ok``
     Ks: jax.Array  # (C, n_T) response times _EM_UNIT
-    KK: jax.Array  # (C*C, n_T) products K_i K_j of channel pairs, per bin
+    KK: jax.Array  # (C(C+1)/2, n_T) products K_i K_j of channel pairs j <= i, per bin
     inv: jax.Array  # (C, N) channel scales, 1 where the pixel is not ``ok``
     lo: jax.Array  # (C, N) the band, DN s^-1 pix^-1
     hi: jax.Array
@@ -155,7 +155,7 @@ def _newton_step(p: _Problem, nu: jax.Array, max_step: float) -> jax.Array:
     edge = ((q < p.lo_m) | (q > p.hi_m)).astype(nu.dtype)
     F = t - jnp.clip(q, p.lo_m, p.hi_m)
     A = p.KK @ jnp.where(z > 0, p.x0, 0.0)
-    M = [[A[i * C + j] * p.inv[i] * p.inv[j] for j in range(C)] for i in range(C)]
+    M = symmetric(A, p.inv)
     ridge = 1e-6 * sum(M[i][i] for i in range(C)) + tiny
     free = nu * (1.0 - edge)
     # edge rows: M_EE d_E = -F_E + M_EI nu_I; inside rows: d_I = -nu_I (a symmetric system)

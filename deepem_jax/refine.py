@@ -10,11 +10,11 @@ end with the network (``ModelConfig.refine_steps``). With the normalised residua
 
 with ``eta_k = softplus(a_k)`` and ``lambda_k = softplus(b_k)`` learned per step. A network
 may also predict where in the band its data should land: with ``offset`` the residual is
-taken against ``y + offset * sigma`` (``ModelConfig.band_target``). The steps
-run with pixels in the last axis: ``J J.T`` is one (C^2, n_T) x (n_T, N) product and the C x C
-systems are solved by the unrolled Cholesky of :mod:`deepem_jax._linalg` on contiguous (N,)
-rows, so a step costs a few hundred multiply-adds per pixel (the original MLP: ~97k) in
-vector operations over pixels. Bins where the network's EM is below
+taken against ``y + offset * sigma`` (``ModelConfig.band_target``). The steps run with pixels
+in the last axis: the lower triangle of ``J J.T`` is one (C(C+1)/2, n_T) x (n_T, N) product and
+the C x C systems are solved by the unrolled Cholesky of :mod:`deepem_jax._linalg` on
+contiguous (N,) rows, so a step costs a few hundred multiply-adds per pixel (the original MLP:
+~97k) in vector operations over pixels. Bins where the network's EM is below
 ``FLOOR`` cm^-5 start at ``FLOOR``.
 """
 
@@ -25,7 +25,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from ._linalg import cholesky_solve, pair_products
+from ._linalg import cholesky_solve, pair_products, symmetric
 from ._units import SCALED_EM as _EM_UNIT
 
 __all__ = ["FLOOR", "init_refine_params", "refine"]
@@ -67,26 +67,24 @@ def refine(
     dtype = em.dtype
     C = K.shape[0]
     Ks = jnp.asarray(K, dtype) * _EM_UNIT  # (C, n_T)
-    KK = pair_products(Ks)  # (C*C, n_T)
+    KK = pair_products(Ks)  # (C(C+1)/2, n_T)
     inv = 1.0 / sigma.astype(dtype).T  # (C, N): pixels last from here on
     ys = y.astype(dtype).T * inv
     if offset is not None:
         ys = ys + offset.astype(dtype).T
-    u = jnp.log(jnp.maximum(em, FLOOR) / _EM_UNIT).T
+    x = jnp.maximum(em, FLOOR).T / _EM_UNIT  # exp(u), carried from step to step
     tiny = jnp.finfo(dtype).tiny
     for eta, lam in zip(
         jax.nn.softplus(params["eta"]).astype(dtype),
         jax.nn.softplus(params["lam"]).astype(dtype),
         strict=True,
     ):
-        x = jnp.exp(u)
         r = (Ks @ x) * inv - ys
-        A = KK @ (x * x)
-        M = [[A[i * C + j] * inv[i] * inv[j] for j in range(C)] for i in range(C)]
+        M = symmetric(KK @ (x * x), inv)
         damp = (lam / C) * sum(M[i][i] for i in range(C)) + tiny
         for i in range(C):
             M[i][i] = M[i][i] + damp
         v = jnp.stack(cholesky_solve(M, list(r)))
         du = -eta * x * (Ks.T @ (v * inv))
-        u = u + _MAX_STEP * jnp.tanh(du / _MAX_STEP)
-    return (jnp.exp(u) * _EM_UNIT).T
+        x = x * jnp.exp(_MAX_STEP * jnp.tanh(du / _MAX_STEP))
+    return (x * _EM_UNIT).T

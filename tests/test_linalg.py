@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepem_jax._linalg import cholesky_solve, small_solve
+from deepem_jax._linalg import cholesky_solve, pair_products, small_solve, symmetric
 
 
 def _well_conditioned(rng, N, C):
@@ -55,3 +55,14 @@ def test_cholesky_solve_matches_numpy(x64, C):
     x = np.stack([np.asarray(xi) for xi in x], -1)
     assert x.dtype == np.float64
     np.testing.assert_allclose(x, np.linalg.solve(M, b[..., None])[..., 0], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("C", [1, 3, 6])
+def test_pair_products_unpack_to_weighted_gram(x64, C):
+    """``symmetric(pair_products(K) @ w, s)`` is ``diag(s) K diag(w) K.T diag(s)`` per pixel."""
+    rng = np.random.default_rng(20 + C)
+    K, w, s = rng.uniform(0.1, 2, (C, 18)), rng.uniform(0, 3, (18, 50)), rng.uniform(1, 4, (C, 50))
+    M = symmetric(pair_products(jnp.asarray(K)) @ jnp.asarray(w), jnp.asarray(s))
+    got = np.stack([np.stack([np.asarray(M[i][j]) for j in range(C)]) for i in range(C)])
+    want = np.einsum("it,tn,jt->ijn", K, w, K) * s[:, None, :] * s[None, :, :]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
