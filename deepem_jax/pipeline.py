@@ -409,6 +409,11 @@ def _result(obs, em, status, used, logt, resp, factors, method, tolfac, cards, t
     em = np.asarray(em, dtype=np.float32)
     if not em.flags.writeable:
         em = em.copy()
+    # an EM beyond float32 (or any method's inf/NaN) is flagged, never passed on as SOLVED
+    lost = has_em & ~np.all(np.isfinite(em), axis=-1)
+    if lost.any():
+        status = np.where(lost, np.int8(DEMStatus.NONFINITE_OUTPUT), status).astype(status.dtype)
+        has_em &= ~lost
     em[~has_em] = np.nan
     Kf = (np.asarray(resp.K, dtype=np.float64) * factors[:, None]).T.astype(np.float32)
     synth, chi = _synthetic_chi2(em, has_em, Kf, obs.y, obs.sigma)

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from deepem_jax import bp
 from deepem_jax.basis import cheung_basis
 from deepem_jax.cli import main
+from deepem_jax.data import sample_observation
 from deepem_jax.forward import forward, noisy_observation, random_dems
 from deepem_jax.io import load_aia, read_dem_cube
 from deepem_jax.pipeline import DEMWarning, invert
@@ -107,12 +108,19 @@ def test_bad_pixels_get_a_status_and_nan_em(five_channel_pixels):
         assert np.all(np.isfinite(res.em[3:][res.has_em[3:]]))
 
 
-def test_network_overflow_is_flagged():
-    y = np.full((2, 6), 100.0)
-    y[1] = 1e30
-    res = invert(y, "net", sigma=0.1 * y, channels=default_response().wavelength, degradation=False)
-    assert res.status[1] == DEMStatus.NONFINITE_OUTPUT and np.all(np.isnan(res.em[1]))
-    assert res.status[0] in (DEMStatus.SOLVED, DEMStatus.OUTSIDE_BAND)
+@pytest.mark.parametrize("method", ["net", "bp"])
+def test_overflow_is_flagged(method):
+    """Pixels whose EM is beyond float32 (the shipped cutouts' intensities times 1e15) are
+    NONFINITE_OUTPUT with NaN EM and chi^2, never an infinite EM marked SOLVED."""
+    stack = load_aia(sample_observation("01:44"))
+    y, sig = stack.data[:2, :3].copy(), stack.sigma()[:2, :3].copy()
+    y[1] *= 1e15
+    sig[1] *= 1e15
+    with np.errstate(over="ignore"):
+        res = invert(y, method, sigma=sig, channels=stack.channels, obstime=stack.obstime)
+    assert np.all(res.status[1] == DEMStatus.NONFINITE_OUTPUT)
+    assert np.all(np.isnan(res.em[1])) and np.all(np.isnan(res.chi2[1]))
+    assert np.all(np.isin(res.status[0], [DEMStatus.SOLVED, DEMStatus.OUTSIDE_BAND]))
 
 
 def test_saturated_pixels_are_flagged(tmp_path):
