@@ -38,12 +38,15 @@ import dataclasses
 from functools import partial
 from typing import Any
 
+import astropy.units as u
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ._units import INTENSITY_UNIT, to_value
 from .basis import EM_SCALE, Basis
+from .response import RESPONSE_UNIT
 from .status import DEMStatus
 
 __all__ = ["PARAMETRISATIONS", "FitResult", "Fitter", "fit", "initial_params", "objective"]
@@ -335,23 +338,26 @@ def initial_params(
 
 
 def _prepare(y, sigma, theta0) -> tuple:
-    """Valid-pixel mask and the inputs with invalid pixels replaced by a harmless problem."""
+    """Valid-pixel mask, started mask (a finite start: intensities far beyond float range
+    make it inf or NaN) and the inputs with invalid or unstarted pixels replaced by a harmless
+    problem."""
     valid = jnp.all(jnp.isfinite(y), -1) & jnp.all(jnp.isfinite(sigma) & (sigma > 0), -1)
+    started = jnp.all(jnp.isfinite(theta0), -1)
     y0 = jnp.where(valid[..., None], y, 0.0)
     s0 = jnp.where(valid[..., None], sigma, 1.0)
-    th0 = jnp.where(valid[..., None] & jnp.isfinite(theta0), theta0, 0.0)
-    return valid, y0, s0, th0
+    th0 = jnp.where((valid & started)[..., None], theta0, 0.0)
+    return valid, started, y0, s0, th0
 
 
-def _finish(fitter: Fitter, valid, y0, s0, Ks, B, theta, gmax, steps) -> FitResult:
+def _finish(fitter: Fitter, valid, started, y0, s0, Ks, B, theta, gmax, steps) -> FitResult:
     """The :class:`FitResult` of fitted parameters (leading axes of the pixels). The EM,
-    chi^2 and objective of a pixel without a finite EM and objective (NONFINITE_OUTPUT) are
-    NaN, computed from a harmless problem so that gradients through the result are 0 for it,
-    not NaN (a NaN would reach the cotangent of ``Ks``, shared by every pixel)."""
+    chi^2 and objective of a pixel without a finite start, EM and objective (NONFINITE_OUTPUT)
+    are NaN, computed from a harmless problem so that gradients through the result are 0 for
+    it, not NaN (a NaN would reach the cotangent of ``Ks``, shared by every pixel)."""
     sg = jax.lax.stop_gradient
     f, _ = _pixel_terms(fitter, sg(theta), sg(y0), sg(s0), sg(Ks), B)
     em = EM_SCALE * _em_units(fitter, sg(theta), B)
-    finite = jnp.all(jnp.isfinite(em), -1) & jnp.isfinite(f)
+    finite = jnp.all(jnp.isfinite(em), -1) & jnp.isfinite(f) & started
     status = jnp.where(gmax <= fitter.gtol, int(DEMStatus.SOLVED), int(DEMStatus.MAX_STEPS))
     status = jnp.where(finite, status, int(DEMStatus.NONFINITE_OUTPUT))
     status = jnp.where(valid, status, int(DEMStatus.INVALID_INPUT)).astype(jnp.int8)
@@ -373,7 +379,7 @@ def _finish(fitter: Fitter, valid, y0, s0, Ks, B, theta, gmax, steps) -> FitResu
 
 @partial(jax.jit, static_argnums=(0,))
 def _fit(fitter: Fitter, y, sigma, K, B, theta0) -> FitResult:
-    valid, y0, s0, th0 = _prepare(y, sigma, theta0)
+    valid, started, y0, s0, th0 = _prepare(y, sigma, theta0)
     Ks = K * EM_SCALE
     if fitter.spatial:
         theta, _, gmax, steps = _argmin(fitter, th0, (y0, s0, Ks, B))
@@ -384,7 +390,7 @@ def _fit(fitter: Fitter, y, sigma, K, B, theta0) -> FitResult:
         solve = jax.vmap(_argmin, in_axes=(None, 0, (0, 0, None, None)))
         theta, _, gmax, steps = solve(fitter, flat(th0), (flat(y0), flat(s0), Ks, B))
         theta, gmax, steps = theta.reshape(*lead, -1), gmax.reshape(lead), steps.reshape(lead)
-    return _finish(fitter, valid, y0, s0, Ks, B, theta, gmax, steps)
+    return _finish(fitter, valid, started, y0, s0, Ks, B, theta, gmax, steps)
 
 
 # -- compacted batches (concrete inputs, no spatial coupling) ---------------------------------
@@ -440,7 +446,7 @@ def _fit_compacted(fitter, y, sigma, K, B, theta0, round_steps: int, chunk: int)
 
     lead = y.shape[:-1]
     flat = lambda a: np.asarray(a).reshape(-1, a.shape[-1])  # noqa: E731
-    valid, y0, s0, th0 = _prepare(y, sigma, theta0)
+    valid, started, y0, s0, th0 = _prepare(y, sigma, theta0)
     y0, s0 = flat(y0), flat(s0)
     Ks = K * EM_SCALE
     n = y0.shape[0]
@@ -475,6 +481,7 @@ def _fit_compacted(fitter, y, sigma, K, B, theta0, round_steps: int, chunk: int)
     return _finish_jit(
         fitter,
         valid,
+        started,
         y0.reshape(y.shape),
         s0.reshape(y.shape),
         Ks,
@@ -487,6 +494,14 @@ def _fit_compacted(fitter, y, sigma, K, B, theta0, round_steps: int, chunk: int)
 
 def _traced(*arrays) -> bool:
     return any(isinstance(a, jax.core.Tracer) for a in arrays)
+
+
+def _plain(a: Any, name: str, unit: u.UnitBase = INTENSITY_UNIT) -> Any:
+    """``a`` without units: a Quantity converted to ``unit`` (in its own dtype), anything else
+    (arrays, tracers, None) as it is."""
+    if not isinstance(a, u.Quantity):
+        return a
+    return to_value(a, unit, name).astype(a.dtype, copy=False)
 
 
 def fit(
@@ -504,6 +519,8 @@ def fit(
     in DN s^-1 pix^-1, through the response ``K`` (C, n_T) in DN cm^5 s^-1 pix^-1 (degraded to
     the observation, or undegraded with degradation-corrected intensities).
 
+    Each of these, and ``em0``, may be a plain array in those units or an astropy Quantity
+    (converted; ``UnitConversionError`` naming the argument if it cannot be).
     ``em0`` (..., n_T) in cm^-5 starts the fit (e.g. BP's or the network's EM; None: the flat
     DEM fitting the pixel); ``basis`` is required for ``parametrisation="basis"``. Computed in
     the dtype of ``intensities``; jit-able and vmap-able; differentiable (implicitly, see the
@@ -520,13 +537,27 @@ def fit(
     0 and no input is a JAX tracer (not under ``jit``, ``vmap`` or ``grad``); ``True`` requires
     that; ``False``: one jitted program.
     """
+    intensities, sigma = _plain(intensities, "intensities"), _plain(sigma, "sigma")
+    K, em0 = _plain(K, "K", RESPONSE_UNIT), _plain(em0, "em0", u.cm**-5)
     y = jnp.asarray(intensities)
     dt = y.dtype if jnp.issubdtype(y.dtype, jnp.floating) else jnp.result_type(float)
     y = y.astype(dt)
-    s = jnp.broadcast_to(jnp.asarray(sigma, dt), y.shape)
+    if y.ndim < 1:
+        raise ValueError(f"intensities must have shape (..., C), got {y.shape}")
+    try:
+        s = jnp.broadcast_to(jnp.asarray(sigma, dt), y.shape)
+    except ValueError:
+        raise ValueError(
+            f"sigma shape {jnp.shape(sigma)} does not broadcast to the intensities' {y.shape}"
+        ) from None
     Kd = jnp.asarray(K, dt)
     if Kd.ndim != 2 or Kd.shape[0] != y.shape[-1]:
         raise ValueError(f"K must be (C={y.shape[-1]}, n_T), got {Kd.shape}")
+    want = (*y.shape[:-1], Kd.shape[1])
+    if em0 is not None and jnp.shape(em0) != want:
+        raise ValueError(
+            f"em0 must have shape {want} (the intensities' pixels, K's bins), got {jnp.shape(em0)}"
+        )
     if fitter.spatial and y.ndim != 3:
         raise ValueError(f"spatial > 0 needs a map (ny, nx, C); intensities are {y.shape}")
     B = None if basis is None else jnp.asarray(basis.B, dt)

@@ -125,6 +125,35 @@ def test_vmap_equals_a_loop_and_bad_pixels_get_a_status(K):
     assert dj.DEMStatus.MAX_STEPS.has_em
 
 
+def test_quantities_are_converted_and_bad_arguments_named(K):
+    """Quantity inputs are converted (DN/ks/pix is 1/1000 of DN/s/pix: the same fit as the
+    plain values divided by 1000); wrong units and shapes are errors naming the argument."""
+    y, s = _pixels(K, 2)
+    rate = u.DN / (u.ks * u.pix)
+    got = F.fit(y * rate, s * rate, K * dj.response.RESPONSE_UNIT, em0=np.ones((2, 18)) * u.m**-5)
+    want = F.fit(y / 1e3, s / 1e3, K, em0=np.full((2, 18), 1e-4))
+    np.testing.assert_allclose(got.em, want.em, rtol=1e-6)
+    with pytest.raises(u.UnitConversionError, match="intensities has unit K"):
+        F.fit(y * u.K, s, K)
+    with pytest.raises(u.UnitConversionError, match="em0"):
+        F.fit(y, s, K, em0=np.ones((2, 18)) * u.DN)
+    with pytest.raises(ValueError, match=r"sigma shape \(3, 6\) does not broadcast"):
+        F.fit(np.vstack([y, y]), np.vstack([s, s])[:3], K)
+    with pytest.raises(ValueError, match=r"em0 must have shape \(2, 18\)"):
+        F.fit(y, s, K, em0=np.ones((2, 5)))
+
+
+def test_intensities_beyond_float_range_are_not_solved(K):
+    """At 1e30 times real intensities the fit's start overflows: NONFINITE_OUTPUT with NaN EM,
+    not a flat EM marked SOLVED after zero steps."""
+    y, s = _pixels(K, 2)
+    res = F.fit(
+        (y * [[1.0], [1e30]]).astype(np.float32), (s * [[1.0], [1e30]]).astype(np.float32), K
+    )
+    assert list(np.asarray(res.status)) == [0, int(dj.DEMStatus.NONFINITE_OUTPUT)]
+    assert np.all(np.isnan(res.em[1])) and np.all(np.isfinite(res.em[0]))
+
+
 def test_a_non_finite_pixel_does_not_poison_the_batch_gradient(K):
     """float32, one pixel with sigma 1e-30 (chi^2 overflows): it ends NONFINITE_OUTPUT with NaN
     EM, chi^2 and objective, and gradients of the other pixels' EM with respect to K and the
