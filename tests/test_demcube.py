@@ -240,3 +240,25 @@ def test_extension_shape_and_type_errors(tmp_path, wcs, em):
     with pytest.raises(TypeError, match="real numbers"):
         write_dem_cube(out, em, LOGT, wcs, extras={"c": np.zeros((NY, NX), complex)})
     assert not out.exists()
+
+
+def test_damaged_cubes_are_errors_naming_the_file(tmp_path, wcs, em):
+    """A truncated or garbled cube is a ValueError naming the file and what is wrong with it;
+    a missing file stays FileNotFoundError; a readable FITS image is 'not a DEM cube'."""
+    good = write_dem_cube(tmp_path / "good.fits", em, LOGT, wcs).read_bytes()
+    cut = tmp_path / "cut.fits"
+    cut.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match=r"cut\.fits: DEM cube file is truncated"):
+        read_dem_cube(cut)
+    bad = tmp_path / "bad.fits"
+    bad.write_bytes(good[:80] + b"\0" * 2800 + good[2880:])
+    with pytest.raises(
+        ValueError, match=r"bad\.fits: not a readable DEM cube, the file is corrupt"
+    ):
+        read_dem_cube(bad)
+    with pytest.raises(FileNotFoundError):
+        read_dem_cube(tmp_path / "missing.fits")
+    image = tmp_path / "image.fits"
+    fits.writeto(image, np.zeros((4, 4)))
+    with pytest.raises(ValueError, match=r"image\.fits is not a DEM cube"):
+        read_dem_cube(image)

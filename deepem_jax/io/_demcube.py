@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -336,13 +337,49 @@ def write_dem_cube(
 
 def read_dem_cube(path: str | os.PathLike) -> DEMCube:
     """Read a cube written by :func:`write_dem_cube` (EM in cm^-5, channels-last, in the
-    file's float type; extras and provenance as written)."""
+    file's float type; extras and provenance as written).
+
+    ``ValueError`` naming the file if it is not a DEM cube, or is truncated or corrupt;
+    ``OSError`` (e.g. ``FileNotFoundError``) if it cannot be opened."""
     path = Path(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # astropy only warns on a truncated file
+        try:
+            cube = _read_cube(path)
+        except _NotACube:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, OSError) as err:
+            if isinstance(err, OSError) and not os.path.isfile(path):
+                raise  # missing, a directory, no permission: not the file's content
+            _raise_if_truncated(path, caught)
+            raise ValueError(
+                f"{path}: not a readable DEM cube, the file is corrupt ({type(err).__name__}: "
+                f"{err})"
+            ) from err
+    _raise_if_truncated(path, caught)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return cube
+
+
+def _raise_if_truncated(path: Path, caught: list[warnings.WarningMessage]) -> None:
+    for w in caught:
+        text = str(w.message)
+        if "truncated" in text or "not multiple of 2880" in text:
+            raise ValueError(f"{path}: DEM cube file is truncated ({text.splitlines()[0]})")
+
+
+class _NotACube(ValueError):
+    """A readable FITS file that is not a DEM cube."""
+
+
+def _read_cube(path: Path) -> DEMCube:
+    """:func:`read_dem_cube` without its error translation."""
     with fits.open(path, memmap=False) as hdul:
         primary = hdul[0]
         header = primary.header.copy()
         if header.get("NAXIS") != 3 or header.get("CTYPE3", "").strip() != _LOGT_CTYPE:
-            raise ValueError(f"{path} is not a DEM cube (needs NAXIS = 3 and CTYPE3 = 'LOGT')")
+            raise _NotACube(f"{path} is not a DEM cube (needs NAXIS = 3 and CTYPE3 = 'LOGT')")
         unit = u.Unit(header.get("BUNIT", "cm-5"))
         em = np.moveaxis(_native_order(np.asarray(primary.data)), 0, -1) * unit
         extras = {}
