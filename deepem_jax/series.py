@@ -2,9 +2,12 @@
 
 Each task loads one observation, inverts it with :func:`deepem_jax.invert` and writes its DEM
 cube atomically, as ``deepem-jax invert`` does for one observation (same file name, same
-content). A task first looks for its own output: a cube that exists and whose data match the
-sha256 recorded in its header (``DATASHA``) is kept and the observation reported as skipped; a
-missing, partial or corrupt one is (re)computed. A failing observation is reported with its
+content). A task first looks for its own output: a cube that exists, whose data match the
+sha256 recorded in its header (``DATASHA``) and that was made with this run's settings
+(``RUNSHA``, :func:`settings_sha256`) is kept and the observation reported as skipped; a
+missing, partial or corrupt one is (re)computed; one made with other settings (another
+tolfac, rebin, weights, ...) is neither reused nor replaced: the observation fails saying so,
+unless ``overwrite``. A failing observation is reported with its
 reason and does not stop the others; a worker that dies loses only the observation it was
 working on, which Dask runs again elsewhere (up to ``distributed.scheduler.allowed-failures``
 times) or a rerun completes. At the end the driver writes one FITS table with a row of
@@ -22,6 +25,7 @@ import contextlib
 import dataclasses
 import hashlib
 import inspect
+import json
 import math
 import os
 import time
@@ -48,6 +52,7 @@ __all__ = [
     "invert_series",
     "plot_series",
     "product_stem",
+    "settings_sha256",
     "summarise",
     "verify_product",
     "write_product",
@@ -56,6 +61,9 @@ __all__ = [
 
 #: Header card of a DEM cube holding the sha256 of its data (see :func:`data_sha256`).
 CHECKSUM_CARD = "DATASHA"
+#: Header card with the first 16 hex digits of the sha256 of the settings a cube was made
+#: with (:func:`settings_sha256`): a rerun with other settings never takes the cube as its own.
+SETTINGS_CARD = "RUNSHA"
 
 
 class ProductError(ValueError):
@@ -138,6 +146,49 @@ class _Config:
     out_dir: str
     overwrite: bool
     png: bool
+    settings: str  # settings_sha256(method, channels, rebin, options)[:16]
+
+
+def settings_sha256(method: str, channels: Sequence[int], rebin: int, options: dict) -> str:
+    """sha256 (hex) of what a series cube depends on besides its input files: the method,
+    channels, rebin factor and :func:`deepem_jax.invert` options. Arrays and networks enter by
+    their contents (a predictor by its weights), responses by their
+    :class:`~deepem_jax.checkpoint.ResponseId`, other objects by their fields or ``repr``."""
+    text = json.dumps(
+        [method, list(channels), int(rebin), {k: _describe(v) for k, v in sorted(options.items())}]
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _describe(value: Any) -> Any:
+    """A JSON-able description of an option's value that changes when the value does."""
+    import jax
+
+    from .checkpoint import ResponseId
+    from .predictor import Predictor
+    from .response import TemperatureResponse
+
+    if isinstance(value, Predictor):
+        leaves = jax.tree.leaves(value.params)
+        digest = hashlib.sha256(b"".join(np.asarray(a).tobytes() for a in leaves)).hexdigest()
+        return ["predictor", digest, repr(value.config), list(value.channels)]
+    if isinstance(value, TemperatureResponse):
+        return ["response", ResponseId.of(value).sha256]
+    if isinstance(value, u.Quantity):
+        return ["quantity", _describe(value.value), str(value.unit)]
+    if isinstance(value, np.ndarray | jax.Array):
+        a = np.ascontiguousarray(value)
+        return ["array", str(a.dtype), list(a.shape), hashlib.sha256(a.tobytes()).hexdigest()]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: _describe(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return [type(value).__name__, fields]
+    if isinstance(value, list | tuple):
+        return [_describe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _describe(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return repr(value)
 
 
 # -- naming, grouping ---------------------------------------------------------------------------
@@ -242,14 +293,20 @@ def data_sha256(em: np.ndarray, status: np.ndarray, chi2: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def write_product(result, fits_path: str | os.PathLike, png_path=None, *, overwrite=False):
+def write_product(
+    result, fits_path: str | os.PathLike, png_path=None, *, overwrite=False, settings=None
+):
     """Write ``result`` (a :class:`~deepem_jax.DEMResult`) as a DEM cube at ``fits_path``
     atomically, with the sha256 of its data in the header card ``DATASHA`` (what
-    :func:`verify_product` checks), and, if ``png_path``, its total EM and log T maps."""
+    :func:`verify_product` checks) and ``settings`` (if given; the run's
+    :func:`settings_sha256`, shortened) in ``RUNSHA``, and, if ``png_path``, its total EM and
+    log T maps."""
     from .products import dem_maps
 
-    digest = data_sha256(result.em, result.status, result.chi2)
-    stamped = dataclasses.replace(result, provenance={**result.provenance, CHECKSUM_CARD: digest})
+    cards = {CHECKSUM_CARD: data_sha256(result.em, result.status, result.chi2)}
+    if settings is not None:
+        cards[SETTINGS_CARD] = settings
+    stamped = dataclasses.replace(result, provenance={**result.provenance, **cards})
     stamped.to_fits(fits_path, overwrite=overwrite)
     if png_path is not None:
         dem_maps(
@@ -354,6 +411,15 @@ def _invert_one(inputs: str | tuple[str, ...], cfg: _Config) -> ObservationOutco
             except ProductError as err:
                 note = f"redone: {err}"
             else:
+                made_with = cube.header.get(SETTINGS_CARD)
+                if made_with != cfg.settings:
+                    # another run's result: never replaced without overwrite, never reused
+                    raise FileExistsError(
+                        f"{fits_path} exists and was made with other settings ({SETTINGS_CARD} "
+                        f"{made_with or 'missing'}, this run {cfg.settings}: method, channels, "
+                        "rebin or invert options differ); pass overwrite or another output "
+                        "directory"
+                    )
                 if not cfg.png or png_path.exists():
                     stats, dem = summarise(cube.em.value, cube.logt, cube.extras["status"])
                     return ObservationOutcome(
@@ -372,7 +438,13 @@ def _invert_one(inputs: str | tuple[str, ...], cfg: _Config) -> ObservationOutco
         _remove_stale(out, [fits_path.name, png_path.name])
         stack = load_aia(sources, np.array(cfg.channels) * u.AA, rebin=cfg.rebin)
         result = invert(stack, cfg.method, **cfg.options)
-        write_product(result, fits_path, png_path if cfg.png else None, overwrite=True)
+        write_product(
+            result,
+            fits_path,
+            png_path if cfg.png else None,
+            overwrite=True,
+            settings=cfg.settings,
+        )
         stats, dem = summarise(result.em, result.logt, result.status)
         return ObservationOutcome(
             label,
@@ -503,8 +575,10 @@ def invert_series(
         one per core), closed at the end. A ``distributed.Client`` or a scheduler address
         (``"tcp://host:8786"``): that cluster. ``"synchronous"``: in this process, in order.
     overwrite
-        Recompute every observation; otherwise an observation whose cube exists and verifies
-        (:func:`verify_product`) is skipped and its statistics are read from the cube.
+        Recompute every observation; otherwise an observation whose cube exists, verifies
+        (:func:`verify_product`) and was made with the same settings is skipped and its
+        statistics are read from the cube, and one whose cube was made with other settings
+        fails (``FileExistsError``; the cube is kept).
     png
         Also write each cube's total EM and log T maps (``<stem>.png``).
     progress
@@ -566,6 +640,7 @@ def invert_series(
         out_dir=str(out),
         overwrite=bool(overwrite),
         png=bool(png),
+        settings=settings_sha256(method, chans, int(rebin), options)[:16],
     )
     outcomes: list[ObservationOutcome | None] = [None] * len(items)
     with _executor(client, workers) as run:
@@ -685,7 +760,8 @@ def plot_series(
         if share.any():
             a_st.plot(when, 100 * share, "o-", label=s.name)
     a_st.set_ylabel("pixels (%)")
-    a_st.legend(loc="best", fontsize="small")
+    if rows:  # every observation failed: no status to label
+        a_st.legend(loc="best", fontsize="small")
     cmap = colormaps["viridis"]
     for k, o in enumerate(rows):
         a_dem.plot(o.logt, o.dem_mean, color=cmap(k / max(len(rows) - 1, 1)))

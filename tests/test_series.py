@@ -148,6 +148,15 @@ def test_cli_series_on_embedded_cluster_matches_single_runs(series_dirs, referen
     assert _states(r.stdout) == ["skipped"] * 4 and r.stdout.count("checksum verifies") == 4
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
 
+    # a rerun with other settings neither reuses nor replaces them: each observation fails
+    r = runner.invoke(
+        main, ["invert", *dirs, "--out", str(out), "--scheduler", "synchronous", "--tolfac", "2"]
+    )
+    assert r.exit_code == EXIT_PARTIAL, r.output
+    assert "0 ok, 0 skipped, 4 failed" in r.output
+    assert r.stdout.count("made with other settings") == 4
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
     # a truncated product and one with altered data are redone; the others are kept
     cut, altered = products[0], products[1]
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
@@ -330,3 +339,31 @@ def test_two_host_devices_give_the_results_of_one(series_dirs, tmp_path):
         np.testing.assert_array_equal(two[f"{name}_em"], one.em)
         np.testing.assert_array_equal(two[f"{name}_status"], one.status)
         np.testing.assert_array_equal(two[f"{name}_chi2"], one.chi2)
+
+
+def test_settings_digest_follows_every_option():
+    """Equal settings give one digest; another tolfac, rebin, channel order, network weight or
+    response gives another."""
+    from deepem_jax.series import settings_sha256
+
+    net = dj.pretrained.load_default_predictor()
+    other = dj.Predictor(
+        {**net.params, "refine": {k: v + 1 for k, v in net.params["refine"].items()}},
+        net.config,
+        net.logt,
+        net.channels,
+    )
+    chans = (94, 131, 171, 193, 211, 335)
+    base = settings_sha256("net", chans, 1, {"tolfac": 1.4, "predictor": net})
+    assert base == settings_sha256("net", chans, 1, {"predictor": net, "tolfac": 1.4})
+    changed = [
+        settings_sha256("net", chans, 1, {"tolfac": 2.0, "predictor": net}),
+        settings_sha256("net", chans, 2, {"tolfac": 1.4, "predictor": net}),
+        settings_sha256("net", chans[::-1], 1, {"tolfac": 1.4, "predictor": net}),
+        settings_sha256("net", chans, 1, {"tolfac": 1.4, "predictor": other}),
+        settings_sha256("bp", chans, 1, {"tolfac": 1.4, "predictor": net}),
+        settings_sha256(
+            "net", chans, 1, {"tolfac": 1.4, "predictor": net, "response": dj.default_response()}
+        ),
+    ]
+    assert len({base, *changed}) == 1 + len(changed)
