@@ -582,17 +582,21 @@ def _run_net(obs, factors, response, predictor, tolfac, consistency, progress):
 
     if predictor is None:
         predictor = load_default_predictor(np.array(obs.channels) * u.AA)
-    if tuple(predictor.channels) != tuple(obs.channels):
+    if sorted(predictor.channels) != sorted(obs.channels):
         raise ValueError(
-            f"the network takes channels {list(predictor.channels)} Å in this order; the "
-            f"observation has {list(obs.channels)} Å"
+            f"the network takes channels {list(predictor.channels)} Å; the observation has "
+            f"{list(obs.channels)} Å"
         )
     resp = _fit_response(response, predictor.logt_array, obs.channels)
     y, s = _corrected(obs, factors)
     C = len(obs.channels)
     yf = y.reshape(-1, C).astype(np.float32)
     sf = s.reshape(-1, C).astype(np.float32)
-    K = jnp.asarray(resp.K, jnp.float32)
+    K = np.asarray(resp.K, np.float32)
+    order = [list(obs.channels).index(c) for c in predictor.channels]
+    if order != list(range(C)):  # the network sees its channels in its own order
+        yf, sf, K = yf[:, order], sf[:, order], K[order]
+    K = jnp.asarray(K)
     tol = jnp.float32(tolfac)
     fn = partial(_net_tile, predictor.params, K=K, tolfac=tol, config=predictor.config)
     bar = _bar(progress, yf.shape[0], "network")

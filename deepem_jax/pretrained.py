@@ -22,8 +22,11 @@ SHIPPED: dict[tuple[int, ...], str] = {
 
 
 def weights_path(channels=None) -> Path:
-    """Path of the shipped weights for ``channels`` (Quantity in Å; default all six)."""
-    key = (94, 131, 171, 193, 211, 335) if channels is None else tuple(channel_list(channels))
+    """Path of the shipped weights for ``channels`` (Quantity in Å, in any order; default all
+    six). The network takes its channels in its own order (``Predictor.channels``)."""
+    key = (
+        (94, 131, 171, 193, 211, 335) if channels is None else tuple(sorted(channel_list(channels)))
+    )
     if key not in SHIPPED:
         raise ValueError(
             f"no shipped network takes channels {list(key)} Å; shipped: "
@@ -39,7 +42,8 @@ def weights_path(channels=None) -> Path:
 
 
 def load_default_predictor(channels=None) -> Predictor:
-    """The shipped :class:`~deepem_jax.predictor.Predictor` for ``channels`` (default six)."""
+    """The shipped :class:`~deepem_jax.predictor.Predictor` for ``channels`` (default six; in
+    any order, see :func:`weights_path`)."""
     from .checkpoint import load_predictor
 
     return load_predictor(weights_path(channels))
