@@ -643,8 +643,10 @@ def _run_net(obs, factors, response, predictor, tolfac, consistency, progress):
 def _bp_fallback(y, s, resp, tolfac, em, status, used, progress) -> int:
     """Solve by BP (in place) the pixels the projection left outside the band: SOLVED with
     BP's EM and tolerance factor where BP is feasible; the others keep the network's EM and
-    OUTSIDE_BAND. Returns the number of pixels BP solved."""
-    redo = np.flatnonzero(status.reshape(-1) == DEMStatus.OUTSIDE_BAND)
+    OUTSIDE_BAND. Pixels without a network EM (invalid or saturated input) are not sent.
+    Returns the number of pixels BP solved."""
+    has = np.all(np.isfinite(em.reshape(-1, em.shape[-1])), -1)
+    redo = np.flatnonzero((status.reshape(-1) == DEMStatus.OUTSIDE_BAND) & has)
     if redo.size == 0:
         return 0
     C = y.shape[-1]

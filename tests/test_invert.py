@@ -277,6 +277,21 @@ def test_exact_consistency_puts_every_bp_feasible_pixel_in_band(five_channel_pix
         invert(y, "net", consistency="yes", **kw)
 
 
+def test_bp_fallback_gets_only_pixels_with_a_network_em(five_channel_pixels, monkeypatch):
+    """Invalid pixels (no network EM) are INVALID_INPUT and never handed to BP."""
+    from deepem_jax import pipeline
+
+    y, sig, _, _ = five_channel_pixels
+    y = y[:50].copy()
+    y[:10, 2] = np.nan
+    sent = []
+    solve = pipeline._bp_solve
+    monkeypatch.setattr(pipeline, "_bp_solve", lambda y, *a: sent.append(y) or solve(y, *a))
+    res = invert(y, "net", sigma=sig[:50], channels=FIVE, obstime=T_OBS)
+    assert np.all(res.status[:10] == DEMStatus.INVALID_INPUT)
+    assert all(np.all(np.isfinite(a)) for a in sent)
+
+
 def test_result_as_ndcube_and_float64_fits(tmp_path):
     from astropy.io import fits
 
