@@ -276,7 +276,11 @@ def _entry(name: str) -> DataFile:
         return REGISTRY[name]
     except KeyError:
         close = difflib.get_close_matches(name, list(REGISTRY), n=3, cutoff=0.4)
-        hint = f"; did you mean {close}?" if close else ""
+        hint = (
+            f"; did you mean {close}?"
+            if close
+            else f"; the {len(REGISTRY)} names are the keys of deepem_jax.data.REGISTRY"
+        )
         raise KeyError(f"{name!r} is not a registered data file{hint}") from None
 
 

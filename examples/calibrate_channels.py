@@ -237,7 +237,7 @@ def compare(name: str, est: np.ndarray, ref: np.ndarray, ref_name: str) -> tuple
 
 
 def parse_args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pixels", type=int, default=20_000, help="pixels per case")
     ap.add_argument("--components", type=int, default=3, help="Gaussians of the DEM model (< 5)")
     ap.add_argument(

@@ -157,7 +157,7 @@ def table(name: str, rows: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--weights6", default=None, help="six-channel checkpoint (default: shipped)")
     ap.add_argument("--weights5", default=None, help="five-channel checkpoint (default: shipped)")
     ap.add_argument("--pixels", type=int, default=None, help="random pixels per date (all)")

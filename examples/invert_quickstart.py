@@ -27,7 +27,7 @@ from deepem_jax.products import compare_figure
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "out", nargs="?", default=None, help="output directory (default: a new temporary one)"
     )

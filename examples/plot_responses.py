@@ -24,7 +24,7 @@ from deepem_jax.response import TemperatureResponse, default_response
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "out",
         nargs="?",

@@ -1,5 +1,5 @@
 """Learn the tables of optimal Basis Pursuit bases that warm-start the dual simplex
-(``deepem_jax.bp.solve(..., warm_start=...)``), and score them on dates they never saw.
+(``deepem_jax.bp.DualSimplex(warm_start=...)``), and score them on dates they never saw.
 
     python examples/train_basis_table.py --channels 5 --out tables      # shipped cutouts only
     DEEPEM_JAX_DATA=../shared/data python examples/train_basis_table.py --channels 5 --out t5

@@ -80,7 +80,7 @@ def prior_pixels(response, dates, n, seed, rebin):
 
 
 def parse_args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--channels", type=int, choices=(5, 6), default=6, help="input channels")
     ap.add_argument("--out", default="deepem_jax/weights", help="directory of the weights")
     ap.add_argument("--pixels", type=int, default=300_000, help="synthetic pixels")
