@@ -20,7 +20,15 @@ def atomic_write(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Bina
     ``path`` (``os.replace``), on any error it is removed, so ``path`` is never half-written.
     ``suffix`` lets format-sniffing writers (e.g. matplotlib) see the right extension."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {path}: it is a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as err:  # name the target and its folder, not the temporary file
+        reason = "does not exist" if not path.parent.is_dir() else "is not writable"
+        raise type(err)(
+            err.errno, f"cannot write {path}: its folder {path.parent} {reason}"
+        ) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             yield fh

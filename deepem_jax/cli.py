@@ -60,10 +60,11 @@ def _channels(text: str | None):
         raise click.BadParameter(f"no channel given in {text!r}", param_hint="--channels")
     from .pipeline import MIN_CHANNELS
 
-    if len(vals) < MIN_CHANNELS or len(set(vals)) != len(vals):
+    if len(set(vals)) != len(vals):
+        raise click.BadParameter(f"duplicate channels: {vals}", param_hint="--channels")
+    if len(vals) < MIN_CHANNELS:
         raise click.BadParameter(
-            f"a DEM needs at least {MIN_CHANNELS} different channels, got {vals}",
-            param_hint="--channels",
+            f"a DEM needs at least {MIN_CHANNELS} channels, got {vals}", param_hint="--channels"
         )
     return np.array(vals) * u.AA
 

@@ -128,6 +128,8 @@ def _array_observation(y, sigma, channels, obstime) -> _Observation:
             f"intensities have shape {yv.shape}; the last axis must hold the {len(channels)} "
             f"channels {channels} Å"
         )
+    if yv.size == 0:
+        raise ValueError(f"intensities of shape {yv.shape} hold no pixel")
     try:
         sv = sv if sv.shape == yv.shape else np.broadcast_to(sv, yv.shape)
     except ValueError:
@@ -152,7 +154,7 @@ def _observation(observation, sigma, channels, obstime, rebin) -> _Observation:
         if sigma is not None:
             raise ValueError("sigma= is computed from an AIAStack's error model; do not pass it")
         return _stack_observation(observation, channels, True)
-    if isinstance(observation, u.Quantity | np.ndarray | jax.Array):
+    if isinstance(observation, u.Quantity | np.ndarray | jax.Array | np.generic | float | int):
         return _array_observation(observation, sigma, channels, obstime)
     wanted = None if channels is None else np.array(channels) * u.AA
     stack = (
@@ -316,6 +318,12 @@ def invert(
     enable_compilation_cache()
     t_start = time.perf_counter()
     _check_options(method, consistency, predictor, fitter, init, solver)
+    if isinstance(uncertainties, bool) or not (
+        isinstance(uncertainties, int | np.integer) and uncertainties >= 0
+    ):
+        raise ValueError(
+            f"uncertainties must be a whole number of replicates >= 0, got {uncertainties!r}"
+        )
     chans = None if channels is None else channel_list(channels)
     if method == "net" and chans is None and predictor is not None:
         chans = list(predictor.channels)

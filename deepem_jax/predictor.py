@@ -130,6 +130,8 @@ class Predictor:
             )
         if tile_size < 1:
             raise ValueError(f"tile_size must be positive, got {tile_size}")
+        if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {jnp.dtype(dtype)}")
         if sigma is not None:
             from .pipeline import invert
 

@@ -623,8 +623,10 @@ def invert_series(
     else:
         chans = np.atleast_1d(channels.to_value(u.AA))
     chans = tuple(int(round(c)) for c in chans)
-    if len(set(chans)) < MIN_CHANNELS or len(set(chans)) != len(chans):
-        raise ValueError(f"a DEM needs at least {MIN_CHANNELS} different channels, got {chans}")
+    if len(set(chans)) != len(chans):
+        raise ValueError(f"duplicate channels: {list(chans)} Å")
+    if len(chans) < MIN_CHANNELS:
+        raise ValueError(f"a DEM needs at least {MIN_CHANNELS} channels, got {list(chans)} Å")
     items = _normalise(observations)
     if not items:
         raise ValueError("no observation given")

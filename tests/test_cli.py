@@ -267,7 +267,7 @@ def test_unwritable_out_is_refused_before_any_work(runner, aia_dir, tmp_path):
         (["--tolfac", "-1"], "finite"),
         (["--channels", ","], "no channel given"),
         (["--channels", "171"], "at least 3"),
-        (["--channels", "171,171,193"], "at least 3"),
+        (["--channels", "171,171,193,211"], "duplicate channels"),
     ],
 )
 def test_invert_bad_requests_exit_2(runner, aia_dir, tmp_path, extra, match):

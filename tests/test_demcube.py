@@ -262,3 +262,14 @@ def test_damaged_cubes_are_errors_naming_the_file(tmp_path, wcs, em):
     fits.writeto(image, np.zeros((4, 4)))
     with pytest.raises(ValueError, match=r"image\.fits is not a DEM cube"):
         read_dem_cube(image)
+
+
+def test_unwritable_targets_are_named(tmp_path, wcs, em):
+    """Writing into a missing folder or onto a directory names the target, not the temporary
+    file beside it, and leaves nothing behind."""
+    with pytest.raises(FileNotFoundError, match=r"cannot write .*x\.fits: its folder .* not exist"):
+        write_dem_cube(tmp_path / "no" / "x.fits", em, LOGT, wcs)
+    (tmp_path / "d.fits").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"d\.fits: it is a directory"):
+        write_dem_cube(tmp_path / "d.fits", em, LOGT, wcs, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.fits"]

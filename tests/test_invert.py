@@ -184,6 +184,8 @@ def test_network_band_flag_is_an_independent_check():
         (dict(channels=None), "channels="),
         (dict(sigma=None), "sigma="),
         (dict(degradation=True), "observation time"),
+        (dict(uncertainties=2.7), "whole number of replicates"),
+        (dict(uncertainties=-1), "whole number of replicates"),
     ],
 )
 def test_bad_requests(five_channel_pixels, kwargs, match):
@@ -192,6 +194,13 @@ def test_bad_requests(five_channel_pixels, kwargs, match):
     method = args.pop("method")
     with pytest.raises(ValueError, match=match):
         invert(y[:4], method, **args)
+
+
+def test_scalar_and_empty_intensities_are_errors():
+    with pytest.raises(ValueError, match="last axis must hold the 5 channels"):
+        invert(np.float64(3.0), "bp", sigma=1.0, channels=FIVE, degradation=False)
+    with pytest.raises(ValueError, match="hold no pixel"):
+        invert(np.zeros((0, 5)), "bp", sigma=np.ones((0, 5)), channels=FIVE, degradation=False)
 
 
 def test_degenerate_channels(five_channel_pixels):

@@ -134,6 +134,8 @@ def test_predict_bfloat16_close_to_float32(small_predictor):
     y = _intensities((64,))
     em32 = small_predictor.predict(y)
     em16 = small_predictor.predict(y, dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        small_predictor.predict(y, dtype=np.int32)
     assert em16.dtype == np.float32
     scale = np.sqrt(em32 / 1e25).max()
     np.testing.assert_allclose(np.sqrt(em16 / 1e25), np.sqrt(em32 / 1e25), atol=0.05 * scale)
