@@ -95,7 +95,10 @@ def _stack_observation(stack, channels: list[int] | None, given: bool) -> _Obser
         | ~np.all(np.isfinite(y), axis=-1),
         saturated=np.any(flags & PixelFlag.SATURATED, axis=-1),
         wcs=stack.wcs,
-        info={"NSAMPLE": int(stack.n_sample)},
+        info={
+            "NSAMPLE": int(stack.n_sample),
+            "NEGCLIP": int(np.asarray(stack.negative_count)[idx].sum()),
+        },
         callers=(given and _callers(y, stack.data), False),  # sigma() is computed here
     )
 
@@ -134,6 +137,7 @@ def _array_observation(y, sigma, channels, obstime) -> _Observation:
         sv = sv if sv.shape == yv.shape else np.broadcast_to(sv, yv.shape)
     except ValueError:
         raise ValueError(f"sigma shape {sv.shape} does not broadcast to {yv.shape}") from None
+    n_neg = int(np.count_nonzero(yv < 0))  # taken as 0 by BP and the network: counted
     return _Observation(
         y=yv,
         sigma=sv,
@@ -142,7 +146,7 @@ def _array_observation(y, sigma, channels, obstime) -> _Observation:
         invalid=~np.all(np.isfinite(yv) & np.isfinite(sv) & (sv > 0), axis=-1),
         saturated=np.zeros(yv.shape[:-1], bool),
         wcs=None,
-        info={},
+        info={"NEGCLIP": n_neg},
         callers=(_callers(yv, y), _callers(sv, sigma)),
     )
 

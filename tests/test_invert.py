@@ -196,6 +196,19 @@ def test_bad_requests(five_channel_pixels, kwargs, match):
         invert(y[:4], method, **args)
 
 
+def test_negative_intensities_are_counted(five_channel_pixels):
+    """Negative intensities (taken as 0 by BP and the network) are counted in NEGCLIP, for
+    arrays as for files (where the data layer clips and counts them)."""
+    y, sig, _, _ = five_channel_pixels
+    y = y[:20].copy()
+    y[1, 2] = -5.0 * sig[1, 2]
+    res = invert(y, "bp", sigma=sig[:20], channels=FIVE, degradation=False)
+    assert res.provenance["NEGCLIP"] == np.sum(y < 0) >= 1
+    stack = load_aia(sample_observation("01:44"))
+    res = invert(stack, "bp")
+    assert res.provenance["NEGCLIP"] == np.sum(stack.negative_count)
+
+
 def test_scalar_and_empty_intensities_are_errors():
     with pytest.raises(ValueError, match="last axis must hold the 5 channels"):
         invert(np.float64(3.0), "bp", sigma=1.0, channels=FIVE, degradation=False)
