@@ -220,10 +220,10 @@ _ROWS = (
     ("pixels", "n_pixels", "{:d}"),
     ("invalid pixels", "n_invalid", "{:d}"),
     ("MSE sqrt(EM/1e25)", "mse_sqrt", "{:.4g}"),
-    ("rel. err. total EM", "rel_err_total_em", "{:.4g}"),
-    ("rel. err. <log T>", "rel_err_mean_logt", "{:.4g}"),
-    ("chi2 DeepEM", "chi2_pred", "{:.4g}"),
-    ("chi2 BP", "chi2_bp", "{:.4g}"),
+    ("mean rel. err. total EM", "rel_err_total_em", "{:.4g}"),
+    ("mean rel. err. <log T>", "rel_err_mean_logt", "{:.4g}"),
+    ("mean chi2 DeepEM", "chi2_pred", "{:.4g}"),
+    ("mean chi2 BP", "chi2_bp", "{:.4g}"),
     ("in BP band", "frac_in_band", "{:.4g}"),
 )
 

@@ -231,7 +231,8 @@ def figure1(
             (low, f"EM ≤ {norm.vmin:.1e} cm$^{{-5}}$, zero included"),
             (
                 FAILED_COLOR,
-                f"no EM: BP failed ({failed.mean():.2%}), network ({no_net.mean():.2%})",
+                f"no EM (invalid input, BP infeasible): BP {failed.mean():.2%}, network "
+                f"{no_net.mean():.2%}",
             ),
             (OUT_OF_BAND_COLOR, f"network EM outside BP's band ({flagged.mean():.2%})"),
         ],

@@ -123,7 +123,7 @@ def test_figure1_colours_labels_and_layout(tmp_path):
     assert lat.get_axislabel() == "Helioprojective Latitude (Solar-Y) [arcsec]"
     texts = _texts(fig)
     assert not [t for t in texts if "custom:" in t or "[K]" in t]
-    assert any("BP failed (0.31%)" in t for t in texts)  # 1 of 320 pixels
+    assert any("BP infeasible): BP 0.31%" in t for t in texts)  # 1 of 320 pixels
     assert any("outside BP's band (0.31%)" in t for t in texts)
     (suptitle,) = [t for t in fig.texts if t.get_text().startswith("flare")]
     assert _inside(fig, renderer, suptitle) and _inside(fig, renderer, fig.legends[0])
