@@ -54,7 +54,7 @@ NAMES = {6: "deepem_aia6.msgpack", 5: "deepem_aia5_no94.msgpack"}
 #: six-channel network is scored on; the five-channel one is scored on 2024-10-04.
 PRIOR_DATES = {6: "2024-10-04", 5: "2011-02-15"}
 #: Epochs of the shipped weights (each chosen by its held-out date; see MODEL_CARD.md).
-EPOCHS = {6: 160, 5: 320}
+EPOCHS = {6: 160, 5: 640}
 
 
 def synthetic_pixels(response, n, seed):
@@ -92,7 +92,7 @@ def parse_args() -> argparse.Namespace:
         type=int,
         default=None,
         help="passes over the data (default: the shipped weights', 160 for six channels, "
-        "320 for five)",
+        "640 for five)",
     )
     ap.add_argument("--model", default="deepem_gnt", help="architecture (deepem_jax.model.CONFIGS)")
     ap.add_argument("--batch-size", type=int, default=4096)
