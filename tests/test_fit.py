@@ -131,7 +131,7 @@ def test_quantities_are_converted_and_bad_arguments_named(K):
     y, s = _pixels(K, 2)
     rate = u.DN / (u.ks * u.pix)
     got = F.fit(y * rate, s * rate, K * dj.response.RESPONSE_UNIT, em0=np.ones((2, 18)) * u.m**-5)
-    want = F.fit(y / 1e3, s / 1e3, K, em0=np.full((2, 18), 1e-4))
+    want = F.fit(y / 1e3, s / 1e3, K, em0=np.full((2, 18), 1e-10))  # 1 m^-5 = 1e-10 cm^-5
     np.testing.assert_allclose(got.em, want.em, rtol=1e-6)
     with pytest.raises(u.UnitConversionError, match="intensities has unit K"):
         F.fit(y * u.K, s, K)
