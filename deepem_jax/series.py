@@ -165,13 +165,12 @@ def _describe(value: Any) -> Any:
     import jax
 
     from .checkpoint import ResponseId
+    from .pipeline import _params_sha256
     from .predictor import Predictor
     from .response import TemperatureResponse
 
-    if isinstance(value, Predictor):
-        leaves = jax.tree.leaves(value.params)
-        digest = hashlib.sha256(b"".join(np.asarray(a).tobytes() for a in leaves)).hexdigest()
-        return ["predictor", digest, repr(value.config), list(value.channels)]
+    if isinstance(value, Predictor):  # by its weights, as the cube's WEIGHTS card
+        return ["predictor", _params_sha256(value.params), repr(value.config), list(value.channels)]
     if isinstance(value, TemperatureResponse):
         return ["response", ResponseId.of(value).sha256]
     if isinstance(value, u.Quantity):
