@@ -8,13 +8,12 @@ with AIA noise; sigma from the AIA error model) is given to every method:
   ``solver=bp.DualSimplex(precision=...)``, all pixels;
 * ``bp_highs`` -- :func:`deepem_jax.invert` with ``solver=bp.HiGHS()`` (one SciPy ``linprog``
   call per pixel), on a random subset of the pixels;
-* ``net_<name>_f32`` -- :func:`deepem_jax.invert` with ``method="net"``,
-  ``consistency=False`` (the network alone); ``net_<name>_consistent_f32`` -- the same with the
-  consistency step. ``deepem`` is the shipped six-channel network; ``small`` (6->64->64->18)
-  is randomly initialised, so only its speed means anything;
-* ``net_<name>_bf16`` -- :meth:`deepem_jax.Predictor.predict` with ``dtype=jnp.bfloat16``
-  (:func:`deepem_jax.invert` has no computation-dtype option), the network alone; not for a
-  network with refinement steps, which need sigma;
+* ``net_<name>_bf16`` -- :func:`deepem_jax.invert` with ``method="net"``,
+  ``consistency=False`` (the network alone, its matrix products on bfloat16 operands as
+  :attr:`deepem_jax.Predictor.dtype` defaults to); ``net_<name>_consistent_bf16`` -- the same
+  with the consistency step (for ``deepem``, the shipped model); ``net_<name>_f32`` -- the
+  network alone with ``dtype="float32"``. ``deepem`` is the shipped six-channel network;
+  ``small`` (6->64->64->18) is randomly initialised, so only its speed means anything;
 * ``fit_bp_f32`` -- :func:`deepem_jax.fit.fit` (``Fitter()``: log EM, no regulariser,
   L-BFGS, float32, compacted rounds, as ``invert(method="fit")`` runs it) on a random subset of
   ``fit_pixels`` pixels (all when the scene has fewer; the HiGHS subset is a prefix of it),
@@ -94,17 +93,21 @@ def _describe(method: str) -> str:
         return _DESCRIPTIONS[method]
     _, name, *rest = method.split("_")
     net = f"{name} network ({_NET_WEIGHTS[name]})"
-    if rest == ["consistent", "f32"]:
+    if rest == ["consistent", "bf16"]:
         return (
             f"{net} + consistency step (projection onto BP's band, BP for the pixels it "
-            "leaves outside), float32 (invert(method='net'), the shipped model)"
+            "leaves outside), matrix products on bfloat16 operands (invert(method='net'), "
+            "the shipped model)"
         )
     if rest == ["bf16"]:
         return (
-            f"{net} alone, bfloat16 computation (Predictor.predict(dtype=bfloat16): invert "
-            "has no dtype option; no status, chi^2 from its EM)"
+            f"{net} alone, matrix products on bfloat16 operands "
+            "(invert(method='net', consistency=False))"
         )
-    return f"{net} alone, float32 (invert(method='net', consistency=False))"
+    return (
+        f"{net} alone, float32 throughout "
+        "(invert(method='net', consistency=False), Predictor dtype='float32')"
+    )
 
 
 class _PeakRSS:
@@ -190,8 +193,8 @@ def _net_flops_per_pixel(config) -> float:
 
 
 def _chi2(em: np.ndarray, K: np.ndarray, y: np.ndarray, sigma: np.ndarray) -> np.ndarray:
-    """chi^2 of EMs (..., n_T) that do not come from :func:`deepem_jax.invert` (demregpy,
-    bfloat16), as :attr:`deepem_jax.DEMResult.chi2` defines it without degradation."""
+    """chi^2 of EMs (..., n_T) that do not come from :func:`deepem_jax.invert` (demregpy), as
+    :attr:`deepem_jax.DEMResult.chi2` defines it without degradation."""
     from .forward import chi2
 
     return chi2(np.asarray(em, np.float64) @ np.asarray(K, np.float64).T, y, sigma)
@@ -593,40 +596,30 @@ def _bp_new_process_seconds(ctx: _Context, scene: _Scene) -> dict[str, float]:
 
 
 def _bench_net(ctx: _Context, scene: _Scene, name: str, net) -> None:
-    """One network on every pixel: alone and with the consistency step (float32, through
-    :func:`deepem_jax.invert`), then alone in bfloat16 (:meth:`Predictor.predict`)."""
+    """One network on every pixel through :func:`deepem_jax.invert`: alone and with the
+    consistency step as loaded (matrix products on bfloat16 operands), then alone in float32."""
     from .pipeline import invert
 
-    n = scene.n
     fpp = _net_flops_per_pixel(net.config)
     kw = ctx.invert_kwargs(scene.sigma)
-    for consistent in (False, "exact"):
+    f32 = dataclasses.replace(net, dtype="float32")
+    for method, predictor, consistent in (
+        (f"net_{name}_bf16", net, False),
+        (f"net_{name}_consistent_bf16", net, "exact"),
+        (f"net_{name}_f32", f32, False),
+    ):
         res, m = _measure(
-            lambda c=consistent: invert(scene.y, "net", predictor=net, consistency=c, **kw),
-            n,
+            lambda p=predictor, c=consistent: invert(
+                scene.y, "net", predictor=p, consistency=c, **kw
+            ),
+            scene.n,
             repeats=ctx.repeats,
         )
-        method = f"net_{name}_consistent_f32" if consistent else f"net_{name}_f32"
         if consistent:
             extra = {"bp_fallback_pixels": res.provenance["BPFALLBK"]}
         else:
             extra = _flops(m, fpp, ctx.peak_flops)
         _record_invert(ctx, scene, method, res, m, "all", scene.common, **extra)
-    if net.config.refine_steps:
-        return  # its refinement needs sigma: predict(dtype=bfloat16) takes the network alone
-    em, m = _measure(lambda: net.predict(scene.y, dtype=jnp.bfloat16), n, repeats=ctx.repeats)
-    em = em.reshape(n, -1)
-    chi2 = _chi2(em, ctx.response.K, *scene.flat())
-    ctx.record(
-        f"net_{name}_bf16",
-        scene.size,
-        n,
-        "all",
-        m,
-        _fit_stats(em, chi2),
-        _same_pixels(em, chi2, scene.common),
-        **_flops(m, fpp, ctx.peak_flops),
-    )
 
 
 def _bench_demregpy(ctx: _Context, scene: _Scene) -> None:
@@ -688,7 +681,7 @@ def _bench_tiled(ctx: _Context, y: np.ndarray, sigma: np.ndarray, tiled_size: in
         fit = _fit_stats(res.em.reshape(n, -1), res.chi2.reshape(n))
         del res
         extra = _flops(m, _net_flops_per_pixel(net.config), ctx.peak_flops)
-        ctx.record(f"net_{name}_f32", size, n, "all (tiled)", m, fit, **extra)
+        ctx.record(f"net_{name}_bf16", size, n, "all (tiled)", m, fit, **extra)
 
 
 def _demregpy_version() -> str | None:
@@ -764,13 +757,14 @@ _RATIO_PAIRS = (
     ("bp_jax_f32", "bp_highs"),
     ("bp_jax_f64", "bp_highs"),
     ("bp_jax_f32", "demregpy"),
-    ("net_deepem_f32", "bp_jax_f32"),
-    ("net_deepem_consistent_f32", "bp_jax_f32"),
-    ("net_small_f32", "bp_jax_f32"),
-    ("net_small_consistent_f32", "bp_jax_f32"),
-    ("net_deepem_f32", "bp_highs"),
-    ("net_deepem_consistent_f32", "bp_highs"),
-    ("net_deepem_consistent_f32", "demregpy"),
+    ("net_deepem_bf16", "bp_jax_f32"),
+    ("net_deepem_consistent_bf16", "bp_jax_f32"),
+    ("net_small_bf16", "bp_jax_f32"),
+    ("net_small_consistent_bf16", "bp_jax_f32"),
+    ("net_deepem_bf16", "bp_highs"),
+    ("net_deepem_consistent_bf16", "bp_highs"),
+    ("net_deepem_consistent_bf16", "demregpy"),
+    ("net_deepem_bf16", "net_deepem_f32"),
     ("bp_jax_f32", "fit_bp_f32"),
 )
 

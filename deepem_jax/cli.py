@@ -9,6 +9,7 @@ exists (use ``--overwrite``); 5 training stopped on a non-finite loss.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 from pathlib import Path
@@ -188,6 +189,13 @@ def _label(obs) -> str:
     help="Network weights (.msgpack checkpoint or original .pth); default: shipped.",
 )
 @click.option(
+    "--net-dtype",
+    default="bfloat16",
+    show_default=True,
+    type=click.Choice(["bfloat16", "float32"]),
+    help="Operands of the network's matrix products (float32 accumulation either way).",
+)
+@click.option(
     "--response",
     "response_path",
     default=None,
@@ -236,6 +244,7 @@ def invert(
     channels,
     rebin,
     weights,
+    net_dtype,
     response_path,
     correction_table,
     no_degradation,
@@ -265,7 +274,9 @@ def invert(
     observations = _observations(files)
     out = _writable_dir(out_dir)
     response = _load_response(response_path)
-    predictor = _load_weights(weights, chans) if method == "net" else None
+    predictor = None
+    if method == "net":
+        predictor = dataclasses.replace(_load_weights(weights, chans), dtype=net_dtype)
     want = chans
     if want is None:
         want = np.array(predictor.channels) * u.AA if predictor is not None else AIA_CHANNELS

@@ -167,9 +167,11 @@ class DeepEMNet(nn.Module):
     """Per-pixel MLP (= stack of 1x1 convolutions): (..., n_channels) -> (..., n_outputs).
 
     Takes *encoded* intensities (:func:`encode_intensities`) and returns the raw output in the
-    sqrt-scaled EM space (:func:`decode_em` turns it into cm^-5). Parameters are float32;
-    ``dtype`` is the computation dtype (e.g. ``jnp.bfloat16``). Layers are named
-    ``dense_0 .. dense_{n_hidden}`` with a ``kernel`` of shape (in, out) and a ``bias``.
+    sqrt-scaled EM space (:func:`decode_em` turns it into cm^-5), float32. Parameters are
+    float32; ``dtype`` is the dtype of each layer's matrix-product operands (its input and
+    kernel): ``jnp.float32``, or ``jnp.bfloat16`` for mixed precision, the products
+    accumulated, the bias added and the activations computed in float32 either way. Layers are
+    named ``dense_0 .. dense_{n_hidden}`` with a ``kernel`` of shape (in, out) and a ``bias``.
     """
 
     config: ModelConfig = CONFIGS["deepem"]
@@ -184,8 +186,24 @@ class DeepEMNet(nn.Module):
         for i, width in enumerate((*cfg.hidden, cfg.n_outputs)):
             if i > 0:
                 x = act(x)
-            x = nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32, name=f"dense_{i}")(x)
+            x = nn.Dense(
+                width,
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                promote_dtype=_operands_only,
+                dot_general=_float32_products,
+                name=f"dense_{i}",
+            )(x)
         return x
+
+
+def _operands_only(inputs, kernel, bias, *, dtype):
+    """A layer's input and kernel cast to ``dtype``; its bias kept (float32)."""
+    return inputs.astype(dtype), kernel.astype(dtype), bias
+
+
+#: Matrix products accumulated (and returned) in float32 whatever their operands' dtype.
+_float32_products = partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
 
 
 def encode_intensities(y: jax.Array) -> jax.Array:
@@ -224,10 +242,11 @@ def network_em(
     """EM (N, n_T) in cm^-5 per bin (float32) of finite intensities (N, C) in
     DN s^-1 pix^-1: the network's pure apply with its input and output transforms, then its
     refinement steps (if any), which need ``sigma`` (N, C) DN s^-1 pix^-1 (> 0) and the
-    response ``K`` (C, n_T) DN cm^5 s^-1 pix^-1 the network was trained with."""
+    response ``K`` (C, n_T) DN cm^5 s^-1 pix^-1 the network was trained with. ``dtype`` is the
+    dtype of the MLP's matrix-product operands (:class:`DeepEMNet`); the rest runs in
+    float32."""
     mlp, refine_params = split_params(params)
-    x = encode_intensities(y).astype(dtype)
-    out = DeepEMNet(config, dtype=dtype).apply({"params": mlp}, x).astype(jnp.float32)
+    out = DeepEMNet(config, dtype=dtype).apply({"params": mlp}, encode_intensities(y))
     em = decode_em(out[..., : config.n_temperatures], config)
     if config.refine_steps == 0:
         return em

@@ -558,17 +558,18 @@ def _run_bp(obs, factors, response, tolfac, solver, progress):
     return em.reshape(*lead, em.shape[-1]), status.reshape(lead), used.reshape(lead), prov
 
 
-@partial(jax.jit, static_argnames=("config",))
-def _net_tile(params, y, sigma, K, tolfac, config):
-    """EM (n, n_T), in-band flag (n,) and finite flag (n,) of the network on one tile of
-    corrected intensities and sigma (n, C); NaN EM where the input is not valid."""
+@partial(jax.jit, static_argnames=("config", "dtype"))
+def _net_tile(params, y, sigma, K, tolfac, config, dtype):
+    """EM (n, n_T), in-band flag (n,) and finite flag (n,) of the network (matrix products on
+    ``dtype`` operands) on one tile of corrected intensities and sigma (n, C); NaN EM where the
+    input is not valid."""
     from .bp import bounds
     from .model import network_em
 
     valid = jnp.all(jnp.isfinite(y), -1) & jnp.all(jnp.isfinite(sigma) & (sigma > 0), -1)
     y0 = jnp.where(valid[:, None], y, 0.0)
     s0 = jnp.where(valid[:, None], sigma, 1.0)
-    em = network_em(params, y0, config, sigma=s0, K=K)
+    em = network_em(params, y0, config, jnp.dtype(dtype), sigma=s0, K=K)
     lower, upper = bounds(y0, s0, tolfac)
     r = em @ K.T
     in_band = jnp.all((r >= lower) & (r <= upper), axis=-1)
@@ -610,7 +611,14 @@ def _run_net(obs, factors, response, predictor, tolfac, consistency, progress):
         yf, sf, K = yf[:, order], sf[:, order], K[order]
     K = jnp.asarray(K)
     tol = jnp.float32(tolfac)
-    fn = partial(_net_tile, predictor.params, K=K, tolfac=tol, config=predictor.config)
+    fn = partial(
+        _net_tile,
+        predictor.params,
+        K=K,
+        tolfac=tol,
+        config=predictor.config,
+        dtype=predictor.dtype,
+    )
     bar = _bar(progress, yf.shape[0], "network")
     em, in_band, finite = map_rows(
         lambda a, b: fn(a, b),
@@ -645,6 +653,7 @@ def _run_net(obs, factors, response, predictor, tolfac, consistency, progress):
     refined += "T" if cfg.band_target else ""
     prov = {
         "NETWORK": "-".join(str(w) for w in widths) + refined,
+        "NETDTYPE": predictor.dtype,
         "WEIGHTS": _params_sha256(predictor.params)[:16],
         "CONSIST": str(consistency),
         "BPFALLBK": n_bp,

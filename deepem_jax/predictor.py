@@ -46,16 +46,23 @@ class Predictor:
         log10(T / K) of the output bins (static).
     channels : tuple of int
         AIA channels of the input, in Å and in input order (static).
+    dtype : str
+        Dtype of the MLP's matrix-product operands (static): ``"bfloat16"`` (default; the
+        products accumulate in float32, and the activations, the refinement steps and the
+        consistency step run in float32) or ``"float32"`` throughout
+        (``dataclasses.replace(predictor, dtype="float32")``).
     """
 
     params: Any
     config: ModelConfig = dataclasses.field(metadata=dict(static=True))
     logt: tuple[float, ...] = dataclasses.field(metadata=dict(static=True))
     channels: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    dtype: str = dataclasses.field(default="bfloat16", metadata=dict(static=True))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "logt", tuple(float(t) for t in self.logt))
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        object.__setattr__(self, "dtype", _dtype_name(self.dtype))
         if len(self.logt) != self.config.n_temperatures:
             raise ValueError(
                 f"log T grid has {len(self.logt)} bins but the network outputs "
@@ -69,7 +76,8 @@ class Predictor:
 
     @property
     def module(self) -> DeepEMNet:
-        """The Flax module (float32 computation)."""
+        """The Flax module, float32 throughout (:attr:`dtype` applies to :meth:`predict` and
+        :func:`deepem_jax.invert`)."""
         return DeepEMNet(self.config)
 
     @property
@@ -101,15 +109,16 @@ class Predictor:
         sigma: np.ndarray | jax.Array | u.Quantity | None = None,
         response: TemperatureResponse | None = None,
         tolfac: float = 1.4,
-        dtype: Any = jnp.float32,
+        dtype: Any = None,
         tile_size: int = 4096,
         progress: bool = False,
     ) -> np.ndarray | u.Quantity:
         """EM (..., n_T) in cm^-5 per bin of intensities (..., n_channels) in DN s^-1 pix^-1.
 
         Any leading shape. Pixels run through one jit-compiled function in tiles of
-        ``tile_size`` (the last padded; bounded memory, one compilation), computed in ``dtype``
-        (float32 or bfloat16), returned as float32. A pixel with a non-finite channel or output
+        ``tile_size`` (the last padded; bounded memory, one compilation), the matrix products on
+        ``dtype`` operands (float32 or bfloat16; default :attr:`dtype`), returned as float32. A
+        pixel with a non-finite channel or output
         gets NaN in every bin, never zero. A Quantity input gives a Quantity in cm^-5.
 
         With the 1-sigma errors ``sigma`` the EM is moved into BP's tolerance band (the
@@ -130,8 +139,7 @@ class Predictor:
             )
         if tile_size < 1:
             raise ValueError(f"tile_size must be positive, got {tile_size}")
-        if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-            raise ValueError(f"dtype must be float32 or bfloat16, got {jnp.dtype(dtype)}")
+        dtype = self.dtype if dtype is None else _dtype_name(dtype)
         if sigma is not None:
             from .pipeline import invert
 
@@ -141,7 +149,7 @@ class Predictor:
                 sigma=sigma,
                 channels=np.array(self.channels) * u.AA,
                 response=response,
-                predictor=self,
+                predictor=dataclasses.replace(self, dtype=dtype),
                 tolfac=tolfac,
                 degradation=False,
                 progress=progress,
@@ -156,6 +164,18 @@ class Predictor:
             em = _tiled_em(self, y.reshape(-1, n_chan), jnp.dtype(dtype), tile_size, progress)
             em = em.reshape(*y.shape[:-1], self.config.n_temperatures)
         return em * u.cm**-5 if is_quantity else em
+
+
+def _dtype_name(dtype: Any) -> str:
+    """``"float32"`` or ``"bfloat16"`` of a dtype (name, numpy or JAX dtype); ValueError for
+    any other."""
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = repr(dtype)
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {name}")
+    return name
 
 
 def _tiled_em(net: Predictor, flat: np.ndarray, dtype: Any, tile_size: int, progress: bool):

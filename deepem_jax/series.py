@@ -170,7 +170,13 @@ def _describe(value: Any) -> Any:
     from .response import TemperatureResponse
 
     if isinstance(value, Predictor):  # by its weights, as the cube's WEIGHTS card
-        return ["predictor", _params_sha256(value.params), repr(value.config), list(value.channels)]
+        return [
+            "predictor",
+            _params_sha256(value.params),
+            repr(value.config),
+            list(value.channels),
+            value.dtype,
+        ]
     if isinstance(value, TemperatureResponse):
         return ["response", ResponseId.of(value).sha256]
     if isinstance(value, u.Quantity):

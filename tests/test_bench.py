@@ -22,15 +22,15 @@ INVERT_ROWS = [
     "bp_highs",
     "bp_jax_f32",
     "bp_jax_f64",
+    "net_deepem_bf16",
+    "net_deepem_consistent_bf16",
     "net_deepem_f32",
-    "net_deepem_consistent_f32",
+    "net_small_bf16",
+    "net_small_consistent_bf16",
     "net_small_f32",
-    "net_small_consistent_f32",
 ]
 #: Timed calls per row.
 REPEATS = 2
-#: The shipped network refines against sigma, so it has no Predictor.predict (bf16) row.
-PREDICT_ROWS = ["net_small_bf16"]
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +52,8 @@ def _rows(report):
 
 def test_every_method_row_with_compile_time_and_fit(report):
     rows = _rows(report)
-    assert set(INVERT_ROWS + PREDICT_ROWS) <= set(rows)
-    assert "net_deepem_bf16" not in rows
-    for name in INVERT_ROWS + PREDICT_ROWS:
+    assert set(INVERT_ROWS) <= set(rows)
+    for name in INVERT_ROWS:
         r = rows[name]
         assert r["size"] == SIZE and r["pixels_per_s"] > 0
         assert math.isfinite(r["compile_seconds"]) and r["first_call_seconds"] > 0
@@ -69,12 +68,12 @@ def test_every_method_row_with_compile_time_and_fit(report):
     assert rows["bp_jax_f32"]["pixels"] == SIZE * SIZE
     assert rows["bp_jax_f32"]["status_counts"]["SOLVED"] > 0.9 * SIZE * SIZE
     # the shipped model sends to BP at most the pixels the network alone left outside the band
-    alone, shipped = rows["net_deepem_f32"], rows["net_deepem_consistent_f32"]
+    alone, shipped = rows["net_deepem_bf16"], rows["net_deepem_consistent_bf16"]
     outside = alone["pixels"] - alone["status_counts"].get("SOLVED", 0)
     assert 0 <= shipped["bp_fallback_pixels"] <= outside
     md = to_markdown(report)
     assert "| statuses | solved by BP |" in md
-    assert f"| net_deepem_consistent_f32 | {SIZE}² | SOLVED " in md
+    assert f"| net_deepem_consistent_bf16 | {SIZE}² | SOLVED " in md
 
 
 def test_ratios_name_their_reference(report):

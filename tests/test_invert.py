@@ -4,6 +4,8 @@ check, chi^2 recomputed by hand, bad requests, and equality with what the CLI wr
 
 from __future__ import annotations
 
+import dataclasses
+
 import astropy.units as u
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from deepem_jax.data import sample_observation
 from deepem_jax.forward import forward, noisy_observation, random_dems
 from deepem_jax.io import load_aia, read_dem_cube
 from deepem_jax.pipeline import DEMWarning, invert
+from deepem_jax.pretrained import load_default_predictor
 from deepem_jax.response import DEEPEM_LOGT, default_response
 from deepem_jax.status import DEMStatus
 from deepem_jax.uncertainty import sigma_values
@@ -172,6 +175,26 @@ def test_network_band_flag_is_an_independent_check():
     assert keep.sum() > 500
     np.testing.assert_array_equal(res.status[keep], raw.status[keep])
     np.testing.assert_array_equal(res.em[keep], raw.em[keep])
+
+
+def test_network_dtype_is_recorded_and_float32_on_request():
+    """The shipped network's matrix products run on bfloat16 operands (NETDTYPE card); in
+    float32 throughout, the statuses and EMs of the shipped model barely move."""
+    resp = default_response().regrid(DEEPEM_LOGT)
+    rng = np.random.default_rng(12)
+    t = np.full(6, 2.0)
+    y = noisy_observation(
+        np.asarray(forward(resp.K, random_dems(DEEPEM_LOGT, 1000, rng))), t, resp.channels, rng
+    )
+    kw = dict(sigma=sigma_values(y, t, resp.wavelength), channels=resp.wavelength)
+    kw["degradation"] = False
+    f32 = dataclasses.replace(load_default_predictor(), dtype="float32")
+    res, f32 = invert(y, "net", **kw), invert(y, "net", predictor=f32, **kw)
+    assert res.provenance["NETDTYPE"] == "bfloat16" and f32.provenance["NETDTYPE"] == "float32"
+    assert np.mean(res.status == f32.status) > 0.99
+    both = res.has_em & f32.has_em
+    rel = np.abs((res.total_em()[both] / f32.total_em()[both]).value - 1)
+    assert np.median(rel) < 1e-2 and not np.array_equal(res.em, f32.em)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import astropy.units as u
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ import pytest
 
 from deepem_jax.model import (
     CONFIGS,
+    DeepEMNet,
     ModelConfig,
     decode_em,
     encode_em,
@@ -130,16 +133,54 @@ def test_predict_under_x64_is_float32(small_predictor, x64):
     assert em.dtype == np.float32 and np.all(np.isfinite(em))
 
 
-def test_predict_bfloat16_close_to_float32(small_predictor):
+def _numpy_mlp(params, y: np.ndarray, bf16_operands: bool) -> np.ndarray:
+    """Raw output of the MLP in float64 numpy, an independent reference: each layer's input and
+    kernel rounded to bfloat16 first when ``bf16_operands``, the bias and sums in float64."""
+    import ml_dtypes
+
+    def operand(a):
+        a = np.asarray(a, np.float32)
+        return (a.astype(ml_dtypes.bfloat16) if bf16_operands else a).astype(np.float64)
+
+    x = np.sqrt(np.asarray(y, np.float64))
+    for i in range(len(params)):
+        layer = params[f"dense_{i}"]
+        if i:
+            x = np.where(x >= 0, x, 0.01 * x)
+        x = operand(x) @ operand(layer["kernel"]) + np.asarray(layer["bias"], np.float64)
+    return x
+
+
+def test_mlp_dtype_is_the_products_operands(small_predictor):
+    """``bfloat16``: the layers' inputs and kernels are rounded to bfloat16, products summed,
+    biases added and activations taken in float32 (the numpy reference to 1e-5 of the largest
+    output; bfloat16 sums and outputs would miss by ~2e-3); ``float32`` throughout."""
+    y = _intensities((256,))
+    x = encode_intensities(jnp.asarray(y))
+    for dtype, bf16 in ((jnp.float32, False), (jnp.bfloat16, True)):
+        out = DeepEMNet(small_predictor.config, dtype=dtype).apply(
+            {"params": small_predictor.params}, x
+        )
+        assert out.dtype == jnp.float32
+        ref = _numpy_mlp(small_predictor.params, y, bf16)
+        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_predict_dtype_defaults_to_the_predictors(small_predictor):
     y = _intensities((64,))
-    em32 = small_predictor.predict(y)
-    em16 = small_predictor.predict(y, dtype=jnp.bfloat16)
-    with pytest.raises(ValueError, match="float32 or bfloat16"):
-        small_predictor.predict(y, dtype=np.int32)
-    assert em16.dtype == np.float32
+    assert small_predictor.dtype == "bfloat16"
+    f32 = dataclasses.replace(small_predictor, dtype=jnp.float32)
+    assert f32.dtype == "float32"
+    em16, em32 = small_predictor.predict(y), f32.predict(y)
+    np.testing.assert_array_equal(small_predictor.predict(y, dtype="float32"), em32)
+    np.testing.assert_array_equal(f32.predict(y, dtype=jnp.bfloat16), em16)
+    assert em16.dtype == np.float32 and not np.array_equal(em16, em32)
     scale = np.sqrt(em32 / 1e25).max()
     np.testing.assert_allclose(np.sqrt(em16 / 1e25), np.sqrt(em32 / 1e25), atol=0.05 * scale)
-    assert not np.array_equal(em16, em32)
+    with pytest.raises(ValueError, match="float32 or bfloat16, got int32"):
+        small_predictor.predict(y, dtype=np.int32)
+    with pytest.raises(ValueError, match="float32 or bfloat16, got float16"):
+        dataclasses.replace(small_predictor, dtype="float16")
 
 
 def test_predictor_validates_grid_and_channels(small_predictor):

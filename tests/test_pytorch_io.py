@@ -137,7 +137,7 @@ def test_original_weights_reproduce_numpy_forward(parts):
     out_np = _numpy_deepem(ref, y)
     out = pred.module.apply({"params": pred.params}, encode_intensities(jnp.asarray(y)))
     np.testing.assert_allclose(np.asarray(out), out_np, atol=1e-5, rtol=1e-5)
-    em = pred.predict(y)
+    em = pred.predict(y, dtype="float32")
     np.testing.assert_allclose(em, 1e25 * out_np**2, rtol=1e-4, atol=1e20)
 
 
@@ -169,7 +169,7 @@ def test_synthetic_legacy_and_zip_files(tmp_path):
     y = np.abs(np.random.default_rng(2).normal(size=(4, 6))) * 50
     h = np.sqrt(y) @ state["0.weight"][:, :, 0, 0].T + state["0.bias"]
     h = np.where(h > 0, h, 0.01 * h) @ state["2.weight"][:, :, 0, 0].T + state["2.bias"]
-    np.testing.assert_allclose(pred.predict(y), 1e25 * h**2, rtol=1e-4)
+    np.testing.assert_allclose(pred.predict(y, dtype="float32"), 1e25 * h**2, rtol=1e-4)
 
 
 def test_transposed_tensor_view(tmp_path):

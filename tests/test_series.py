@@ -4,6 +4,7 @@ inputs and corrupt outputs; pixel chunks on two forced host devices against one 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -342,8 +343,8 @@ def test_two_host_devices_give_the_results_of_one(series_dirs, tmp_path):
 
 
 def test_settings_digest_follows_every_option():
-    """Equal settings give one digest; another tolfac, rebin, channel order, network weight or
-    response gives another."""
+    """Equal settings give one digest; another tolfac, rebin, channel order, network weight,
+    network dtype or response gives another."""
     from deepem_jax.series import settings_sha256
 
     net = dj.pretrained.load_default_predictor()
@@ -361,6 +362,9 @@ def test_settings_digest_follows_every_option():
         settings_sha256("net", chans, 2, {"tolfac": 1.4, "predictor": net}),
         settings_sha256("net", chans[::-1], 1, {"tolfac": 1.4, "predictor": net}),
         settings_sha256("net", chans, 1, {"tolfac": 1.4, "predictor": other}),
+        settings_sha256(
+            "net", chans, 1, {"tolfac": 1.4, "predictor": dataclasses.replace(net, dtype="float32")}
+        ),
         settings_sha256("bp", chans, 1, {"tolfac": 1.4, "predictor": net}),
         settings_sha256(
             "net", chans, 1, {"tolfac": 1.4, "predictor": net, "response": dj.default_response()}
