@@ -94,10 +94,10 @@ def _describe(method: str) -> str:
     _, name, *rest = method.split("_")
     net = f"{name} network ({_NET_WEIGHTS[name]})"
     if rest == ["consistent", "bf16"]:
+        shipped = ", the shipped model" if name == "deepem" else ""
         return (
             f"{net} + consistency step (projection onto BP's band, BP for the pixels it "
-            "leaves outside), matrix products on bfloat16 operands (invert(method='net'), "
-            "the shipped model)"
+            f"leaves outside), matrix products on bfloat16 operands (invert(method='net'){shipped})"
         )
     if rest == ["bf16"]:
         return (
