@@ -121,20 +121,43 @@ def _load_response(path: str | None):
 
 
 def _load_weights(path: str | None, channels):
-    """The network at ``path`` (.msgpack checkpoint or original .pth), or the shipped one."""
+    """The network at ``path`` (.msgpack checkpoint or original .pth), or the shipped one for
+    ``channels`` (usage error when none takes them)."""
     from .checkpoint import load_predictor
     from .io import load_pytorch_deepem
-    from .pretrained import load_default_predictor
+    from .pretrained import weights_path
 
+    what = f"--weights {path}"
+    if path is None:
+        try:
+            path = weights_path(channels)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--channels") from err
+        except OSError as err:  # an installation without its weight files
+            raise _InputError(f"shipped weights: {err}") from err
+        what = "shipped weights"
     try:
-        if path is None:
-            return load_default_predictor(channels)
         if str(path).endswith((".pth", ".pt")):
             return load_pytorch_deepem(path)
         return load_predictor(path)
     except (ValueError, OSError, pickle.UnpicklingError) as err:
-        what = f"--weights {path}" if path else "shipped weights"
         raise _InputError(f"{what}: {err}") from err
+
+
+def _check_response_channels(channels, response) -> None:
+    """Usage error for ``--channels`` the response (default: embedded) has no row for."""
+    from .response import AIA_CHANNELS
+
+    if channels is None:
+        return
+    known = (AIA_CHANNELS if response is None else response.wavelength).to_value(u.AA)
+    unknown = [int(c) for c in channels.to_value(u.AA) if c not in known]
+    if unknown:
+        raise click.BadParameter(
+            f"no temperature response for {unknown} Å; the response has "
+            f"{[int(c) for c in known]} Å",
+            param_hint="--channels",
+        )
 
 
 def _observations(files: tuple[str, ...]) -> list:
@@ -274,6 +297,7 @@ def invert(
     observations = _observations(files)
     out = _writable_dir(out_dir)
     response = _load_response(response_path)
+    _check_response_channels(chans, response)
     predictor = None
     if method == "net":
         predictor = dataclasses.replace(_load_weights(weights, chans), dtype=net_dtype)

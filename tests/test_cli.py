@@ -142,6 +142,13 @@ def test_invert_bad_options(runner, aia_dir, tmp_path):
     assert r.exit_code == 2
     r = runner.invoke(main, ["invert", str(aia_dir), "--out", str(tmp_path), "--method", "nn"])
     assert r.exit_code == 2
+    # channels without a response, or that no shipped network takes, are usage errors too
+    base = ["invert", str(aia_dir), "--out", str(tmp_path), "--channels"]
+    r = runner.invoke(main, [*base, "171,193,1600"])
+    assert r.exit_code == 2 and "no temperature response for [1600]" in r.output
+    r = runner.invoke(main, [*base, "171,193,211", "--method", "net"])
+    assert r.exit_code == 2 and "no shipped network takes channels" in r.output
+    assert not list(tmp_path.glob("*.fits"))
 
 
 def test_train_and_resume(runner, tmp_path):
