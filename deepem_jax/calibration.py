@@ -13,10 +13,12 @@ the table's file name and calibration version.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -149,10 +151,26 @@ def _obstimes(obstime: Time | str | Sequence[str], n: int) -> list[Time]:
     raise ValueError(f"obstime has shape {times.shape}; give one time or one per channel ({n})")
 
 
+@contextlib.contextmanager
+def _root_logging_kept() -> Iterator[None]:
+    """Put the root logger's handlers and level back as they were on leaving. Importing aiapy's
+    calibration imports ``drms``, which calls ``logging.basicConfig(level=INFO)``: an
+    application that had not set up logging would then print every library's INFO records
+    (JAX's among them)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
 def _read_table(path: Path) -> tuple[QTable, int]:
     """The rows of the highest calibration version in ``path`` (an astropy QTable) and that
     version."""
-    from aiapy.calibrate.util import get_correction_table
+    with _root_logging_kept():
+        from aiapy.calibrate.util import get_correction_table
 
     if not path.is_file():
         raise FileNotFoundError(f"AIA degradation correction table {path} does not exist")
@@ -167,7 +185,8 @@ def _read_table(path: Path) -> tuple[QTable, int]:
 
 
 def _factor(channel: int, time: Time, table: QTable, table_name: str) -> float:
-    from aiapy.calibrate import degradation as aiapy_degradation
+    with _root_logging_kept():
+        from aiapy.calibrate import degradation as aiapy_degradation
 
     try:
         f = aiapy_degradation(channel * u.AA, time, correction_table=table)

@@ -3,6 +3,8 @@ rows evaluated by hand."""
 
 import datetime as dt
 import hashlib
+import subprocess
+import sys
 
 import astropy.units as u
 import numpy as np
@@ -157,3 +159,20 @@ def test_bad_table_files(tmp_path):
     garbage.write_text("this is not\na correction table\n")
     with pytest.raises(ValueError, match=r"garbage_table\.txt"):
         degradation([171] * u.AA, OBS, correction_table=str(garbage))
+
+
+def test_degradation_leaves_root_logging_alone():
+    """aiapy's calibration imports ``drms``, which configures the root logger at INFO; a
+    fresh process that computes a degradation factor keeps the root logger unconfigured (no
+    handler, WARNING), so JAX's INFO records stay quiet."""
+    code = (
+        "import logging, sys\n"
+        "import astropy.units as u\n"
+        "from deepem_jax.calibration import degradation\n"
+        "degradation([171] * u.AA, '2020-01-01T00:00')\n"
+        "root = logging.getLogger()\n"
+        "sys.exit(0 if not root.handlers and root.level == logging.WARNING else 7)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "INFO" not in proc.stderr
