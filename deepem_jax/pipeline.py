@@ -274,7 +274,8 @@ def invert(
         Undegraded temperature response (default: :func:`~deepem_jax.default_response`),
         regridded to the method's log T grid and put in channel order here.
     predictor
-        A :class:`~deepem_jax.Predictor` for ``"net"`` (default: the shipped weights).
+        A :class:`~deepem_jax.Predictor` for ``"net"`` (default: the shipped weights; its
+        ``dtype`` sets the matrix products' operands, bfloat16 unless replaced).
     tolfac
         Tolerance factor of the band ``max(y - tolfac*sigma, 0) <= K EM <= y + tolfac*sigma``
         BP solves in and the network's EM is judged against (finite, > 0).

@@ -117,9 +117,9 @@ class Predictor:
 
         Any leading shape. Pixels run through one jit-compiled function in tiles of
         ``tile_size`` (the last padded; bounded memory, one compilation), the matrix products on
-        ``dtype`` operands (float32 or bfloat16; default :attr:`dtype`), returned as float32. A
-        pixel with a non-finite channel or output
-        gets NaN in every bin, never zero. A Quantity input gives a Quantity in cm^-5.
+        ``dtype`` operands (float32 or bfloat16; default :attr:`dtype`), returned as float32.
+        A pixel with a non-finite channel or output gets NaN in every bin, never zero. A
+        Quantity input gives a Quantity in cm^-5.
 
         With the 1-sigma errors ``sigma`` the EM is moved into BP's tolerance band (the
         consistency step) by :func:`deepem_jax.invert` (``method="net"``,
@@ -170,7 +170,7 @@ def _dtype_name(dtype: Any) -> str:
     """``"float32"`` or ``"bfloat16"`` of a dtype (name, numpy or JAX dtype); ValueError for
     any other."""
     try:
-        name = jnp.dtype(dtype).name
+        name = repr(dtype) if dtype is None else jnp.dtype(dtype).name
     except TypeError:
         name = repr(dtype)
     if name not in ("float32", "bfloat16"):

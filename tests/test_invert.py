@@ -188,8 +188,8 @@ def test_network_dtype_is_recorded_and_float32_on_request():
     )
     kw = dict(sigma=sigma_values(y, t, resp.wavelength), channels=resp.wavelength)
     kw["degradation"] = False
-    f32 = dataclasses.replace(load_default_predictor(), dtype="float32")
-    res, f32 = invert(y, "net", **kw), invert(y, "net", predictor=f32, **kw)
+    net32 = dataclasses.replace(load_default_predictor(), dtype="float32")
+    res, f32 = invert(y, "net", **kw), invert(y, "net", predictor=net32, **kw)
     assert res.provenance["NETDTYPE"] == "bfloat16" and f32.provenance["NETDTYPE"] == "float32"
     assert np.mean(res.status == f32.status) > 0.99
     both = res.has_em & f32.has_em
