@@ -95,6 +95,24 @@ def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v:,}" for k, v in counts.items())
 
 
+def _bp_failed_line(bp_res, net) -> str:
+    """What the network answered where BP has no EM (nothing to score it against there)."""
+    from .status import DEMStatus
+
+    failed = ~bp_res.has_em
+    if not failed.any():
+        return "BP has an EM for every pixel."
+    answered = failed & net.has_em
+    line = (
+        f"BP has no EM for {int(failed.sum()):,} pixels ("
+        f"{_counts(DEMStatus.counts(bp_res.status[failed]))}); the network gives one for "
+        f"{int(answered.sum()):,} of them"
+    )
+    if answered.any():
+        line += f" ({_counts(DEMStatus.counts(net.status[answered]))})"
+    return line + ", not scored against BP."
+
+
 def _report_lines(stack, source, bp_res, net, fid, fid_raw, fig_path) -> list[str]:
     """The markdown lines of the demo report."""
     from .metrics import format_metrics_table
@@ -125,7 +143,9 @@ def _report_lines(stack, source, bp_res, net, fid, fid_raw, fig_path) -> list[st
         "",
         "Network + consistency step vs BP (tolerance band: each pixel's BP tolerance factor):",
         "",
-        format_metrics_table(fid),
+        format_metrics_table({g: fid[g] for g in ("all", "bp_solved")}),
+        "",
+        _bp_failed_line(bp_res, net),
         "",
         "The network alone (no consistency step) has its resynthesis inside BP's band on "
         f"{100 * fid_raw['bp_solved'].frac_in_band:.1f} % of the pixels BP solved.",

@@ -3,6 +3,7 @@ missing channels, existing outputs and a corrupt input file."""
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -209,6 +210,11 @@ def test_demo_without_shared_data_runs_on_shipped_real_data(runner, tmp_path, mo
     report = (out / "demo_report.md").read_text()
     assert "NOAA AR 11158" in report and "shipped with deepem_jax" in report
     assert "n_sample 1;" in report and "aia_V10" in report
+    # BP-failed pixels are counted in words, not as an empty column of the fidelity table
+    assert re.search(r"\| metric +\| all +\| bp_solved +\|\n", report)
+    assert "bp_failed" not in report
+    # (the off-edge pixels of the co-registered cutouts)
+    assert "BP has no EM for 133 pixels (INVALID_INPUT 133); the network gives one for 0" in report
     assert (out / "demo_figure1.png").stat().st_size > 10_000
 
 
