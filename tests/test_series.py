@@ -345,9 +345,10 @@ def test_two_host_devices_give_the_results_of_one(series_dirs, tmp_path):
 def test_settings_digest_follows_every_option():
     """Equal settings give one digest; another tolfac, rebin, channel order, network weight,
     network dtype or response gives another."""
+    from deepem_jax.pretrained import load_default_predictor
     from deepem_jax.series import settings_sha256
 
-    net = dj.pretrained.load_default_predictor()
+    net = load_default_predictor()
     other = dj.Predictor(
         {**net.params, "refine": {k: v + 1 for k, v in net.params["refine"].items()}},
         net.config,
@@ -371,3 +372,18 @@ def test_settings_digest_follows_every_option():
         ),
     ]
     assert len({base, *changed}) == 1 + len(changed)
+
+
+def test_settings_digest_takes_a_degradation_table_by_its_contents(tmp_path):
+    """The same table under another path gives the same digest; an edited one another."""
+    from deepem_jax.calibration import DEFAULT_CORRECTION_TABLE
+    from deepem_jax.series import settings_sha256
+
+    chans = (94, 131, 171, 193, 211, 335)
+    text = Path(DEFAULT_CORRECTION_TABLE).read_text()
+    a, b, edited = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "c.txt"
+    a.write_text(text)
+    b.write_text(text)
+    edited.write_text(text.replace("0.", "1.", 1))
+    digest = [settings_sha256("bp", chans, 1, {"degradation": str(p)}) for p in (a, b, edited)]
+    assert digest[0] == digest[1] != digest[2]
