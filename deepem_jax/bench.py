@@ -235,10 +235,10 @@ class _Scene:
     def common(self) -> np.ndarray:
         return self.subset[: min(self.n_highs, self.n_demreg or self.n_highs)]
 
-    def flat(self, idx: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def flat(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Intensities and sigma (len(idx), C) of the flat pixels ``idx``."""
         C = self.y.shape[-1]
-        y, s = self.y.reshape(-1, C), self.sigma.reshape(-1, C)
-        return (y, s) if idx is None else (y[idx], s[idx])
+        return self.y.reshape(-1, C)[idx], self.sigma.reshape(-1, C)[idx]
 
 
 def run_suite(
