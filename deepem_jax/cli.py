@@ -213,10 +213,11 @@ def _label(obs) -> str:
 )
 @click.option(
     "--net-dtype",
-    default="bfloat16",
+    default="auto",
     show_default=True,
-    type=click.Choice(["bfloat16", "float32"]),
-    help="Operands of the network's matrix products (float32 accumulation either way).",
+    type=click.Choice(["auto", "bfloat16", "float32"]),
+    help="Operands of the network's matrix products (float32 accumulation either way); "
+    "auto: bfloat16 where the hardware multiplies it natively, else float32.",
 )
 @click.option(
     "--response",

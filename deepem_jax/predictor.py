@@ -4,6 +4,7 @@ intensities of any shape (:class:`Predictor`)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from functools import partial
 from typing import Any
 
@@ -17,7 +18,10 @@ from .model import DeepEMNet, ModelConfig, get_config, network_em
 from .refine import init_refine_params
 from .response import AIA_CHANNELS, DEEPEM_LOGT, TemperatureResponse
 
-__all__ = ["Predictor"]
+__all__ = ["Predictor", "native_dtype"]
+
+#: CPU flags (Linux ``/proc/cpuinfo``) of instructions that multiply bfloat16 natively.
+_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 @partial(jax.jit, static_argnames=("config", "dtype"))
@@ -47,17 +51,18 @@ class Predictor:
     channels : tuple of int
         AIA channels of the input, in Å and in input order (static).
     dtype : str
-        Dtype of the MLP's matrix-product operands (static): ``"bfloat16"`` (default; the
-        products accumulate in float32, and the activations, the refinement steps and the
-        consistency step run in float32) or ``"float32"`` throughout
-        (``dataclasses.replace(predictor, dtype="float32")``).
+        Dtype of the MLP's matrix-product operands (static): ``"bfloat16"`` (the products
+        accumulate in float32, and the activations, the refinement steps and the consistency
+        step run in float32) or ``"float32"`` throughout
+        (``dataclasses.replace(predictor, dtype="float32")``). The default ``"auto"`` becomes
+        :func:`native_dtype` of the default device when the predictor is made.
     """
 
     params: Any
     config: ModelConfig = dataclasses.field(metadata=dict(static=True))
     logt: tuple[float, ...] = dataclasses.field(metadata=dict(static=True))
     channels: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
-    dtype: str = dataclasses.field(default="bfloat16", metadata=dict(static=True))
+    dtype: str = dataclasses.field(default="auto", metadata=dict(static=True))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "logt", tuple(float(t) for t in self.logt))
@@ -117,7 +122,8 @@ class Predictor:
 
         Any leading shape. Pixels run through one jit-compiled function in tiles of
         ``tile_size`` (the last padded; bounded memory, one compilation), the matrix products on
-        ``dtype`` operands (float32 or bfloat16; default :attr:`dtype`), returned as float32.
+        ``dtype`` operands (float32, bfloat16 or ``"auto"``: :func:`native_dtype`; default
+        :attr:`dtype`), returned as float32.
         A pixel with a non-finite channel or output gets NaN in every bin, never zero. A
         Quantity input gives a Quantity in cm^-5.
 
@@ -166,15 +172,48 @@ class Predictor:
         return em * u.cm**-5 if is_quantity else em
 
 
+def native_dtype(device: Any = None) -> str:
+    """The network's default matrix-product operand dtype on ``device`` (default: JAX's
+    first device): ``"bfloat16"`` where the hardware multiplies bfloat16 natively (TPU; GPU of
+    compute capability 8.0 or newer; CPU with AVX512-BF16 or AMX-BF16, read from Linux's
+    ``/proc/cpuinfo``), else ``"float32"``: without native instructions bfloat16 operands are
+    converted back and run slower than float32."""
+    device = jax.devices()[0] if device is None else device
+    if device.platform == "tpu":
+        return "bfloat16"
+    if device.platform == "gpu":
+        try:
+            capability = float(getattr(device, "compute_capability", ""))
+        except ValueError:
+            capability = 0.0
+        return "bfloat16" if capability >= 8.0 else "float32"
+    return "bfloat16" if _cpu_flags() & _BF16_CPU_FLAGS else "float32"
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def _dtype_name(dtype: Any) -> str:
-    """``"float32"`` or ``"bfloat16"`` of a dtype (name, numpy or JAX dtype); ValueError for
-    any other."""
+    """``"float32"`` or ``"bfloat16"`` of a dtype (name, numpy or JAX dtype; ``"auto"``:
+    :func:`native_dtype`); ValueError for any other."""
+    if isinstance(dtype, str) and dtype == "auto":
+        return native_dtype()
     try:
         name = repr(dtype) if dtype is None else jnp.dtype(dtype).name
     except TypeError:
         name = repr(dtype)
     if name not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype must be float32 or bfloat16, got {name}")
+        raise ValueError(f"dtype must be float32, bfloat16 or 'auto', got {name}")
     return name
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import astropy.units as u
 import jax
@@ -19,7 +20,7 @@ from deepem_jax.model import (
     encode_intensities,
     get_config,
 )
-from deepem_jax.predictor import Predictor, _predict_tile
+from deepem_jax.predictor import Predictor, _predict_tile, native_dtype
 from deepem_jax.response import DEEPEM_LOGT
 
 
@@ -168,19 +169,42 @@ def test_mlp_dtype_is_the_products_operands(small_predictor):
 
 def test_predict_dtype_defaults_to_the_predictors(small_predictor):
     y = _intensities((64,))
-    assert small_predictor.dtype == "bfloat16"
+    assert small_predictor.dtype == native_dtype()
     f32 = dataclasses.replace(small_predictor, dtype=jnp.float32)
-    assert f32.dtype == "float32"
-    em16, em32 = small_predictor.predict(y), f32.predict(y)
-    np.testing.assert_array_equal(small_predictor.predict(y, dtype="float32"), em32)
+    b16 = dataclasses.replace(small_predictor, dtype="bfloat16")
+    assert (f32.dtype, b16.dtype) == ("float32", "bfloat16")
+    em16, em32 = b16.predict(y), f32.predict(y)
+    np.testing.assert_array_equal(b16.predict(y, dtype="float32"), em32)
     np.testing.assert_array_equal(f32.predict(y, dtype=jnp.bfloat16), em16)
     assert em16.dtype == np.float32 and not np.array_equal(em16, em32)
     scale = np.sqrt(em32 / 1e25).max()
     np.testing.assert_allclose(np.sqrt(em16 / 1e25), np.sqrt(em32 / 1e25), atol=0.05 * scale)
-    with pytest.raises(ValueError, match="float32 or bfloat16, got int32"):
+    with pytest.raises(ValueError, match="float32, bfloat16 or 'auto', got int32"):
         small_predictor.predict(y, dtype=np.int32)
-    with pytest.raises(ValueError, match="float32 or bfloat16, got float16"):
+    with pytest.raises(ValueError, match="float32, bfloat16 or 'auto', got float16"):
         dataclasses.replace(small_predictor, dtype="float16")
+
+
+class _Device(NamedTuple):
+    platform: str
+    compute_capability: str = ""
+
+
+def test_native_dtype_follows_the_hardware(small_predictor, monkeypatch):
+    """bfloat16 operands where the hardware multiplies them natively, float32 elsewhere; a
+    predictor made with the default ``"auto"`` takes the default device's."""
+    import deepem_jax.predictor as predictor_module
+
+    monkeypatch.setattr(predictor_module, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert native_dtype(_Device("cpu")) == "float32"
+    assert dataclasses.replace(small_predictor, dtype="auto").dtype == "float32"
+    monkeypatch.setattr(predictor_module, "_cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert native_dtype(_Device("cpu")) == "bfloat16"
+    assert dataclasses.replace(small_predictor, dtype="auto").dtype == "bfloat16"
+    assert native_dtype(_Device("tpu")) == "bfloat16"
+    assert native_dtype(_Device("gpu", "8.6")) == "bfloat16"
+    assert native_dtype(_Device("gpu", "7.5")) == "float32"
+    assert native_dtype(_Device("gpu", "gfx90a")) == "float32"
 
 
 def test_predictor_validates_grid_and_channels(small_predictor):
