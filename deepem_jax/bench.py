@@ -8,12 +8,13 @@ with AIA noise; sigma from the AIA error model) is given to every method:
   ``solver=bp.DualSimplex(precision=...)``, all pixels;
 * ``bp_highs`` -- :func:`deepem_jax.invert` with ``solver=bp.HiGHS()`` (one SciPy ``linprog``
   call per pixel), on a random subset of the pixels;
-* ``net_<name>_bf16`` -- :func:`deepem_jax.invert` with ``method="net"``,
-  ``consistency=False`` (the network alone, its matrix products on bfloat16 operands as
-  :attr:`deepem_jax.Predictor.dtype` defaults to); ``net_<name>_consistent_bf16`` -- the same
-  with the consistency step (for ``deepem``, the shipped model); ``net_<name>_f32`` -- the
-  network alone with ``dtype="float32"``. ``deepem`` is the shipped six-channel network;
-  ``small`` (6->64->64->18) is randomly initialised, so only its speed means anything;
+* ``net_<name>_bf16`` / ``net_<name>_f32`` -- :func:`deepem_jax.invert` with
+  ``method="net"``, ``consistency=False`` (the network alone), its matrix products on bfloat16
+  / float32 operands; ``net_<name>_consistent`` -- with the consistency step, in the operand
+  dtype :attr:`deepem_jax.Predictor.dtype` defaults to on this device
+  (:func:`deepem_jax.predictor.native_dtype`, the row's ``net_dtype``); for ``deepem``, the
+  shipped model. ``deepem`` is the shipped six-channel network; ``small`` (6->64->64->18) is
+  randomly initialised, so only its speed means anything;
 * ``fit_bp_f32`` -- :func:`deepem_jax.fit.fit` (``Fitter()``: log EM, no regulariser,
   L-BFGS, float32, compacted rounds, as ``invert(method="fit")`` runs it) on a random subset of
   ``fit_pixels`` pixels (all when the scene has fewer; the HiGHS subset is a prefix of it),
@@ -33,7 +34,7 @@ definition, mean over channels of ``((K EM - y) / sigma)**2``), the fraction of 
 EM and the fraction of those with a negative bin, over the row's pixels and over the pixels
 every method of that size ran on (``same_pixels``). Ratios of throughputs name both sides
 (``reference``). An optional tiled run (a 256^2 scene tiled to e.g. 4096^2) times the networks
-alone through :func:`deepem_jax.invert`.
+alone through :func:`deepem_jax.invert`, in their default operand dtype.
 """
 
 from __future__ import annotations
@@ -93,16 +94,17 @@ def _describe(method: str) -> str:
         return _DESCRIPTIONS[method]
     _, name, *rest = method.split("_")
     net = f"{name} network ({_NET_WEIGHTS[name]})"
-    if rest == ["consistent", "bf16"]:
+    if rest == ["consistent"]:
         shipped = ", the shipped model" if name == "deepem" else ""
         return (
             f"{net} + consistency step (projection onto BP's band, BP for the pixels it "
-            f"leaves outside), matrix products on bfloat16 operands (invert(method='net'){shipped})"
+            "leaves outside), matrix products on the operands native to the device (row's "
+            f"net_dtype) (invert(method='net'){shipped})"
         )
     if rest == ["bf16"]:
         return (
             f"{net} alone, matrix products on bfloat16 operands "
-            "(invert(method='net', consistency=False))"
+            "(invert(method='net', consistency=False), Predictor dtype='bfloat16')"
         )
     return (
         f"{net} alone, float32 throughout "
@@ -596,17 +598,16 @@ def _bp_new_process_seconds(ctx: _Context, scene: _Scene) -> dict[str, float]:
 
 
 def _bench_net(ctx: _Context, scene: _Scene, name: str, net) -> None:
-    """One network on every pixel through :func:`deepem_jax.invert`: alone and with the
-    consistency step as loaded (matrix products on bfloat16 operands), then alone in float32."""
+    """One network on every pixel through :func:`deepem_jax.invert`: alone on bfloat16 and on
+    float32 operands, and with the consistency step in its default operand dtype."""
     from .pipeline import invert
 
     fpp = _net_flops_per_pixel(net.config)
     kw = ctx.invert_kwargs(scene.sigma)
-    f32 = dataclasses.replace(net, dtype="float32")
     for method, predictor, consistent in (
-        (f"net_{name}_bf16", net, False),
-        (f"net_{name}_consistent_bf16", net, "exact"),
-        (f"net_{name}_f32", f32, False),
+        (f"net_{name}_bf16", dataclasses.replace(net, dtype="bfloat16"), False),
+        (f"net_{name}_f32", dataclasses.replace(net, dtype="float32"), False),
+        (f"net_{name}_consistent", net, "exact"),
     ):
         res, m = _measure(
             lambda p=predictor, c=consistent: invert(
@@ -616,7 +617,7 @@ def _bench_net(ctx: _Context, scene: _Scene, name: str, net) -> None:
             repeats=ctx.repeats,
         )
         if consistent:
-            extra = {"bp_fallback_pixels": res.provenance["BPFALLBK"]}
+            extra = {"bp_fallback_pixels": res.provenance["BPFALLBK"], "net_dtype": net.dtype}
         else:
             extra = _flops(m, fpp, ctx.peak_flops)
         _record_invert(ctx, scene, method, res, m, "all", scene.common, **extra)
@@ -681,7 +682,8 @@ def _bench_tiled(ctx: _Context, y: np.ndarray, sigma: np.ndarray, tiled_size: in
         fit = _fit_stats(res.em.reshape(n, -1), res.chi2.reshape(n))
         del res
         extra = _flops(m, _net_flops_per_pixel(net.config), ctx.peak_flops)
-        ctx.record(f"net_{name}_bf16", size, n, "all (tiled)", m, fit, **extra)
+        short = {"bfloat16": "bf16", "float32": "f32"}[net.dtype]
+        ctx.record(f"net_{name}_{short}", size, n, "all (tiled)", m, fit, **extra)
 
 
 def _demregpy_version() -> str | None:
@@ -758,12 +760,11 @@ _RATIO_PAIRS = (
     ("bp_jax_f64", "bp_highs"),
     ("bp_jax_f32", "demregpy"),
     ("net_deepem_bf16", "bp_jax_f32"),
-    ("net_deepem_consistent_bf16", "bp_jax_f32"),
-    ("net_small_bf16", "bp_jax_f32"),
-    ("net_small_consistent_bf16", "bp_jax_f32"),
-    ("net_deepem_bf16", "bp_highs"),
-    ("net_deepem_consistent_bf16", "bp_highs"),
-    ("net_deepem_consistent_bf16", "demregpy"),
+    ("net_deepem_f32", "bp_jax_f32"),
+    ("net_deepem_consistent", "bp_jax_f32"),
+    ("net_small_consistent", "bp_jax_f32"),
+    ("net_deepem_consistent", "bp_highs"),
+    ("net_deepem_consistent", "demregpy"),
     ("net_deepem_bf16", "net_deepem_f32"),
     ("bp_jax_f32", "fit_bp_f32"),
 )
@@ -859,17 +860,17 @@ def to_markdown(report: dict[str, Any]) -> str:
     if nets:
         lines += [
             "",
-            "Network rows through `invert`: statuses (SOLVED: inside BP's band) and, for the "
-            "shipped model, the pixels BP solved in its consistency step.",
+            "Network rows through `invert`: statuses (SOLVED: inside BP's band) and, with the "
+            "consistency step, the operand dtype and the pixels BP solved in the step.",
             "",
-            "| method | size | statuses | solved by BP |",
-            "|---|---|---|---|",
+            "| method | size | statuses | operands | solved by BP |",
+            "|---|---|---|---|---|",
         ]
         for r in nets:
             counts = ", ".join(f"{k} {v:,}" for k, v in r["status_counts"].items())
             bp_px = r.get("bp_fallback_pixels")
             lines.append(
-                f"| {r['method']} | {r['size']}² | {counts} | "
+                f"| {r['method']} | {r['size']}² | {counts} | {r.get('net_dtype', '')} | "
                 f"{'' if bp_px is None else format(bp_px, ',')} |"
             )
     if report.get("full_disk"):

@@ -15,6 +15,7 @@ import pytest
 from conftest import REPO
 
 from deepem_jax.bench import run_suite, to_markdown, write_report
+from deepem_jax.predictor import native_dtype
 
 SIZE = 16
 FIT_PIXELS = 32
@@ -23,10 +24,10 @@ INVERT_ROWS = [
     "bp_jax_f32",
     "bp_jax_f64",
     "net_deepem_bf16",
-    "net_deepem_consistent_bf16",
+    "net_deepem_consistent",
     "net_deepem_f32",
     "net_small_bf16",
-    "net_small_consistent_bf16",
+    "net_small_consistent",
     "net_small_f32",
 ]
 #: Timed calls per row.
@@ -68,12 +69,14 @@ def test_every_method_row_with_compile_time_and_fit(report):
     assert rows["bp_jax_f32"]["pixels"] == SIZE * SIZE
     assert rows["bp_jax_f32"]["status_counts"]["SOLVED"] > 0.9 * SIZE * SIZE
     # the shipped model sends to BP at most the pixels the network alone left outside the band
-    alone, shipped = rows["net_deepem_bf16"], rows["net_deepem_consistent_bf16"]
+    shipped = rows["net_deepem_consistent"]
+    assert shipped["net_dtype"] == native_dtype()
+    alone = rows["net_deepem_" + {"bfloat16": "bf16", "float32": "f32"}[native_dtype()]]
     outside = alone["pixels"] - alone["status_counts"].get("SOLVED", 0)
     assert 0 <= shipped["bp_fallback_pixels"] <= outside
     md = to_markdown(report)
-    assert "| statuses | solved by BP |" in md
-    assert f"| net_deepem_consistent_bf16 | {SIZE}² | SOLVED " in md
+    assert "| statuses | operands | solved by BP |" in md
+    assert f"| net_deepem_consistent | {SIZE}² | SOLVED " in md
 
 
 def test_ratios_name_their_reference(report):
