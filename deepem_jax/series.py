@@ -594,7 +594,9 @@ def invert_series(
     **options
         Keyword arguments of :func:`deepem_jax.invert` for every observation (``response``,
         ``predictor``, ``tolfac``, ``consistency``, ``degradation``, ``solver``, ...), sent
-        to each worker once; a path given as ``degradation`` is made absolute.
+        to each worker once; a path given as ``degradation`` is made absolute. Without a
+        ``predictor``, a network method loads the shipped one for the channels here, so every
+        worker runs the same network in the same operand dtype (:attr:`Predictor.dtype`).
 
     Returns
     -------
@@ -635,6 +637,12 @@ def invert_series(
         raise ValueError(f"duplicate channels: {list(chans)} Å")
     if len(chans) < MIN_CHANNELS:
         raise ValueError(f"a DEM needs at least {MIN_CHANNELS} channels, got {list(chans)} Å")
+    uses_net = method == "net" or (method == "fit" and options.get("init") == "net")
+    if predictor is None and uses_net:
+        # chosen here, not on each worker: one network and operand dtype for the whole series
+        from .pretrained import load_default_predictor
+
+        options["predictor"] = load_default_predictor(np.array(chans) * u.AA)
     items = _normalise(observations)
     if not items:
         raise ValueError("no observation given")

@@ -355,6 +355,9 @@ def test_settings_digest_follows_every_option():
         net.logt,
         net.channels,
     )
+    other_dtype = dataclasses.replace(
+        net, dtype={"float32": "bfloat16", "bfloat16": "float32"}[net.dtype]
+    )
     chans = (94, 131, 171, 193, 211, 335)
     base = settings_sha256("net", chans, 1, {"tolfac": 1.4, "predictor": net})
     assert base == settings_sha256("net", chans, 1, {"predictor": net, "tolfac": 1.4})
@@ -363,9 +366,7 @@ def test_settings_digest_follows_every_option():
         settings_sha256("net", chans, 2, {"tolfac": 1.4, "predictor": net}),
         settings_sha256("net", chans[::-1], 1, {"tolfac": 1.4, "predictor": net}),
         settings_sha256("net", chans, 1, {"tolfac": 1.4, "predictor": other}),
-        settings_sha256(
-            "net", chans, 1, {"tolfac": 1.4, "predictor": dataclasses.replace(net, dtype="float32")}
-        ),
+        settings_sha256("net", chans, 1, {"tolfac": 1.4, "predictor": other_dtype}),
         settings_sha256("bp", chans, 1, {"tolfac": 1.4, "predictor": net}),
         settings_sha256(
             "net", chans, 1, {"tolfac": 1.4, "predictor": net, "response": dj.default_response()}
@@ -387,3 +388,24 @@ def test_settings_digest_takes_a_degradation_table_by_its_contents(tmp_path):
     edited.write_text(text.replace("0.", "1.", 1))
     digest = [settings_sha256("bp", chans, 1, {"degradation": str(p)}) for p in (a, b, edited)]
     assert digest[0] == digest[1] != digest[2]
+
+
+def test_default_network_is_chosen_once_for_the_series(series_dirs, tmp_path):
+    """Without a predictor the driver loads the shipped network, in the hardware's operand
+    dtype, and sends that one to every worker: the cube's settings are those of the explicit
+    predictor, and a rerun with the other operand dtype refuses the cube instead of mixing."""
+    from deepem_jax.pretrained import load_default_predictor
+    from deepem_jax.series import SETTINGS_CARD, settings_sha256
+
+    dirs, out = series_dirs[:1], tmp_path / "out"
+    first = invert_series(dirs, "net", out_dir=out, client="synchronous")
+    assert first.counts() == {"ok": 1, "skipped": 0, "failed": 0}
+    net = load_default_predictor()
+    want = settings_sha256("net", net.channels, 1, {"predictor": net})[:16]
+    assert read_dem_cube(first.outcomes[0].output).header[SETTINGS_CARD] == want
+    other = dataclasses.replace(
+        net, dtype={"float32": "bfloat16", "bfloat16": "float32"}[net.dtype]
+    )
+    second = invert_series(dirs, "net", out_dir=out, client="synchronous", predictor=other)
+    assert second.counts() == {"ok": 0, "skipped": 0, "failed": 1}
+    assert "other settings" in second.failed[0].reason
