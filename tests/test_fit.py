@@ -103,8 +103,8 @@ def test_implicit_gradients_match_finite_differences(x64, K, parametrisation, sp
     gy, gK = jax.grad(g, argnums=(0, 1))(y, K)
     fd_y = np.array([_fd(lambda a: g(a, K), y, i) for i in np.ndindex(y.shape)])
     np.testing.assert_allclose(np.ravel(gy), fd_y, rtol=2e-3, atol=2e-3 * np.abs(fd_y).max())
-    for idx in [(2, 8), (3, 10), (5, 12)]:
-        np.testing.assert_allclose(gK[idx], _fd(lambda a: g(y, a), K, idx), rtol=1e-2)
+    for idx in [(2, 8), (3, 10), (5, 12)]:  # steps of 1e-3: smaller ones reach the re-fits' noise
+        np.testing.assert_allclose(gK[idx], _fd(lambda a: g(y, a), K, idx, h=1e-3), rtol=1e-2)
 
 
 def test_vmap_equals_a_loop_and_bad_pixels_get_a_status(K):
