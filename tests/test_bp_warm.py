@@ -224,3 +224,22 @@ def test_head_size_follows_the_spread_of_the_counts():
     spread = np.r_[np.full(1024, 100.0), np.ones(6000)]  # 256 bases: 23 %, 1024: 94 %
     assert head_size(spread) == 1024
     assert head_size(np.ones(100)) == 100 and head_size(np.zeros(0)) == 0
+
+
+def test_ray_proven_pixels_can_start_at_a_retry(response, D, table):
+    """The bands DualSimplex proves infeasible by a ray are infeasible for HiGHS; solved from
+    the first retry (``start=1``) they get the answers of the whole schedule."""
+    y, sig = _observations(response, 2000, seed=6)
+    with jax.enable_x64(True):
+        lower, upper = (np.asarray(a) for a in bp.bounds(y, sig, 1.0))
+    solver = bp.DualSimplex(warm_start=table)
+    proven = solver._ray_proven(D, lower, upper)
+    assert proven.sum() > 10
+    assert np.all(bp.highs_lp(D, lower[proven], upper[proven]).status == 1)
+    full = bp.solve(y, sig, response, BASIS, tolfac=1.0, solver=solver)
+    late = bp.solve(y[proven], sig[proven], response, BASIS, tolfac=1.0, solver=solver, start=1)
+    for name in ("status", "tolfac", "em"):
+        np.testing.assert_array_equal(getattr(late, name), getattr(full, name)[proven])
+    assert np.all(late.tolfac > 1.0)
+    with pytest.raises(ValueError, match="start must be"):
+        bp.solve(y[:4], sig[:4], response, BASIS, solver=solver, start=3)

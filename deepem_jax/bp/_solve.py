@@ -154,6 +154,7 @@ def solve(
     schedule: ToleranceSchedule = ToleranceSchedule(),
     progress: Any = False,
     coeffs: bool = True,
+    start: int = 0,
 ) -> BPResult:
     """Basis Pursuit DEM of every pixel (SolarSoft ``aia_sparse_em_solve`` semantics).
 
@@ -183,6 +184,9 @@ def solve(
         one, e.g. by a caller that solves a large image in several calls.
     coeffs : keep the coefficients (``result.coeffs``); False leaves ``result.coeffs`` None
         and saves ``n_basis`` numbers per pixel (the other fields are the same).
+    start : index into ``(1, *schedule.retry_factors)`` of the first band tried, for pixels
+        already known to be infeasible in the narrower ones (e.g. proven by a Farkas ray):
+        their answers are then those of the whole schedule, without its first passes.
 
     Memory: pixels are solved in blocks of ``2**18``; besides the outputs, only one block's
     float64 temporaries are held (the inputs are converted to float64 block by block).
@@ -200,6 +204,15 @@ def solve(
     ``astropy.units.UnitConversionError`` on Quantities in the wrong units.
     """
     tolfac = _options(tolfac, solver, schedule)
+    if (
+        isinstance(start, bool)
+        or not isinstance(start, int)
+        or not 0 <= start < len(schedule.factors)
+    ):
+        raise ValueError(
+            f"start must be an integer index into the {len(schedule.factors)} tolerance "
+            f"factors, got {start!r}"
+        )
     y, sig = _inputs(intensities, sigma, response)
     with jax.enable_x64(True):
         D = np.asarray(dictionary(response, basis), dtype=np.float64)
@@ -208,11 +221,11 @@ def solve(
     yf = y.reshape(-1, C)
     sf = None if sig is None else sig.reshape(-1, C)
     with _progress_bar(progress, len(yf)) as bar:
-        res = _solve_flat(yf, sf, D, basis, tolfac, solver, schedule, bar, bool(coeffs))
+        res = _solve_flat(yf, sf, D, basis, tolfac, solver, schedule, bar, bool(coeffs), start)
     return jax.tree.map(lambda a: a.reshape((*shape, *a.shape[1:])), res)
 
 
-def _solve_flat(yf, sf, D, basis, tolfac, solver, schedule, bar, keep_coeffs) -> BPResult:
+def _solve_flat(yf, sf, D, basis, tolfac, solver, schedule, bar, keep_coeffs, start=0):
     """:func:`solve` of (N, C) pixels (any numeric dtype; ``sf`` None for ``sqrt(y)``) as a
     flat BPResult. Host memory stays bounded: each block of ``_BLOCK`` pixels is converted to
     float64, solved (with its retries) and written into the outputs, which are allocated once
@@ -233,7 +246,7 @@ def _solve_flat(yf, sf, D, basis, tolfac, solver, schedule, bar, keep_coeffs) ->
         yb = np.asarray(yf[sl], np.float64)
         sb = np.sqrt(np.maximum(yb, 0.0)) if sf is None else np.asarray(sf[sl], np.float64)
         x, res.status[sl], res.tolfac[sl], res.iterations[sl] = _solve_block(
-            yb, sb, D, tolfac, solver, schedule, sf is None, bar
+            yb, sb, D, tolfac, solver, schedule, sf is None, bar, start
         )
         del yb, sb
         if res.coeffs is not None:
@@ -242,6 +255,29 @@ def _solve_flat(yf, sf, D, basis, tolfac, solver, schedule, bar, keep_coeffs) ->
         res.em[sl] = basis.scale * (x @ B)
         res.objective[sl] = x.sum(-1)
     return res
+
+
+def _ray_proven_pixels(
+    intensities: np.ndarray,
+    sigma: np.ndarray,
+    response: TemperatureResponse,
+    basis: Basis,
+    tolfac: float = 1.4,
+    solver: DualSimplex = DualSimplex(),
+    schedule: ToleranceSchedule = ToleranceSchedule(),
+) -> np.ndarray:
+    """(N,) bool: pixels (N, C) (DN s^-1 pix^-1, with their sigma) whose band at ``tolfac`` a
+    Farkas ray of ``solver``'s basis table proves infeasible: those :func:`solve` finds
+    INFEASIBLE at ``tolfac`` without a pivot and solves, if at all, at a retry tolerance. One
+    matrix product per pixel; all False without a table."""
+    with jax.enable_x64(True):
+        D = np.asarray(dictionary(response, basis), dtype=np.float64)
+    solver = solver._for(D, tuple(response.channels))
+    y = np.asarray(intensities, np.float64)
+    yc, sc, invalid, _ = _flags(y, np.asarray(sigma, np.float64), False, schedule.min_signal)
+    with jax.enable_x64(True):
+        lo, hi = (np.asarray(a) for a in bounds(yc, sc, tolfac, schedule.symmbuff))
+    return solver._ray_proven(D, lo, hi) & ~invalid
 
 
 def _flags(yf, sf, sqrt_sigma: bool, min_signal: float):
@@ -256,7 +292,7 @@ def _flags(yf, sf, sqrt_sigma: bool, min_signal: float):
     return yc, sc, invalid, low
 
 
-def _solve_block(yf, sf, D, tolfac, solver, schedule, sqrt_sigma, bar):
+def _solve_block(yf, sf, D, tolfac, solver, schedule, sqrt_sigma, bar, start=0):
     """BP of (N, C) pixels with the tolerance schedule; returns float64 coefficients (N, n),
     status, the tolerance factor used and pivot counts. The bar advances once per pixel:
     flagged pixels at once, the others during the first pass; retries only set its postfix."""
@@ -271,16 +307,18 @@ def _solve_block(yf, sf, D, tolfac, solver, schedule, sqrt_sigma, bar):
     if bar is not None:
         bar.update(int((low | invalid).sum()))
     for k, f in enumerate(schedule.factors):
+        if k < start:
+            continue
         todo = np.flatnonzero(status == BPStatus.INFEASIBLE)
         if todo.size == 0:
             break
-        if bar is not None and k > 0:
+        if bar is not None and k > start:
             bar.set_postfix_str(f"retrying {todo.size} px at tolfac {tolfac * f:g}")
         with jax.enable_x64(True):
             lo, hi = (
                 np.asarray(a) for a in bounds(yc[todo], sc[todo], tolfac * f, schedule.symmbuff)
             )
-        tick = bar.update if bar is not None and k == 0 else None
+        tick = bar.update if bar is not None and k == start else None
         if todo.size == N:  # every pixel: take the solver's arrays without copying them
             x, status, its = solver._lp(D, lo, hi, tick)
             status, its = status.astype(np.int32, copy=False), its.astype(np.int32, copy=False)

@@ -161,6 +161,23 @@ class DualSimplex:
     def _table(self) -> BasisTable | None:
         return self.warm_start if isinstance(self.warm_start, BasisTable) else None
 
+    def _ray_proven(self, D, lower, upper) -> np.ndarray:
+        """(N,) bool: a Farkas ray of the warm-start table proves the band (N, C) infeasible,
+        in float32 as the warm start of :func:`solve_certified` does and again in float64 as
+        :func:`_certify_infeasible_verdicts` does: the pixels :meth:`_lp` finds INFEASIBLE
+        without a pivot. All False without a table."""
+        table = self._table()
+        if table is None or table.rays is None:
+            return np.zeros(len(lower), bool)
+        size = bucket(len(lower), self.chunk_size, min(PIVOT_BLOCK, self.chunk_size))
+        f32 = [np.asarray(a, np.float32) for a in (lower, upper)]
+        proven = table.proves_infeasible(D, *f32, chunk_size=size)
+        idx = np.flatnonzero(proven)
+        if idx.size:
+            with jax.enable_x64(True):
+                proven[idx] = table.proves_infeasible(D, lower[idx], upper[idx])
+        return proven
+
     def _chunks(self, D, lower, upper, dtype, on_chunk=None) -> LPResult:
         """:func:`solve_lp` in ``dtype`` over padded chunks; numpy leaves."""
         table = self._table()

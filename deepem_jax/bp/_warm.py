@@ -43,6 +43,8 @@ from .._batching import map_bounds_blocks, map_rows
 __all__ = ["BasisTable", "choose_start", "default_table", "learn_table", "prove_infeasible"]
 
 _TABLES = Path(__file__).resolve().parent.parent / "tables"
+#: Pixels per jitted call of :meth:`BasisTable.proves_infeasible` by default.
+RAY_CHUNK = 1024
 #: Reduced-cost tolerance of the dual feasibility test of a table's bases (the end point is
 #: certified in float64 anyway).
 _DUAL_TOL = 1e-9
@@ -199,18 +201,24 @@ class BasisTable:
         except (OSError, EOFError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as err:
             raise ValueError(f"{path} is not a basis table: {err}") from None
 
-    def proves_infeasible(self, D: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    def proves_infeasible(
+        self,
+        D: np.ndarray,
+        lower: np.ndarray,
+        upper: np.ndarray,
+        chunk_size: int = RAY_CHUNK,
+    ) -> np.ndarray:
         """(N,) bool: a ray of this table proves the band ``lower <= D x <= upper`` (N, C)
         infeasible (:func:`prove_infeasible`, in the dtype of ``lower``: float64 needs x64;
-        :data:`RAY_CHUNK` pixels per jitted call); all False without rays or for a ``D`` with
-        a negative entry."""
+        ``chunk_size`` pixels per jitted call); all False without rays or for a ``D`` with a
+        negative entry."""
         D = self._dictionary(D)
         dtype = jax.dtypes.canonicalize_dtype(np.result_type(lower, np.float32))
         rays = self._ray_arrays(D, dtype)
         if rays is None:
             return np.zeros(np.shape(lower)[0], bool)
         args = [np.asarray(a, dtype) for a in (lower, upper)]
-        return map_rows(partial(_prove_jit, rays), args, RAY_CHUNK)
+        return map_rows(partial(_prove_jit, rays), args, chunk_size)
 
     def prepare(self, D: np.ndarray, dtype) -> dict[str, dict[str, jax.Array]]:
         """The arrays :func:`choose_start` needs for dictionary ``D`` (C, n_basis), in
@@ -355,8 +363,6 @@ def prove_infeasible(rays: dict[str, jax.Array], lower: jax.Array, upper: jax.Ar
 
 
 _prove_jit = jax.jit(prove_infeasible)
-#: Pixels per jitted call of :meth:`BasisTable.proves_infeasible` (one compiled shape).
-RAY_CHUNK = 1024
 
 
 def _distinct_rays(rays: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
