@@ -275,7 +275,8 @@ def invert(
         regridded to the method's log T grid and put in channel order here.
     predictor
         A :class:`~deepem_jax.Predictor` for ``"net"`` (default: the shipped weights; its
-        ``dtype`` sets the matrix products' operands, bfloat16 unless replaced).
+        ``dtype`` sets the matrix products' operands: by default those native to the
+        hardware, :func:`deepem_jax.predictor.native_dtype`).
     tolfac
         Tolerance factor of the band ``max(y - tolfac*sigma, 0) <= K EM <= y + tolfac*sigma``
         BP solves in and the network's EM is judged against (finite, > 0).
@@ -284,7 +285,8 @@ def invert(
         (:func:`deepem_jax.consistency.project_to_band`) and solve by BP the pixels the
         projection leaves outside, so every pixel where BP is feasible ends inside
         (``provenance["BPFALLBK"]`` counts them). ``True``: the projection only. ``False``:
-        the network's own output (still judged against the band).
+        the network's own output (still judged against the band). A pixel left outside
+        (OUTSIDE_BAND) keeps the network's own EM.
     degradation
         ``True``: divide each channel by aiapy's degradation factor at its observation time,
         from the correction table shipped with deepem_jax; a path: from that correction table;
@@ -515,9 +517,10 @@ def _correct(y, sigma, bad, factors) -> tuple[np.ndarray, np.ndarray]:
     return np.where(bad[..., None], np.nan, y / f), sigma / f
 
 
-def _bp_solve(y, s, resp, tolfac, solver=None, progress=False):
+def _bp_solve(y, s, resp, tolfac, solver=None, progress=False, start=0):
     """:func:`deepem_jax.bp.solve` of corrected intensities and sigma with the Cheung basis on
-    the response's grid, without the coefficients; ``progress`` as in ``bp.solve``."""
+    the response's grid, without the coefficients; ``progress`` and ``start`` as in
+    ``bp.solve``."""
     from . import bp
     from .basis import cheung_basis
 
@@ -530,6 +533,7 @@ def _bp_solve(y, s, resp, tolfac, solver=None, progress=False):
         tolfac=tolfac,
         progress=progress,
         coeffs=False,
+        start=start,
         **kw,
     )
 
@@ -630,10 +634,18 @@ def _run_net(obs, factors, response, predictor, tolfac, consistency, progress):
     )
     if bar is not None:
         bar.close()
+    unreachable = np.zeros(yf.shape[0], bool)
+    redo, network = np.empty(0, np.intp), em[:0]
     if consistency:
-        # only the pixels the network left outside are projected: the others keep its EM
+        # only the pixels the network left outside are projected: the others keep its EM;
+        # bands a Farkas ray proves out of reach are left to BP's retries
         redo = np.flatnonzero(~in_band & finite & np.all(np.isfinite(em), -1))
         if redo.size:
+            yr, sr = y.reshape(-1, C)[redo], s.reshape(-1, C)[redo]
+            unreachable[redo] = _unreachable(yr, sr, resp, tolfac)
+            redo = redo[~unreachable[redo]]
+        if redo.size:
+            network = em[redo]
             em[redo], in_band[redo], finite[redo] = map_rows(
                 partial(_project_tile, K=K, tolfac=tol, n_iter=20),
                 [em[redo], yf[redo], sf[redo]],
@@ -647,7 +659,9 @@ def _run_net(obs, factors, response, predictor, tolfac, consistency, progress):
     em = np.asarray(em).reshape(*lead, -1)
     n_bp = 0
     if consistency == "exact":
-        n_bp = _bp_fallback(y, s, resp, tolfac, em, status, used, progress)
+        n_bp = _bp_fallback(y, s, resp, tolfac, em, status, used, progress, unreachable)
+    left = status.reshape(-1)[redo] == DEMStatus.OUTSIDE_BAND
+    em.reshape(-1, em.shape[-1])[redo[left]] = network[left]  # no move: the network's EM
     cfg = predictor.config
     widths = (cfg.n_channels, *cfg.hidden, cfg.n_temperatures)
     refined = f"+GN{cfg.refine_steps}" if cfg.refine_steps else ""
@@ -662,23 +676,37 @@ def _run_net(obs, factors, response, predictor, tolfac, consistency, progress):
     return em, status, used, prov, predictor.logt_array, resp
 
 
-def _bp_fallback(y, s, resp, tolfac, em, status, used, progress) -> int:
+def _unreachable(y, s, resp, tolfac) -> np.ndarray:
+    """(N,) bool: corrected intensities and sigma (N, C) whose BP band no non-negative EM
+    reaches, proven by a Farkas ray (:func:`deepem_jax.bp._solve._ray_proven_pixels`)."""
+    from .basis import cheung_basis
+    from .bp._solve import _ray_proven_pixels
+
+    return _ray_proven_pixels(y, s, resp, cheung_basis(resp.logt_array), tolfac)
+
+
+def _bp_fallback(y, s, resp, tolfac, em, status, used, progress, unreachable) -> int:
     """Solve by BP (in place) the pixels the projection left outside the band: SOLVED with
-    BP's EM and tolerance factor where BP is feasible; the others keep the network's EM and
-    OUTSIDE_BAND. Pixels without a network EM (invalid or saturated input) are not sent.
-    Returns the number of pixels BP solved."""
+    BP's EM and tolerance factor where BP is feasible; the others keep their EM and
+    OUTSIDE_BAND. Pixels without a network EM (invalid or saturated input) are not sent;
+    those whose band is ``unreachable``
+    (N,) (proven by a ray, as BP's first pass would) start at BP's first retry. Returns the
+    number of pixels BP solved."""
     has = np.all(np.isfinite(em.reshape(-1, em.shape[-1])), -1)
     redo = np.flatnonzero((status.reshape(-1) == DEMStatus.OUTSIDE_BAND) & has)
-    if redo.size == 0:
-        return 0
     C = y.shape[-1]
-    res = _bp_solve(y.reshape(-1, C)[redo], s.reshape(-1, C)[redo], resp, tolfac, None, progress)
-    ok = res.status == DEMStatus.SOLVED
-    idx = redo[ok]
-    em.reshape(-1, em.shape[-1])[idx] = res.em[ok]
-    status.reshape(-1)[idx] = int(DEMStatus.SOLVED)
-    used.reshape(-1)[idx] = res.tolfac[ok]
-    return int(ok.sum())
+    solved = 0
+    for idx, start in ((redo[~unreachable[redo]], 0), (redo[unreachable[redo]], 1)):
+        if idx.size == 0:
+            continue
+        yr, sr = y.reshape(-1, C)[idx], s.reshape(-1, C)[idx]
+        res = _bp_solve(yr, sr, resp, tolfac, None, progress, start)
+        ok = res.status == DEMStatus.SOLVED
+        em.reshape(-1, em.shape[-1])[idx[ok]] = res.em[ok]
+        status.reshape(-1)[idx[ok]] = int(DEMStatus.SOLVED)
+        used.reshape(-1)[idx[ok]] = res.tolfac[ok]
+        solved += int(ok.sum())
+    return solved
 
 
 def _run_fit(obs, factors, response, fitter, init, predictor, tolfac, solver, progress):

@@ -325,6 +325,27 @@ def test_exact_consistency_puts_every_bp_feasible_pixel_in_band(five_channel_pix
         invert(y, "net", consistency="yes", **kw)
 
 
+def test_pixels_left_outside_keep_the_network_em(five_channel_pixels):
+    """Whatever the consistency step, a pixel it leaves OUTSIDE_BAND keeps the network's own
+    EM (pixels whose band BP cannot reach are among them), and so does every pixel the network
+    put inside the band."""
+    y, sig, _, deg = five_channel_pixels
+    kw = dict(sigma=sig, channels=FIVE, obstime=T_OBS)
+    alone = invert(y, "net", consistency=False, **kw)
+    first = bp.ToleranceSchedule(retry_factors=())
+    ref = bp.solve(y, sig, deg, cheung_basis(DEEPEM_LOGT), schedule=first)  # independent
+    assert (ref.status == DEMStatus.INFEASIBLE).sum() >= 5
+    for consistency in (True, "exact"):
+        res = invert(y, "net", consistency=consistency, **kw)
+        kept = (res.status == DEMStatus.OUTSIDE_BAND) | (alone.status == DEMStatus.SOLVED)
+        np.testing.assert_array_equal(res.em[kept], alone.em[kept])
+        moved = (res.status == DEMStatus.SOLVED) & (alone.status == DEMStatus.OUTSIDE_BAND)
+        assert moved.any() and not np.all(res.em[moved] == alone.em[moved], -1).any()
+    infeasible = ref.status == DEMStatus.INFEASIBLE
+    projected = invert(y, "net", consistency=True, **kw)
+    assert np.all(projected.status[infeasible] == DEMStatus.OUTSIDE_BAND)
+
+
 def test_bp_fallback_gets_only_pixels_with_a_network_em(five_channel_pixels, monkeypatch):
     """Invalid pixels (no network EM) are INVALID_INPUT and never handed to BP."""
     from deepem_jax import pipeline
