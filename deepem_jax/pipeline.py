@@ -688,10 +688,9 @@ def _unreachable(y, s, resp, tolfac) -> np.ndarray:
 def _bp_fallback(y, s, resp, tolfac, em, status, used, progress, unreachable) -> int:
     """Solve by BP (in place) the pixels the projection left outside the band: SOLVED with
     BP's EM and tolerance factor where BP is feasible; the others keep their EM and
-    OUTSIDE_BAND. Pixels without a network EM (invalid or saturated input) are not sent;
-    those whose band is ``unreachable``
-    (N,) (proven by a ray, as BP's first pass would) start at BP's first retry. Returns the
-    number of pixels BP solved."""
+    OUTSIDE_BAND. Pixels without a network EM (invalid or saturated input) are not sent; those
+    whose band is ``unreachable`` (N,) (proven by a ray, as BP's first pass would) start at
+    BP's first retry. Returns the number of pixels BP solved."""
     has = np.all(np.isfinite(em.reshape(-1, em.shape[-1])), -1)
     redo = np.flatnonzero((status.reshape(-1) == DEMStatus.OUTSIDE_BAND) & has)
     C = y.shape[-1]
