@@ -35,9 +35,10 @@ __all__ = [
 #: Every AIA EUV channel a file may hold (Å); deepem_jax solves with the six coronal ones.
 AIA_EUV_CHANNELS: tuple[int, ...] = (94, 131, 171, 193, 211, 304, 335)
 _FITS_SUFFIXES = (".fits", ".fts", ".fit", ".fits.gz", ".fts.gz")
-# 14-bit ADC: raw AIA pixels saturate at 16383 DN; level-1 processing (dark subtraction,
-# flat field) leaves saturated pixels a little below that.
-_DEFAULT_SATURATION = 15000.0 * u.DN
+# 14-bit ADC: raw AIA pixels saturate at 16383 DN; the dark and flat-field corrections of
+# level 1 move saturated pixels below that by a channel-dependent amount, to as low as
+# 13,600 DN (the README's "Saturated pixels" has the measurement).
+_DEFAULT_SATURATION = 13500.0 * u.DN
 #: Nominal plate scale of the AIA CCDs (arcsec per level-1 pixel), used without IMSCL_MP.
 _AIA_NATIVE_SCALE = 0.6
 # Relative tolerance for IMSCL_MP to be AIA's native scale (the four telescopes have
@@ -614,7 +615,9 @@ def load_aia(
         rebinning.
     saturation_level
         Input pixels with at least this many DN per exposure get :attr:`PixelFlag.SATURATED`,
-        and so do the output pixels they touch through resampling or rebinning.
+        and so do the output pixels they touch through resampling or rebinning. The default
+        is at or below the level-1 value of a saturated pixel in every channel (the dark and
+        flat-field corrections move saturated pixels from 16383 DN to as low as 13,600 DN).
     n_native
         Level-1 pixels averaged into each input pixel (16 for 4x4-binned synoptic images).
         Default: read from each header (all channels must agree) as (plate scale / IMSCL_MP)^2,
