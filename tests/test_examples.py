@@ -24,6 +24,7 @@ TESTED = (
     "gaussian_recovery.py",
     "invert_quickstart.py",
     "plot_responses.py",
+    "saturation_plateaus.py",
     "train_basis_table.py",
     "train_pretrained.py",
 )
@@ -163,6 +164,23 @@ def test_evaluate_by_date_on_the_shipped_cutouts(run, tmp_path):
     mse = {k.strip(): v for k, v in mse.items()}
     # BP moves when its band widens: more at 10 % than at 1 %, and not at all never
     assert 0 < mse["BP, tolfac x1.01"] < mse["BP, tolfac x1.1"]
+
+
+def test_saturation_plateaus_of_the_real_flare(run, tmp_path):
+    folder = shared_path("aia", "flare_2011-02-15")
+    out = run("saturation_plateaus.py", folder, "--levels", "13500,15000", cwd=tmp_path)
+    rows = [r.strip("|").split("|") for r in out.splitlines() if r.startswith("| ")]
+    chans = {r[0].strip(): [int(c) for c in r[1:2] + r[4:]] for r in rows if "Å" in r[0]}
+    assert list(chans) == ["94 Å", "131 Å", "171 Å", "193 Å", "211 Å", "335 Å"]
+    # every channel saturates; 13,500 DN leaves no plateau pixel unflagged, 15,000 DN leaves
+    # thousands in 94 Å
+    assert all(n > 100 and at_default == 0 for n, at_default, _ in chans.values())
+    assert chans["94 Å"][2] > 1000
+    bp = {r[0].strip(): r for r in rows if r[0].strip().endswith("DN")}
+    usable = {k: int(v[1].replace(",", "")) for k, v in bp.items()}
+    infeasible = {k: int(v[2].split("(")[0].replace(",", "")) for k, v in bp.items()}
+    assert usable["13500 DN"] < usable["15000 DN"]
+    assert infeasible["13500 DN"] < infeasible["15000 DN"]
 
 
 @pytest.fixture(scope="module")
