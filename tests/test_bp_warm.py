@@ -243,3 +243,36 @@ def test_ray_proven_pixels_can_start_at_a_retry(response, D, table):
     assert np.all(late.tolfac > 1.0)
     with pytest.raises(ValueError, match="start must be"):
         bp.solve(y[:4], sig[:4], response, BASIS, solver=solver, start=3)
+
+
+def test_a_reordered_table_serves_the_reordered_rows(response, D, table, x64):
+    """The same LPs with the channels in another order: the reordered table starts them at the
+    same bases (the same pixels need no pivot) and every answer is the same."""
+    lower, upper = _bands(response, 1000, seed=6, tolfac=1.0)  # some infeasible pixels
+    perm = [3, 0, 4, 2, 1]
+    swapped = table.reordered([FIVE[i] for i in perm])
+    assert swapped.channels == (211, 131, 335, 193, 171)
+    ref = bp.solve_lp(D, lower, upper, dtype=np.float64, warm_start=table)
+    res = bp.solve_lp(D[perm], lower[:, perm], upper[:, perm], dtype=np.float64, warm_start=swapped)
+    status = np.asarray(res.status)
+    np.testing.assert_array_equal(status, np.asarray(ref.status))
+    assert np.sum(status == 1) > 5
+    ok = status == 0
+    np.testing.assert_allclose(np.asarray(res.x)[ok], np.asarray(ref.x)[ok], rtol=1e-9, atol=1e-12)
+    no_pivot = np.asarray(ref.iterations) == 0
+    assert no_pivot.mean() > 0.5
+    np.testing.assert_array_equal(np.asarray(res.iterations) == 0, no_pivot)
+    assert swapped.reordered(FIVE).channels == table.channels
+    np.testing.assert_array_equal(swapped.reordered(FIVE).basis, table.basis)
+    with pytest.raises(ValueError, match="not a reordering"):
+        table.reordered([131, 171, 193, 211, 94])
+
+
+def test_the_shipped_table_serves_any_channel_order():
+    six = [94, 131, 171, 193, 211, 335]
+    shipped = bp.default_table(six)
+    reverse = bp.default_table(six[::-1])
+    assert reverse is bp.default_table(six[::-1])  # read once
+    assert reverse.channels == tuple(six[::-1]) and reverse.size == shipped.size
+    np.testing.assert_array_equal(reverse.rays, shipped.rays[:, ::-1])
+    assert bp.default_table([94, 131, 171]) is None

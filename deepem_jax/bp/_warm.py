@@ -170,6 +170,27 @@ class BasisTable:
             self.ray_counts[:max_rays],
         )
 
+    def reordered(self, channels: Sequence[int]) -> BasisTable:
+        """This table for the same channels in another order (Angstrom): its rows permuted, so
+        the bases, slack states and rays are those of the same LPs with the rows reordered."""
+        channels = tuple(int(c) for c in channels)
+        if sorted(channels) != sorted(self.channels) or len(set(channels)) != len(channels):
+            raise ValueError(f"channels {list(channels)} are not a reordering of {self.channels}")
+        old = np.array([self.channels.index(c) for c in channels])  # new row j is old row old[j]
+        new_row = np.argsort(old)  # old row i is new row new_row[i]
+        b = np.asarray(self.basis, np.int64)
+        slack = b >= self.n_basis
+        b = np.where(slack, self.n_basis + new_row[np.where(slack, b - self.n_basis, 0)], b)
+        return BasisTable(
+            np.sort(b, 1).astype(np.int32),
+            self.slack_stat[:, old],
+            self.counts,
+            channels,
+            self.n_basis,
+            self.rays[:, old],
+            self.ray_counts,
+        )
+
     def save(self, path: str | Path) -> None:
         """Write the table as ``.npz``."""
         np.savez_compressed(
@@ -467,15 +488,21 @@ def _choose(prep, lower, upper):
 
 
 def default_table(channels: Sequence[int]) -> BasisTable | None:
-    """The shipped table for the channels (Angstrom, in order), or None if there is none. Read
-    once per process: the same object (and so its prepared arrays) serves every call."""
+    """The shipped table for the channels (Angstrom, in order; a table of the same channels in
+    another order is :meth:`BasisTable.reordered`), or None if there is none. Read once per
+    process and order: the same object (and so its prepared arrays) serves every call."""
     return _shipped_table(tuple(int(c) for c in channels))
 
 
 @functools.cache
 def _shipped_table(channels: tuple[int, ...]) -> BasisTable | None:
-    path = _TABLES / ("bp_bases_" + "-".join(map(str, channels)) + ".npz")
-    return BasisTable.load(path) if path.is_file() else None
+    for path in sorted(_TABLES.glob("bp_bases_*.npz")):
+        stored = tuple(int(c) for c in path.stem.removeprefix("bp_bases_").split("-"))
+        if stored == channels:
+            return BasisTable.load(path)
+        if sorted(stored) == sorted(channels):
+            return _shipped_table(stored).reordered(channels)
+    return None
 
 
 def learn_table(
