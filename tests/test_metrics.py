@@ -104,3 +104,33 @@ def test_tables(results):
     assert "|" not in "".join(plain) and plain[1].split() == ["pixels", "3", "2", "1"]
     with pytest.raises(ValueError, match="style"):
         format_metrics_table(results, style="html")
+
+
+def test_compare_results_by_hand():
+    """Network EM = 4x BP's on every SOLVED pixel: sqrt(EM/1e25) differs by exactly BP's own, so
+    ``mse_sqrt`` is the mean of EM_bp/1e25 and ``rel_mse_sqrt`` is 1, at any EM scale."""
+    import dataclasses
+
+    from deepem_jax import invert
+    from deepem_jax.metrics import compare_results
+    from deepem_jax.response import default_response
+    from deepem_jax.status import DEMStatus
+
+    resp = default_response()
+    rng = np.random.default_rng(0)
+    y = rng.uniform(50, 500, (40, 6))
+    bp = invert(y, "bp", sigma=0.1 * y, channels=resp.wavelength, degradation=False)
+    ok = bp.status == DEMStatus.SOLVED
+    assert 5 < ok.sum() < 40  # some pixels BP does not solve are left out
+    for scale in (1.0, 1e3):
+        ref = dataclasses.replace(bp, em=bp.em * scale)
+        net = dataclasses.replace(ref, em=ref.em * 4)
+        r = compare_results(net, ref)
+        em = ref.em[ok].astype(np.float64) / 1e25
+        assert r["pixels"] == ok.sum() and r["in_band"] == 1.0
+        assert r["mse_sqrt"] == pytest.approx(em.mean(), rel=1e-5)
+        assert r["rel_mse_sqrt"] == pytest.approx(1.0, rel=1e-5)
+        assert r["med_rel_total_em"] == pytest.approx(3.0, rel=1e-5)
+        assert r["med_abs_dlogt"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="same pixels"):
+        compare_results(net, dataclasses.replace(ref, channels=(94,)))
