@@ -151,15 +151,19 @@ class _Config:
 
 def settings_sha256(method: str, channels: Sequence[int], rebin: int, options: dict) -> str:
     """sha256 (hex) of what a series cube depends on besides its input files: the method,
-    channels, rebin factor and :func:`deepem_jax.invert` options. Arrays and networks enter by
-    their contents (a predictor by its weights and dtype), a degradation table given as a path
-    by the file's contents, responses by their :class:`~deepem_jax.checkpoint.ResponseId`,
-    other objects by their fields or ``repr``."""
+    channels, rebin factor, the saturation level the files are loaded with and
+    :func:`deepem_jax.invert` options. Arrays and networks enter by their contents (a
+    predictor by its weights and dtype), a degradation table given as a path by the file's
+    contents, responses by their :class:`~deepem_jax.checkpoint.ResponseId`, other objects by
+    their fields or ``repr``."""
+    from .io import _aia
+
     described = {k: _describe(v) for k, v in sorted(options.items())}
     table = options.get("degradation")
     if isinstance(table, str | os.PathLike) and Path(table).is_file():
         described["degradation"] = ["file", hashlib.sha256(Path(table).read_bytes()).hexdigest()]
-    text = json.dumps([method, list(channels), int(rebin), described])
+    saturation = float(_aia._DEFAULT_SATURATION.to_value(u.DN))
+    text = json.dumps([method, list(channels), int(rebin), described, saturation])
     return hashlib.sha256(text.encode()).hexdigest()
 
 

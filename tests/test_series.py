@@ -342,9 +342,9 @@ def test_two_host_devices_give_the_results_of_one(series_dirs, tmp_path):
         np.testing.assert_array_equal(two[f"{name}_chi2"], one.chi2)
 
 
-def test_settings_digest_follows_every_option():
+def test_settings_digest_follows_every_option(monkeypatch):
     """Equal settings give one digest; another tolfac, rebin, channel order, network weight,
-    network dtype or response gives another."""
+    network dtype, response or saturation level of the loader gives another."""
     from deepem_jax.pretrained import load_default_predictor
     from deepem_jax.series import settings_sha256
 
@@ -372,6 +372,8 @@ def test_settings_digest_follows_every_option():
             "net", chans, 1, {"tolfac": 1.4, "predictor": net, "response": dj.default_response()}
         ),
     ]
+    monkeypatch.setattr("deepem_jax.io._aia._DEFAULT_SATURATION", 15000 * u.DN)
+    changed.append(settings_sha256("net", chans, 1, {"tolfac": 1.4, "predictor": net}))
     assert len({base, *changed}) == 1 + len(changed)
 
 
