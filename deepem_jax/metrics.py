@@ -260,8 +260,8 @@ def compare_results(net, bp) -> dict[str, float]:
     status SOLVED); ``mse_sqrt`` -- mean over pixels and bins of
     ``(sqrt(EM_net/1e25) - sqrt(EM_bp/1e25))**2``; ``rel_mse_sqrt`` -- ``mse_sqrt`` divided by
     the mean of ``EM_bp/1e25`` over the same pixels and bins (the mean square of BP's
-    ``sqrt(EM/1e25)``): the same error without the EM scale, so that quiet-Sun and
-    active-region pixels compare; ``med_rel_total_em`` -- median of
+    ``sqrt(EM/1e25)``, ``mean_em_bp``): the same error without the EM scale, so that quiet-Sun
+    and active-region pixels compare; ``med_rel_total_em`` -- median of
     ``|sum EM_net / sum EM_bp - 1|``; ``med_abs_dlogt`` -- median ``|<log T>_net - <log T>_bp|``
     (EM-weighted); ``med_chi2`` and ``med_chi2_bp`` -- median chi^2 of each on those pixels.
     """
@@ -281,6 +281,7 @@ def compare_results(net, bp) -> dict[str, float]:
         "pixels": int(sel.sum()),
         "in_band": float(np.mean(net.status[sel] == DEMStatus.SOLVED)) if sel.any() else nan,
         "mse_sqrt": float(np.mean(sq**2)) if sel.any() else nan,
+        "mean_em_bp": float(np.mean(np.maximum(em_b, 0) / _SQRT_SCALE)) if sel.any() else nan,
         "rel_mse_sqrt": float(np.mean(sq**2) / np.mean(np.maximum(em_b, 0) / _SQRT_SCALE))
         if pos.any()
         else nan,

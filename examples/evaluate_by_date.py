@@ -142,9 +142,10 @@ def _merge(rows: list[dict]) -> list[dict]:
 def table(name: str, rows: list[dict]) -> str:
     head = (
         "| network | date | variant | pixels | in BP band | MSE sqrt(EM/1e25) | "
-        "med. rel. err. total EM | med. abs. Δ⟨log T⟩ | med. χ² net / BP | MSE / mean EM_BP |"
+        "med. rel. err. total EM | med. abs. Δ⟨log T⟩ | med. χ² net / BP | MSE / mean EM_BP | "
+        "mean EM_BP / 1e25 |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         # a BP reference row is SOLVED in its own, wider band: no in-band fraction
         band = "—" if r["variant"] in BP_REFERENCE else f"{100 * r['in_band']:.2f} %"
@@ -152,7 +153,7 @@ def table(name: str, rows: list[dict]) -> str:
             f"| {name} | {r['date']} | {r['variant']} | {r['pixels']:,} | "
             f"{band} | {r['mse_sqrt']:.3g} | {r['med_rel_total_em']:.3f} | "
             f"{r['med_abs_dlogt']:.3f} | {r['med_chi2']:.2f} / {r['med_chi2_bp']:.2f} | "
-            f"{r['rel_mse_sqrt']:.3g} |"
+            f"{r['rel_mse_sqrt']:.3g} | {r['mean_em_bp']:.3g} |"
         )
     return "\n".join(lines)
 

@@ -129,6 +129,7 @@ def test_compare_results_by_hand():
         em = ref.em[ok].astype(np.float64) / 1e25
         assert r["pixels"] == ok.sum() and r["in_band"] == 1.0
         assert r["mse_sqrt"] == pytest.approx(em.mean(), rel=1e-5)
+        assert r["mean_em_bp"] == pytest.approx(em.mean(), rel=1e-6)
         assert r["rel_mse_sqrt"] == pytest.approx(1.0, rel=1e-5)
         assert r["med_rel_total_em"] == pytest.approx(3.0, rel=1e-5)
         assert r["med_abs_dlogt"] == pytest.approx(0.0, abs=1e-6)
