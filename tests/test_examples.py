@@ -174,7 +174,7 @@ def test_saturation_plateaus_of_the_real_flare(run, tmp_path):
     assert list(chans) == ["94 Å", "131 Å", "171 Å", "193 Å", "211 Å", "335 Å"]
     # every channel saturates; 13,500 DN leaves no plateau pixel unflagged, 15,000 DN leaves
     # thousands in 94 Å
-    assert all(n > 100 and at_default == 0 for n, at_default, _ in chans.values())
+    assert all(n > 100 and at_13500 == 0 for n, at_13500, _ in chans.values())
     assert chans["94 Å"][2] > 1000
     bp = {r[0].strip(): r for r in rows if r[0].strip().endswith("DN")}
     usable = {k: int(v[1].replace(",", "")) for k, v in bp.items()}
