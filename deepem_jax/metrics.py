@@ -277,14 +277,13 @@ def compare_results(net, bp) -> dict[str, float]:
     sq = np.sqrt(np.maximum(em_n, 0) / _SQRT_SCALE) - np.sqrt(np.maximum(em_b, 0) / _SQRT_SCALE)
     pos = tot_b > 0
     nan = math.nan
+    mean_b = float(np.mean(np.maximum(em_b, 0) / _SQRT_SCALE)) if sel.any() else nan
     return {
         "pixels": int(sel.sum()),
         "in_band": float(np.mean(net.status[sel] == DEMStatus.SOLVED)) if sel.any() else nan,
         "mse_sqrt": float(np.mean(sq**2)) if sel.any() else nan,
-        "mean_em_bp": float(np.mean(np.maximum(em_b, 0) / _SQRT_SCALE)) if sel.any() else nan,
-        "rel_mse_sqrt": float(np.mean(sq**2) / np.mean(np.maximum(em_b, 0) / _SQRT_SCALE))
-        if pos.any()
-        else nan,
+        "mean_em_bp": mean_b,
+        "rel_mse_sqrt": float(np.mean(sq**2) / mean_b) if pos.any() else nan,
         "med_rel_total_em": float(np.median(np.abs(tot_n[pos] / tot_b[pos] - 1)))
         if pos.any()
         else nan,

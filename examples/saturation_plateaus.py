@@ -5,7 +5,8 @@ through.
     python examples/saturation_plateaus.py DIR --levels 13500,15000
 
 ``DIR`` holds AIA FITS files in DN per exposure of one or more times, six channels per time
-(default: ``$DEEPEM_JAX_DATA/aia/flare_2011-02-15``, ten times of an X2 flare). A saturated
+(default: ``$DEEPEM_JAX_DATA/aia/flare_2011-02-15``, ten times of an X2 flare), grouped into
+observations by :func:`deepem_jax.series.group_files`. A saturated
 region is a *plateau*: the ADC's limit (16383 DN) after the dark and flat-field corrections, so
 its pixels agree with their neighbours far more closely than solar structure does. Here a pixel
 is on a plateau when its whole 3x3 neighbourhood is at least ``--floor`` DN and agrees within
@@ -29,35 +30,17 @@ from astropy.io import fits
 from scipy import ndimage
 
 from deepem_jax import invert, load_aia
+from deepem_jax.series import group_files
 from deepem_jax.status import DEMStatus
 
 
-def times(folder: Path) -> dict[str, dict[int, Path]]:
-    """{DATE-OBS of the first file of each set: {channel: file}}: files sorted by DATE-OBS, a
-    new set starting whenever a channel repeats."""
-    heads = []
-    for path in sorted(folder.glob("*.fits")):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            header = fits.getheader(path, 0 if fits.getval(path, "NAXIS") else 1)
-        heads.append((header["DATE-OBS"], int(header["WAVELNTH"]), path))
-    sets: list[dict[int, Path]] = []
-    stamps: list[str] = []
-    for date, chan, path in sorted(heads):
-        if not sets or chan in sets[-1]:
-            sets.append({})
-            stamps.append(date)
-        sets[-1][chan] = path
-    return dict(zip(stamps, sets, strict=True))
-
-
-def raw_dn(path: Path) -> np.ndarray:
-    """The image in DN per exposure (float64)."""
+def raw_dn(path: Path) -> tuple[int, np.ndarray]:
+    """The file's channel (Å) and image in DN per exposure (float64)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with fits.open(path, memmap=False) as hdul:
             hdu = next(h for h in hdul if h.data is not None)
-            return hdu.data.astype(np.float64)
+            return int(hdu.header["WAVELNTH"]), hdu.data.astype(np.float64)
 
 
 def plateau(raw: np.ndarray, floor: float, flat: float) -> np.ndarray:
@@ -78,12 +61,12 @@ def main() -> None:
     if not args.folder.is_dir():
         raise SystemExit(f"no folder {args.folder} (set DEEPEM_JAX_DATA or pass DIR)")
     levels = [float(v) for v in args.levels.split(",")]
-    sets = times(args.folder)
+    sets = group_files(sorted(args.folder.glob("*.fits")))
 
     values: dict[int, list[np.ndarray]] = defaultdict(list)
-    for files in sets.values():
-        for chan, path in files.items():
-            raw = raw_dn(path)
+    for files in sets:
+        for path in files:
+            chan, raw = raw_dn(path)
             values[chan].append(raw[plateau(raw, args.floor, args.flat)])
     print(f"{len(sets)} times; plateau: 3x3 >= {args.floor:.0f} DN, flat within {args.flat:.0%}")
     head = " | ".join(f"unflagged at {v:.0f}" for v in levels)
@@ -99,8 +82,8 @@ def main() -> None:
     print("|---|---|---|")
     for level in levels:
         usable = infeasible = 0
-        for files in sets.values():
-            stack = load_aia(list(files.values()), saturation_level=level * u.DN)
+        for files in sets:
+            stack = load_aia(files, saturation_level=level * u.DN)
             status = invert(stack, "bp").status
             usable += int(np.sum(~stack.mask))
             infeasible += int(np.sum(status == DEMStatus.INFEASIBLE))
