@@ -4,7 +4,10 @@ when it is absent. No test touches the network."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import jax
@@ -14,9 +17,13 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED = REPO.parent / "shared" / "data"
 if "DEEPEM_JAX_DATA" not in os.environ and DEFAULT_SHARED.is_dir():
     os.environ["DEEPEM_JAX_DATA"] = str(DEFAULT_SHARED)
-# Tests never write to the user's compilation cache (deepem_jax._cache); test_cache.py sets its
-# own directory in subprocesses. Inherited by the subprocesses the tests start.
-os.environ["DEEPEM_JAX_COMPILATION_CACHE"] = "off"
+# Tests never touch the user's compilation cache (deepem_jax._cache): they share one empty
+# directory of their own, removed at exit, so the processes they start (Dask workers, the
+# benchmark's fresh processes) read what was compiled before them. test_cache.py and
+# test_examples.py set their own directories.
+_COMPILATION_CACHE = tempfile.mkdtemp(prefix="deepem_jax_test_jax_cache_")
+atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
+os.environ["DEEPEM_JAX_COMPILATION_CACHE"] = _COMPILATION_CACHE
 
 # float64 is opt-in for library users; tests that need it use the `x64` fixture.
 
