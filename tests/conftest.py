@@ -66,3 +66,26 @@ def csv_path():
 @pytest.fixture
 def npy_path():
     return shared_path("deepem", "HelioML_HelioML", "book", "04", "DeepEM_Data", "AIA_Resp.npy")
+
+
+#: Scene side, timed calls per row and fit-row pixels of the shared benchmark report.
+BENCH_SIZE = 16
+BENCH_REPEATS = 2
+BENCH_FIT_PIXELS = 32
+
+
+@pytest.fixture(scope="session")
+def bench_report():
+    """The benchmark suite's report on one small scene (test_bench checks it; test_cli's
+    ``bench`` command gets it from a stand-in that records its arguments)."""
+    from deepem_jax.bench import run_suite
+
+    return run_suite(
+        [BENCH_SIZE],
+        None,
+        highs_pixels=6,
+        demreg_pixels=12,
+        fit_pixels=BENCH_FIT_PIXELS,
+        log=None,
+        repeats=BENCH_REPEATS,
+    )

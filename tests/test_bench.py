@@ -12,13 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import BENCH_FIT_PIXELS as FIT_PIXELS
+from conftest import BENCH_REPEATS as REPEATS
+from conftest import BENCH_SIZE as SIZE
 from conftest import REPO
 
-from deepem_jax.bench import run_suite, to_markdown, write_report
+from deepem_jax.bench import to_markdown, write_report
 from deepem_jax.predictor import native_dtype
 
-SIZE = 16
-FIT_PIXELS = 32
 INVERT_ROWS = [
     "bp_highs",
     "bp_jax_f32",
@@ -30,21 +31,11 @@ INVERT_ROWS = [
     "net_small_consistent",
     "net_small_f32",
 ]
-#: Timed calls per row.
-REPEATS = 2
 
 
-@pytest.fixture(scope="module")
-def report():
-    return run_suite(
-        [SIZE],
-        None,
-        highs_pixels=6,
-        demreg_pixels=12,
-        fit_pixels=FIT_PIXELS,
-        log=None,
-        repeats=REPEATS,
-    )
+@pytest.fixture
+def report(bench_report):
+    return bench_report
 
 
 def _rows(report):

@@ -6,6 +6,7 @@ import os
 import re
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 from _synth import write_aia_set
@@ -177,19 +178,34 @@ def test_train_and_resume(runner, tmp_path):
     assert "resuming after epoch 2" in r.output and "epoch    3/3" in r.output
 
 
-def test_bench_small(runner, tmp_path):
+def test_bench_command(runner, tmp_path, monkeypatch, bench_report):
+    """The command passes its options to run_suite (recorded by a stand-in returning the shared
+    report; the suite itself is tested in test_bench) and writes and prints the report."""
+    import deepem_jax.bench
+
+    calls = []
+
+    def run_suite(*args, **kwargs):
+        calls.append((args, kwargs))
+        return bench_report
+
+    monkeypatch.setattr(deepem_jax.bench, "run_suite", run_suite)
     args = ["bench", "--sizes", "16", "--tiled", "0", "--highs-pixels", "5", "--fit-pixels", "8"]
     r = runner.invoke(main, [*args, "--repeats", "1", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
+    ((args_, kwargs),) = calls
+    assert args_ == ([16], None)
+    assert kwargs == dict(highs_pixels=5, fit_pixels=8, full_disk=0, repeats=1, log=click.echo)
     assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.md").exists()
+    assert json.loads((tmp_path / "bench.json").read_text())["results"] == json.loads(
+        json.dumps(bench_report["results"])
+    )
     assert "bp_jax_f32" in r.output and "net_deepem_consistent" in r.output
-    report = json.loads((tmp_path / "bench.json").read_text())
-    assert report["meta"]["repeats"] == 1
-    timed = [row for row in report["results"] if row["method"] != "demregpy"]  # own timer
-    assert timed and all(len(row["seconds_each"]) == 1 for row in timed)
-    assert [row["pixels"] for row in report["results"] if row["method"] == "fit_bp_f32"] == [8]
     r = runner.invoke(main, [*args, "--repeats", "0", "--out", str(tmp_path)])
     assert r.exit_code != 0 and "repeats" in r.output
+    r = runner.invoke(main, ["bench", "--sizes", "16,x", "--out", str(tmp_path)])
+    assert r.exit_code != 0 and "sizes must be integers" in r.output
+    assert len(calls) == 1
 
 
 def test_demo(runner, tmp_path, monkeypatch):
