@@ -33,17 +33,12 @@ INVERT_ROWS = [
 ]
 
 
-@pytest.fixture
-def report(bench_report):
-    return bench_report
-
-
 def _rows(report):
     return {r["method"]: r for r in report["results"]}
 
 
-def test_every_method_row_with_compile_time_and_fit(report):
-    rows = _rows(report)
+def test_every_method_row_with_compile_time_and_fit(bench_report):
+    rows = _rows(bench_report)
     assert set(INVERT_ROWS) <= set(rows)
     for name in INVERT_ROWS:
         r = rows[name]
@@ -65,28 +60,28 @@ def test_every_method_row_with_compile_time_and_fit(report):
     alone = rows["net_deepem_" + {"bfloat16": "bf16", "float32": "f32"}[native_dtype()]]
     outside = alone["pixels"] - alone["status_counts"].get("SOLVED", 0)
     assert 0 <= shipped["bp_fallback_pixels"] <= outside
-    md = to_markdown(report)
+    md = to_markdown(bench_report)
     assert "| statuses | operands | solved by BP |" in md
     assert f"| net_deepem_consistent | {SIZE}² | SOLVED " in md
 
 
-def test_ratios_name_their_reference(report):
-    assert report["ratios"]
-    for q in report["ratios"]:
+def test_ratios_name_their_reference(bench_report):
+    assert bench_report["ratios"]
+    for q in bench_report["ratios"]:
         num, den = q["ratio"].split(" / ")
         assert q["value"] > 0
         assert q["reference"].startswith(f"px/s of {num} on ")
-        assert f"px/s of {den}: {report['methods'][den]}" in q["reference"]
-    md = to_markdown(report)
+        assert f"px/s of {den}: {bench_report['methods'][den]}" in q["reference"]
+    md = to_markdown(bench_report)
     assert "bp_jax_f32 / bp_highs" in md and "linprog(method='highs')" in md
     assert "compile (s)" in md and "χ² median" in md
 
 
-def test_fit_row_against_bp(report):
+def test_fit_row_against_bp(bench_report):
     """The fit from BP on its random subset (the HiGHS pixels first): timed like the other
     rows, with steps, statuses, and a chi^2 median no worse than BP's on the pixels BP
     solved."""
-    rows = _rows(report)
+    rows = _rows(bench_report)
     r = rows["fit_bp_f32"]
     assert r["pixels"] == FIT_PIXELS and r["pixel_set"] == "random subset"
     assert r["pixels_per_s"] > r["pixels_per_s_with_init"] > 0
@@ -99,29 +94,29 @@ def test_fit_row_against_bp(report):
     assert 0.9 * FIT_PIXELS <= b["pixels"] <= FIT_PIXELS
     assert b["fit_chi2_median"] <= b["bp_chi2_median"]
     assert r["same_pixels"]["pixels"] == 6 and math.isfinite(r["same_pixels"]["chi2_median"])
-    q = next(q for q in report["ratios"] if q["ratio"] == "bp_jax_f32 / fit_bp_f32")
+    q = next(q for q in bench_report["ratios"] if q["ratio"] == "bp_jax_f32 / fit_bp_f32")
     assert f"{FIT_PIXELS} random pixels of it" in q["reference"]
-    md = to_markdown(report)
+    md = to_markdown(bench_report)
     assert "| size | pixels | px/s | px/s with BP |" in md and "fit.fit with Fitter()" in md
 
 
-def test_demregpy_row(report):
-    if report["meta"]["demregpy"].startswith("not run"):
+def test_demregpy_row(bench_report):
+    if bench_report["meta"]["demregpy"].startswith("not run"):
         pytest.skip("demregpy is not importable here: no peer row to check")
-    assert not report["meta"]["errors"]
-    r = _rows(report)["demregpy"]
+    assert not bench_report["meta"]["errors"]
+    r = _rows(bench_report)["demregpy"]
     assert r["pixels"] == 12 and math.isfinite(r["pixels_per_s"]) and r["pixels_per_s"] > 0
     assert math.isfinite(r["chi2_median"]) and r["em_fraction"] == 1.0
     assert 0 <= r["negative_em_fraction"] <= 1
     assert math.isfinite(r["same_pixels"]["chi2_median"])
-    assert any(q["ratio"] == "bp_jax_f32 / demregpy" for q in report["ratios"])
+    assert any(q["ratio"] == "bp_jax_f32 / demregpy" for q in bench_report["ratios"])
 
 
-def test_write_report(report, tmp_path):
-    jpath, mpath = write_report(report, str(tmp_path))
+def test_write_report(bench_report, tmp_path):
+    jpath, mpath = write_report(bench_report, str(tmp_path))
     saved = json.loads(Path(jpath).read_text())
-    assert saved["results"] == json.loads(json.dumps(report["results"]))
-    assert Path(mpath).read_text() == to_markdown(report)
+    assert saved["results"] == json.loads(json.dumps(bench_report["results"]))
+    assert Path(mpath).read_text() == to_markdown(bench_report)
 
 
 def test_entry_point_is_the_cli_command():
