@@ -137,7 +137,8 @@ class SeriesResult:
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
-    """Everything a task needs besides its inputs (sent once to every worker)."""
+    """Everything a task needs besides its inputs (sent with each task: data scattered to
+    workers once can be lost with one of them, since Dask's memory manager keeps one replica)."""
 
     method: str
     channels: tuple[int, ...]
@@ -489,12 +490,12 @@ def _run_synchronous(items, cfg) -> Iterator[tuple[int, ObservationOutcome]]:
 
 def _run_on_client(client, items, cfg) -> Iterator[tuple[int, ObservationOutcome]]:
     """One task per observation, submitted as worker threads become free (one task in flight
-    per thread, so a dying worker takes only the observation it is working on with it);
-    outcomes in the order they finish. A task that errs in Dask itself (``KilledWorker``: its
+    per thread, so a dying worker takes only the observation it is working on with it; each
+    task carries ``cfg``, so no observation depends on data held by another worker); outcomes
+    in the order they finish. A task that errs in Dask itself (``KilledWorker``: its
     workers died ``allowed-failures + 1`` times) comes back as a failed outcome."""
     from distributed import as_completed
 
-    cfg_future = client.scatter(cfg, broadcast=True, hash=False)
     todo = iter(enumerate(items))
     index: dict[str, int] = {}
     queue = as_completed()
@@ -503,7 +504,7 @@ def _run_on_client(client, items, cfg) -> Iterator[tuple[int, ObservationOutcome
         free = max(sum(client.nthreads().values()), 1) - len(index)
         for i, inputs in islice(todo, max(free, 0)):
             key = f"deepem_jax-invert-{i}-{uuid.uuid4().hex[:8]}"
-            fut = client.submit(_invert_one, inputs, cfg_future, key=key, pure=False)
+            fut = client.submit(_invert_one, inputs, cfg, key=key, pure=False)
             index[fut.key] = i
             queue.add(fut)
 
