@@ -10,6 +10,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+# The suite is dominated by XLA compiling many small programs once each: tests (and the
+# processes they start, which inherit the environment) ask XLA for its cheap compilation
+# pipeline. Set before jax is imported, since jax reads it then.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
 import jax
 import pytest
 
@@ -40,6 +45,16 @@ def strict_dtype_promotion():
 def x64():
     with jax.enable_x64(True):
         yield
+
+
+@pytest.fixture
+def xla_optimized():
+    """XLA's full optimisation pipeline for what the test compiles: for tests whose time is
+    spent running the compiled programs rather than compiling them."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
 
 
 def shared_path(*parts: str) -> Path:

@@ -84,7 +84,7 @@ def test_monte_carlo_statistics_match_numpy():
         E.monte_carlo(lambda yy: yy @ A, y, s, lt, 1, rng)
 
 
-def test_monte_carlo_interval_covers_the_truth():
+def test_monte_carlo_interval_covers_the_truth(xla_optimized):
     """Monte Carlo intervals (20 replicates y + sigma N(0, 1), drawn after the observation from
     its generator: replicate mean +- standard deviation) of invert(method="fit") (Fitter(),
     started from BP, as invert runs it) on 1,024 synthetic Gaussian DEMs as in the Laplace
@@ -113,7 +113,9 @@ def test_monte_carlo_interval_covers_the_truth():
 
 
 @pytest.mark.parametrize("method", ["bp", "net", "fit"])
-def test_invert_uncertainties_in_fits(tmp_path, method):
+def test_invert_uncertainties_in_fits(tmp_path, method, request):
+    if method == "fit":  # its time is spent running the fits
+        request.getfixturevalue("xla_optimized")
     obs = dj.load_aia(dj.data.sample_observation(), rebin=8)
     res = dj.invert(obs, method, uncertainties=4)
     e = res.errors
