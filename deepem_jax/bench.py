@@ -34,7 +34,10 @@ definition, mean over channels of ``((K EM - y) / sigma)**2``), the fraction of 
 EM and the fraction of those with a negative bin, over the row's pixels and over the pixels
 every method of that size ran on (``same_pixels``). Ratios of throughputs name both sides
 (``reference``). An optional tiled run (a 256^2 scene tiled to e.g. 4096^2) times the networks
-alone through :func:`deepem_jax.invert`, in their default operand dtype.
+alone through :func:`deepem_jax.invert`, in their default operand dtype. An optional real scene
+(``real``: a crop of the 2024-10-04 synoptic set under ``$DEEPEM_JAX_DATA``, five channels,
+calibrated as ``invert`` calibrates files) gets ``bp_highs``, ``bp_jax_f32`` and the shipped
+five-channel network (``net_deepem5_*``); its rows and ratios carry the scene's name.
 """
 
 from __future__ import annotations
@@ -86,7 +89,15 @@ _DESCRIPTIONS = {
         "same K and log T bins, the call alone timed inside its subprocess"
     ),
 }
-_NET_WEIGHTS = {"deepem": "shipped six-channel weights", "small": "random init, untrained"}
+_NET_WEIGHTS = {
+    "deepem": "shipped six-channel weights",
+    "deepem5": "shipped five-channel weights",
+    "small": "random init, untrained",
+}
+#: Name of the synthetic scenes in the rows' ``scene`` field.
+SYNTHETIC = "synthetic"
+#: Name of the real scene (:func:`_real_scene`) in the rows' ``scene`` field.
+SYNOPTIC = "synoptic 2024-10-04"
 
 
 def _describe(method: str) -> str:
@@ -95,7 +106,7 @@ def _describe(method: str) -> str:
     _, name, *rest = method.split("_")
     net = f"{name} network ({_NET_WEIGHTS[name]})"
     if rest == ["consistent"]:
-        shipped = ", the shipped model" if name == "deepem" else ""
+        shipped = ", the shipped model" if name.startswith("deepem") else ""
         return (
             f"{net} + consistency step (projection onto BP's band, BP for the pixels it "
             "leaves outside), matrix products on the operands native to the device (row's "
@@ -228,6 +239,7 @@ class _Scene:
     n_highs: int
     n_demreg: int
     n_fit: int = 0
+    name: str = SYNTHETIC
 
     @property
     def n(self) -> int:
@@ -254,6 +266,7 @@ def run_suite(
     fit_pixels: int = 4096,
     full_disk: int = 0,
     repeats: int = 3,
+    real: int = 0,
 ) -> dict[str, Any]:
     """Run the suite; a JSON-ready dict with ``meta``, ``results`` (one row per method and
     size), ``ratios``, ``methods`` (what each row ran) and ``full_disk``. ``fit_pixels`` caps
@@ -261,9 +274,12 @@ def run_suite(
     two calls of ~85 s each on a 2-core CPU). ``full_disk``: side of the real-image BP run
     (:func:`deepem_jax.bench_disk.full_disk_bp`, once with the inputs as ``load_aia`` returns
     them and once in float32; each in a fresh process, minutes at 4096); 0 skips it, and so
-    does a missing synoptic data set (recorded in ``meta["errors"]``). Every per-size row
-    times ``repeats`` calls after its warm-up call and reports their median (the tiled run:
-    one call)."""
+    does a missing synoptic data set (recorded in ``meta["errors"]``). ``real``: side of the
+    central crop of the real synoptic image (:func:`_real_scene`; 1024: all of it) on which
+    HiGHS (``highs_pixels`` random pixels), BP-JAX in float32 and the shipped five-channel
+    network (``net_deepem5_*``) run; 0 skips it, and a missing data set is recorded in
+    ``meta["errors"]``. Every per-size row times ``repeats`` calls after its warm-up call and
+    reports their median (the tiled run: one call)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     from .forward import synthetic_scene
@@ -297,6 +313,8 @@ def run_suite(
     if tiled_size:
         _, y = synthetic_scene(response, (256, 256), rng, exptime)
         _bench_tiled(ctx, y, sigma_values(y, exptime, response.wavelength), tiled_size)
+    if real:
+        _bench_real(ctx, real, highs_pixels, rng)
     disk = _bench_full_disk(ctx, full_disk) if full_disk else []
     for key, msg in ctx.errors.items():
         say(f"  {key} failed: {msg}")
@@ -309,6 +327,57 @@ def run_suite(
         "methods": methods,
         "full_disk": disk,
     }
+
+
+def _real_scene(size: int, highs_pixels: int, rng: np.random.Generator) -> _Scene:
+    """The central ``size`` x ``size`` crop (at most the whole 1024^2 image) of the real
+    2024-10-04 synoptic set (:mod:`deepem_jax.bench_disk`'s five channels), calibrated as
+    :func:`deepem_jax.invert` calibrates files by default: sigma from the AIA error model with
+    the file's ``n_sample``, intensities and sigma divided by each channel's degradation factor
+    at its observation time, invalid and saturated pixels NaN. The methods get these arrays
+    with ``degradation=False``, so none of them times the calibration; ``highs_pixels`` random
+    pixels of the crop form the HiGHS subset."""
+    from .bench_disk import CHANNELS, _default_data_dir, _tiled
+    from .io import load_aia
+    from .pipeline import _corrected, _degradation, _stack_observation
+
+    stack = load_aia(_default_data_dir(), np.array(CHANNELS) * u.AA)
+    obs = _stack_observation(stack, None, False)
+    y, s = _corrected(obs, _degradation(obs, True)[0])
+    size = min(size, *y.shape[:2])
+    n_highs = min(highs_pixels, size * size)
+    return _Scene(
+        size,
+        _tiled(y, size),
+        _tiled(s, size),
+        rng.permutation(size * size)[:n_highs],
+        n_highs,
+        0,
+        name=SYNOPTIC,
+    )
+
+
+def _bench_real(ctx: _Context, size: int, highs_pixels: int, rng: np.random.Generator) -> None:
+    """HiGHS, BP-JAX (float32) and the shipped five-channel network on the real scene
+    (:func:`_real_scene`), with the default response of its channels; a missing data set goes
+    to ``ctx.errors``."""
+    from .bench_disk import CHANNELS
+    from .pretrained import load_default_predictor
+
+    channels = np.array(CHANNELS) * u.AA
+    try:
+        scene = _real_scene(size, highs_pixels, rng)
+    except (FileNotFoundError, OSError, ValueError) as err:
+        ctx.errors[f"real {SYNOPTIC}"] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+        return
+    ctx.say(f"real {scene.size}x{scene.size} ({SYNOPTIC}, five channels)")
+    real = dataclasses.replace(
+        ctx,
+        response=ctx.response.select(channels),
+        channels=channels,
+        nets={"deepem5": load_default_predictor(channels)},
+    )
+    _bench_size(real, scene, with_f64=False)
 
 
 def _bench_full_disk(ctx: _Context, size: int) -> list[dict[str, Any]]:
@@ -394,9 +463,12 @@ class _Context:
     say: Callable[[str], None]
     repeats: int = 1
 
-    def record(self, method, scene_size, pixels, pixel_set, m, fit, same=None, **extra) -> None:
+    def record(
+        self, method, scene_size, pixels, pixel_set, m, fit, same=None, scene=SYNTHETIC, **extra
+    ) -> None:
         row = {
             "method": method,
+            "scene": scene,
             "size": scene_size,
             "pixels": pixels,
             "pixel_set": pixel_set,
@@ -407,8 +479,9 @@ class _Context:
         }
         self.results.append(row)
         chi2 = "n/a" if fit["chi2_median"] is None else f"{fit['chi2_median']:.3g}"
+        where = f"{scene_size}^2" if scene == SYNTHETIC else f"{scene_size}^2 {scene}"
         self.say(
-            f"  {method:<26s} {scene_size:>5d}^2  {m['pixels_per_s']:>12,.0f} px/s  "
+            f"  {method:<26s} {where:>7s}  {m['pixels_per_s']:>12,.0f} px/s  "
             f"compile {_fmt(m['compile_seconds'], '.2f') or 'n/a'} s  chi2 median {chi2}"
         )
 
@@ -453,6 +526,7 @@ def _record_invert(ctx: _Context, scene: _Scene, method, res, m, pixel_set, idx_
         m,
         _fit_stats(em, chi2),
         _same_pixels(em, chi2, idx_same),
+        scene=scene.name,
         status_counts=res.status_counts(),
         **extra,
     )
@@ -495,7 +569,8 @@ def _bench_bp_jax(ctx: _Context, scene: _Scene, with_f64: bool) -> tuple[Any, fl
             scene.n,
             repeats=ctx.repeats,
         )
-        extra = _bp_new_process_seconds(ctx, scene) if prec == "float32" else {}
+        fresh = prec == "float32" and scene.name == SYNTHETIC
+        extra = _bp_new_process_seconds(ctx, scene) if fresh else {}
         _record_invert(ctx, scene, f"bp_jax_f{prec[-2:]}", res, m, "all", scene.common, **extra)
         out = (res, m["pixels_per_s"]) if out is None else out
     return out
@@ -767,30 +842,46 @@ _RATIO_PAIRS = (
     ("net_deepem_consistent", "demregpy"),
     ("net_deepem_bf16", "net_deepem_f32"),
     ("bp_jax_f32", "fit_bp_f32"),
+    ("net_deepem5_bf16", "bp_jax_f32"),
+    ("net_deepem5_f32", "bp_jax_f32"),
+    ("net_deepem5_consistent", "bp_jax_f32"),
+    ("net_deepem5_consistent", "bp_highs"),
+    ("net_deepem5_bf16", "net_deepem5_f32"),
 )
 
 
 def _ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Throughput ratios of rows of the same scene, each with the reference spelled out."""
-    rows = {(r["method"], r["size"]): r for r in results if r["pixel_set"] != "all (tiled)"}
+    rows = {
+        (r.get("scene", SYNTHETIC), r["size"], r["method"]): r
+        for r in results
+        if r["pixel_set"] != "all (tiled)"
+    }
     out = []
-    for size in sorted({s for _, s in rows}):
+    for scene, size in sorted({k[:2] for k in rows}):
         for num, den in _RATIO_PAIRS:
-            a, b = rows.get((num, size)), rows.get((den, size))
+            a, b = rows.get((scene, size, num)), rows.get((scene, size, den))
             if a is None or b is None:
                 continue
             out.append(
                 {
+                    "scene": scene,
                     "size": size,
                     "ratio": f"{num} / {den}",
                     "value": a["pixels_per_s"] / b["pixels_per_s"],
                     "reference": (
                         f"px/s of {num} on {_pixels(a)} / px/s of {den}: {_describe(den)}, on "
-                        f"{_pixels(b)}; same synthetic {size}² scene, same run"
+                        f"{_pixels(b)}; same {scene} {size}² scene, same run"
                     ),
                 }
             )
     return out
+
+
+def _where(row: dict[str, Any]) -> str:
+    """A row's size, with the scene's name when it is not synthetic."""
+    scene = row.get("scene", SYNTHETIC)
+    return f"{row['size']}²" if scene == SYNTHETIC else f"{row['size']}² ({scene})"
 
 
 def _pixels(row: dict[str, Any]) -> str:
@@ -830,7 +921,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     ]
     for r in report["results"]:
         lines.append(
-            f"| {r['method']} | {r['size']}² | {r['pixels']:,} | {r['pixels_per_s']:,.0f} | "
+            f"| {r['method']} | {_where(r)} | {r['pixels']:,} | {r['pixels_per_s']:,.0f} | "
             f"{_fmt(r['compile_seconds'], '.2f')} | {_fmt(r['peak_rss_mb'], '.0f')} | "
             f"{_fmt(r['chi2_median'], '.3g')} | {_same_cell(r['same_pixels'])} | "
             f"{r['em_fraction']:.3f} | "
@@ -870,7 +961,7 @@ def to_markdown(report: dict[str, Any]) -> str:
             counts = ", ".join(f"{k} {v:,}" for k, v in r["status_counts"].items())
             bp_px = r.get("bp_fallback_pixels")
             lines.append(
-                f"| {r['method']} | {r['size']}² | {counts} | {r.get('net_dtype', '')} | "
+                f"| {r['method']} | {_where(r)} | {counts} | {r.get('net_dtype', '')} | "
                 f"{'' if bp_px is None else format(bp_px, ',')} |"
             )
     if report.get("full_disk"):
@@ -894,7 +985,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     if report["ratios"]:
         lines += ["", "| size | ratio | value | reference |", "|---|---|---|---|"]
         for q in report["ratios"]:
-            lines.append(f"| {q['size']}² | {q['ratio']} | {q['value']:,.1f} | {q['reference']} |")
+            lines.append(f"| {_where(q)} | {q['ratio']} | {q['value']:,.1f} | {q['reference']} |")
     lines += ["", "Methods:"]
     lines += [f"- `{m}`: {d}" for m, d in report["methods"].items()]
     for key, msg in meta.get("errors", {}).items():

@@ -570,13 +570,22 @@ def train(
     "$DEEPEM_JAX_DATA; minutes; 0: skip).",
 )
 @click.option(
+    "--real",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Side of the central crop of the real 2024-10-04 synoptic image (1024: all of it) on "
+    "which HiGHS, BP-JAX and the shipped five-channel model run, calibrated as invert does "
+    "(needs $DEEPEM_JAX_DATA; 0: skip).",
+)
+@click.option(
     "--repeats",
     default=3,
     show_default=True,
     type=click.IntRange(min=1),
     help="Timed calls per row after its warm-up call; the median is reported.",
 )
-def bench(sizes, tiled, out_dir, highs_pixels, fit_pixels, full_disk, repeats):
+def bench(sizes, tiled, out_dir, highs_pixels, fit_pixels, full_disk, real, repeats):
     """Benchmark network inference against Basis Pursuit (JAX and HiGHS) on the same pixels.
 
     \b
@@ -598,6 +607,7 @@ def bench(sizes, tiled, out_dir, highs_pixels, fit_pixels, full_disk, repeats):
         fit_pixels=fit_pixels,
         full_disk=full_disk,
         repeats=repeats,
+        real=real,
         log=click.echo,
     )
     jpath, mpath = write_report(report, out_dir)

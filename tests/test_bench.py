@@ -15,9 +15,9 @@ import pytest
 from conftest import BENCH_FIT_PIXELS as FIT_PIXELS
 from conftest import BENCH_REPEATS as REPEATS
 from conftest import BENCH_SIZE as SIZE
-from conftest import REPO
+from conftest import REPO, shared_path
 
-from deepem_jax.bench import to_markdown, write_report
+from deepem_jax.bench import SYNOPTIC, run_suite, to_markdown, write_report
 from deepem_jax.predictor import native_dtype
 
 INVERT_ROWS = [
@@ -110,6 +110,35 @@ def test_demregpy_row(bench_report):
     assert 0 <= r["negative_em_fraction"] <= 1
     assert math.isfinite(r["same_pixels"]["chi2_median"])
     assert any(q["ratio"] == "bp_jax_f32 / demregpy" for q in bench_report["ratios"])
+
+
+def test_real_scene_rows():
+    """HiGHS, BP-JAX and the shipped five-channel model on a crop of the real synoptic set,
+    calibrated as invert calibrates files: BP solves nearly every pixel of the disk centre
+    (without the degradation correction it finds about a third of the disk infeasible), the
+    rows and ratios carry the scene's name, and a missing data set is an error entry."""
+    shared_path("aia", "synoptic_2024-10-04", "AIAsynoptic0171.fits")
+    kw = dict(highs_pixels=6, demreg_pixels=0, fit_pixels=0, log=None, repeats=1)
+    report = run_suite([], None, real=32, **kw)
+    assert not report["meta"]["errors"]
+    rows = _rows(report)
+    want = ["bp_highs", "bp_jax_f32", "net_deepem5_bf16", "net_deepem5_f32"]
+    assert set(rows) == {*want, "net_deepem5_consistent"}
+    assert {r["scene"] for r in rows.values()} == {SYNOPTIC}
+    assert rows["bp_highs"]["pixels"] == 6 and rows["bp_jax_f32"]["pixels"] == 32 * 32
+    assert rows["bp_jax_f32"]["status_counts"]["SOLVED"] >= 0.99 * 32 * 32
+    assert rows["net_deepem5_consistent"]["status_counts"] == rows["bp_jax_f32"]["status_counts"]
+    assert "shipped five-channel weights" in report["methods"]["net_deepem5_consistent"]
+    q = {q["ratio"]: q for q in report["ratios"]}["net_deepem5_consistent / bp_highs"]
+    assert q["reference"].endswith(f"same {SYNOPTIC} 32² scene, same run")
+    assert f"| net_deepem5_consistent | 32² ({SYNOPTIC}) |" in to_markdown(report)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DEEPEM_JAX_DATA", "/nonexistent")
+        report = run_suite([], None, real=32, **kw)
+    assert (
+        report["results"] == []
+        and "FileNotFoundError" in report["meta"]["errors"][f"real {SYNOPTIC}"]
+    )
 
 
 def test_write_report(bench_report, tmp_path):

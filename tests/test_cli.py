@@ -192,11 +192,13 @@ def test_bench_command(runner, tmp_path, monkeypatch, bench_report):
 
     monkeypatch.setattr(deepem_jax.bench, "run_suite", run_suite)
     args = ["bench", "--sizes", "16", "--tiled", "0", "--highs-pixels", "5", "--fit-pixels", "8"]
-    r = runner.invoke(main, [*args, "--repeats", "1", "--out", str(tmp_path)])
+    r = runner.invoke(main, [*args, "--repeats", "1", "--real", "64", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
     ((args_, kwargs),) = calls
     assert args_ == ([16], None)
-    assert kwargs == dict(highs_pixels=5, fit_pixels=8, full_disk=0, repeats=1, log=click.echo)
+    assert kwargs == dict(
+        highs_pixels=5, fit_pixels=8, full_disk=0, repeats=1, real=64, log=click.echo
+    )
     assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.md").exists()
     assert json.loads((tmp_path / "bench.json").read_text())["results"] == json.loads(
         json.dumps(bench_report["results"])
