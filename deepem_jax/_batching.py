@@ -71,7 +71,9 @@ def map_rows(
     real blocks is completed with blocks of fill rows. ``fn`` must not block on its results
     (jitted functions do not), or the devices take turns. Each device runs ``fn`` on exactly the
     block, padding included, that one device would, through ``fn``'s own compiled program (kept
-    in its jit cache), so results do not depend on the number of devices.
+    in its jit cache), so results do not depend on the number of devices. Each block (or
+    group of blocks) is read back only after the next one is dispatched, so the host's copying
+    overlaps the devices' work.
 
     With ``n = 0``, ``fn`` is still called once, on a block of fill rows, so the result has the
     right trailing shapes and dtypes (0 rows); ``on_chunk`` is not called.
@@ -90,10 +92,23 @@ def map_rows(
     if len(fills) != len(arrays):
         raise ValueError(f"got {len(fills)} fills for {len(arrays)} arrays")
     devices = jax.local_devices()[: -(-max(n, 1) // size)]
-    run = _on_one if len(devices) == 1 else partial(_on_devices, devices)
+    launch = _on_one if len(devices) == 1 else partial(_on_devices, devices)
     step = len(devices) * size
     out: list[np.ndarray] | None = None
     treedef = None
+    pending = None  # the previous group: read back once the next one is dispatched
+
+    def read(start: int, m: int, block: int, results: list) -> None:
+        nonlocal out, treedef
+        leaves, treedef = _read(results)
+        if out is None:
+            out = [np.empty((n, *leaf.shape[1:]), leaf.dtype) for leaf in leaves]
+        for o, leaf in zip(out, leaves, strict=True):
+            o[start : start + m] = leaf[:m]
+        if on_chunk is not None:
+            for real in range(m, 0, -block):
+                on_chunk(min(real, block))
+
     for start in range(0, max(n, 1), step):
         m = min(step, n - start)
         block = size
@@ -103,14 +118,11 @@ def map_rows(
             pad_rows(a[start : start + m], len(devices) * block, f)
             for a, f in zip(arrays, fills, strict=True)
         ]
-        leaves, treedef = run(fn, chunk, block)
-        if out is None:
-            out = [np.empty((n, *leaf.shape[1:]), leaf.dtype) for leaf in leaves]
-        for o, leaf in zip(out, leaves, strict=True):
-            o[start : start + m] = leaf[:m]
-        if on_chunk is not None:
-            for real in range(m, 0, -block):
-                on_chunk(min(real, block))
+        results = launch(fn, chunk, block)
+        if pending is not None:
+            read(*pending)
+        pending = (start, m, block, results)
+    read(*pending)
     return jax.tree.unflatten(treedef, out)
 
 
@@ -124,21 +136,27 @@ def _leaves(result: Any, size: int) -> tuple[list, Any]:
     return leaves, treedef
 
 
-def _on_one(fn: Callable[..., Any], chunk: list[np.ndarray], size: int) -> tuple[list, Any]:
-    """``fn`` on one host block of ``size`` rows; numpy leaves and treedef."""
-    leaves, treedef = _leaves(fn(*chunk), size)
-    return [np.asarray(leaf) for leaf in leaves], treedef
+def _on_one(fn: Callable[..., Any], chunk: list[np.ndarray], size: int) -> list:
+    """``fn`` dispatched on one host block of ``size`` rows: ``[(leaves, treedef)]``, not read
+    back (:func:`_read`)."""
+    return [_leaves(fn(*chunk), size)]
 
 
-def _on_devices(
-    devices: list, fn: Callable[..., Any], chunk: list[np.ndarray], size: int
-) -> tuple[list, Any]:
-    """``fn`` on ``len(devices)`` consecutive blocks of ``size`` rows, block ``j`` on device
-    ``j``; numpy leaves with all the blocks' rows in order, and the treedef."""
+def _on_devices(devices: list, fn: Callable[..., Any], chunk: list[np.ndarray], size: int) -> list:
+    """``fn`` dispatched on ``len(devices)`` consecutive blocks of ``size`` rows, block ``j``
+    on device ``j``: ``(leaves, treedef)`` per block in row order, not read back
+    (:func:`_read`)."""
     sharding = NamedSharding(Mesh(np.array(devices), ("rows",)), PartitionSpec("rows"))
     shards = [_device_shards(jax.device_put(a, sharding)) for a in chunk]
-    # dispatch every device's block before reading any result back
-    results = [_leaves(fn(*blocks), size) for blocks in zip(*shards, strict=True)]
+    return [_leaves(fn(*blocks), size) for blocks in zip(*shards, strict=True)]
+
+
+def _read(results: list) -> tuple[list, Any]:
+    """Numpy leaves of dispatched blocks (``(leaves, treedef)`` each), their rows in order, and
+    the treedef."""
+    if len(results) == 1:
+        leaves, treedef = results[0]
+        return [np.asarray(leaf) for leaf in leaves], treedef
     treedef = results[0][1]
     leaves = [
         np.concatenate([np.asarray(r[0][i]) for r in results]) for i in range(len(results[0][0]))
