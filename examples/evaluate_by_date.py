@@ -17,12 +17,14 @@ relative error of the total EM, median |delta <log T>|, median chi^2 of the netw
 (:func:`deepem_jax.metrics.compare_results`). Two reference rows per date score BP itself at
 tolfac 1.4 x 1.01 and x 1.1 against BP at 1.4: the scale of each metric when BP's own band
 widens by 1 % or 10 %. ``--weights6`` / ``--weights5`` score other
-checkpoints (e.g. networks trained without one of the dates).
+checkpoints (e.g. networks trained without one of the dates); ``--dtype`` sets the operands of
+their matrix products (default: those native to the device, as ``invert`` uses them).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
@@ -165,14 +167,22 @@ def main() -> None:
     ap.add_argument("--pixels", type=int, default=None, help="random pixels per date (all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--networks", default="6,5", help="which networks to score (6, 5 or 6,5)")
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="operands of the networks' matrix products (auto: native to the device)",
+    )
     args = ap.parse_args()
     which = {int(n) for n in args.networks.split(",")}
     for channels, path in ((SIX, args.weights6), (FIVE, args.weights5)):
         if len(channels) not in which:
             continue
         pred = load_predictor(path) if path else load_default_predictor(np.array(channels) * u.AA)
+        pred = dataclasses.replace(pred, dtype=args.dtype)
         rows = score(pred, channels, observations(channels, args.pixels, args.seed))
         name = f"{len(channels)} ch" + ("" if path is None else f" ({Path(path).name})")
+        name += f", {pred.dtype}"
         print(table(name, rows), end="\n\n", flush=True)
 
 
