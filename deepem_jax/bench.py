@@ -36,8 +36,9 @@ every method of that size ran on (``same_pixels``). Ratios of throughputs name b
 (``reference``). An optional tiled run (a 256^2 scene tiled to e.g. 4096^2) times the networks
 alone through :func:`deepem_jax.invert`, in their default operand dtype. An optional real scene
 (``real``: a crop of the 2024-10-04 synoptic set under ``$DEEPEM_JAX_DATA``, five channels,
-calibrated as ``invert`` calibrates files) gets ``bp_highs``, ``bp_jax_f32`` and the shipped
-five-channel network (``net_deepem5_*``); its rows and ratios carry the scene's name.
+and the unsaturated pixels of the ten 2011-02-15 flare cutouts, six channels; both calibrated
+as ``invert`` calibrates files) gets ``bp_highs``, ``bp_jax_f32`` and the shipped network of
+its channels (``net_deepem5_*``, ``net_deepem_*``); the rows and ratios carry the scene's name.
 """
 
 from __future__ import annotations
@@ -96,8 +97,11 @@ _NET_WEIGHTS = {
 }
 #: Name of the synthetic scenes in the rows' ``scene`` field.
 SYNTHETIC = "synthetic"
-#: Name of the real scene (:func:`_real_scene`) in the rows' ``scene`` field.
+#: Names of the real scenes (:func:`_real_scene`, :func:`_flare_scene`) in the rows' ``scene``.
 SYNOPTIC = "synoptic 2024-10-04"
+FLARE = "flare 2011-02-15, 10 times"
+#: The channels of the six-channel network and of the flare cutouts, Å.
+SIX_CHANNELS = (94, 131, 171, 193, 211, 335)
 
 
 def _describe(method: str) -> str:
@@ -233,7 +237,7 @@ class _Scene:
     two)."""
 
     size: int
-    y: np.ndarray  # (size, size, C) DN s^-1 pix^-1
+    y: np.ndarray  # (size, size, C) DN s^-1 pix^-1; (1, n, C) for the flare's pixels
     sigma: np.ndarray
     subset: np.ndarray
     n_highs: int
@@ -243,7 +247,7 @@ class _Scene:
 
     @property
     def n(self) -> int:
-        return self.size * self.size
+        return self.y.shape[0] * self.y.shape[1]
 
     @property
     def common(self) -> np.ndarray:
@@ -277,9 +281,10 @@ def run_suite(
     does a missing synoptic data set (recorded in ``meta["errors"]``). ``real``: side of the
     central crop of the real synoptic image (:func:`_real_scene`; 1024: all of it) on which
     HiGHS (``highs_pixels`` random pixels), BP-JAX in float32 and the shipped five-channel
-    network (``net_deepem5_*``) run; 0 skips it, and a missing data set is recorded in
-    ``meta["errors"]``. Every per-size row times ``repeats`` calls after its warm-up call and
-    reports their median (the tiled run: one call)."""
+    network (``net_deepem5_*``) run, and the same methods with the six-channel network on the
+    flare cutouts' pixels (:func:`_flare_scene`); 0 skips both, and a missing data set is
+    recorded in ``meta["errors"]``. Every per-size row times ``repeats`` calls after its
+    warm-up call and reports their median (the tiled run: one call)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     from .forward import synthetic_scene
@@ -357,27 +362,63 @@ def _real_scene(size: int, highs_pixels: int, rng: np.random.Generator) -> _Scen
     )
 
 
+def _flare_scene(highs_pixels: int, rng: np.random.Generator) -> _Scene:
+    """Every valid, unsaturated pixel of the ten 2011-02-15 cutout times under
+    ``$DEEPEM_JAX_DATA/aia/flare_2011-02-15`` (six channels, 67^2 each), each time calibrated as
+    :func:`deepem_jax.invert` calibrates files (``n_sample`` 1, each channel's degradation at
+    its own observation time), as one row of pixels (1, n, 6); ``highs_pixels`` random ones
+    form the HiGHS subset."""
+    from .data import data_dir
+    from .io import load_aia
+    from .pipeline import _corrected, _degradation, _stack_observation
+
+    folder = data_dir() / "aia" / "flare_2011-02-15"
+    files = sorted(folder.glob("aia_flare_*.fits"))
+    if not files:
+        raise FileNotFoundError(f"no AIA flare cutouts in {folder}")
+    times: dict[str, list] = {}  # hour-minute of each set: its six files
+    for f in files:
+        times.setdefault(f.name.split("T")[1][:5], []).append(f)
+    ys, ss = [], []
+    for t in sorted(times):
+        stack = load_aia(times[t], np.array(SIX_CHANNELS) * u.AA)
+        obs = _stack_observation(stack, None, False)
+        y, s = _corrected(obs, _degradation(obs, True)[0])
+        ok = np.all(np.isfinite(y), -1)
+        ys.append(y[ok])
+        ss.append(s[ok])
+    y, s = np.concatenate(ys)[None], np.concatenate(ss)[None]
+    n_highs = min(highs_pixels, y.shape[1])
+    side = stack.data.shape[0]
+    return _Scene(side, y, s, rng.permutation(y.shape[1])[:n_highs], n_highs, 0, name=FLARE)
+
+
 def _bench_real(ctx: _Context, size: int, highs_pixels: int, rng: np.random.Generator) -> None:
-    """HiGHS, BP-JAX (float32) and the shipped five-channel network on the real scene
-    (:func:`_real_scene`), with the default response of its channels; a missing data set goes
-    to ``ctx.errors``."""
+    """HiGHS, BP-JAX (float32) and the shipped network of the channels on each real scene: the
+    synoptic crop (:func:`_real_scene`, five channels) and the flare's pixels
+    (:func:`_flare_scene`, six), with the default response of their channels; a missing data
+    set goes to ``ctx.errors``."""
     from .bench_disk import CHANNELS
     from .pretrained import load_default_predictor
 
-    channels = np.array(CHANNELS) * u.AA
-    try:
-        scene = _real_scene(size, highs_pixels, rng)
-    except (OSError, ValueError) as err:
-        ctx.errors[f"real {SYNOPTIC}"] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
-        return
-    ctx.say(f"real {scene.size}x{scene.size} ({SYNOPTIC}, five channels)")
-    real = dataclasses.replace(
-        ctx,
-        response=ctx.response.select(channels),
-        channels=channels,
-        nets={"deepem5": load_default_predictor(channels)},
-    )
-    _bench_size(real, scene, with_f64=False)
+    for name, make, chans, net in (
+        (SYNOPTIC, lambda: _real_scene(size, highs_pixels, rng), CHANNELS, "deepem5"),
+        (FLARE, lambda: _flare_scene(highs_pixels, rng), SIX_CHANNELS, "deepem"),
+    ):
+        channels = np.array(chans) * u.AA
+        try:
+            scene = make()
+        except (OSError, ValueError) as err:
+            ctx.errors[f"real {name}"] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+            continue
+        ctx.say(f"real {name}: {scene.n:,} pixels, {len(chans)} channels")
+        real = dataclasses.replace(
+            ctx,
+            response=ctx.response.select(channels),
+            channels=channels,
+            nets={net: load_default_predictor(channels)},
+        )
+        _bench_size(real, scene, with_f64=False)
 
 
 def _bench_full_disk(ctx: _Context, size: int) -> list[dict[str, Any]]:

@@ -575,8 +575,9 @@ def train(
     show_default=True,
     type=click.IntRange(min=0),
     help="Side of the central crop of the real 2024-10-04 synoptic image (1024: all of it) on "
-    "which HiGHS, BP-JAX and the shipped five-channel model run, calibrated as invert does "
-    "(needs $DEEPEM_JAX_DATA; 0: skip).",
+    "which HiGHS, BP-JAX and the shipped five-channel model run, calibrated as invert does; "
+    "the six-channel model also runs on the 2011-02-15 flare cutouts (needs $DEEPEM_JAX_DATA; "
+    "0: skip).",
 )
 @click.option(
     "--repeats",

@@ -17,7 +17,7 @@ from conftest import BENCH_REPEATS as REPEATS
 from conftest import BENCH_SIZE as SIZE
 from conftest import REPO, shared_path
 
-from deepem_jax.bench import SYNOPTIC, run_suite, to_markdown, write_report
+from deepem_jax.bench import FLARE, SYNOPTIC, run_suite, to_markdown, write_report
 from deepem_jax.predictor import native_dtype
 
 INVERT_ROWS = [
@@ -113,32 +113,43 @@ def test_demregpy_row(bench_report):
 
 
 def test_real_scene_rows():
-    """HiGHS, BP-JAX and the shipped five-channel model on a crop of the real synoptic set,
-    calibrated as invert calibrates files: BP solves nearly every pixel of the disk centre
-    (without the degradation correction it finds about a third of the disk infeasible), the
-    rows and ratios carry the scene's name, and a missing data set is an error entry."""
+    """HiGHS, BP-JAX and the shipped network of the channels on real pixels, calibrated as
+    invert calibrates files: a crop of the synoptic set (five channels) and the flare cutouts'
+    unsaturated pixels (six). BP solves nearly every pixel of the disk centre (without the
+    degradation correction it finds about a third of the disk infeasible), the shipped model
+    ends inside the band exactly where BP is feasible, the rows and ratios carry the scene's
+    name, and a missing data set is an error entry."""
     shared_path("aia", "synoptic_2024-10-04", "AIAsynoptic0171.fits")
+    shared_path("aia", "flare_2011-02-15")
     kw = dict(highs_pixels=6, demreg_pixels=0, fit_pixels=0, log=None, repeats=1)
     report = run_suite([], None, real=32, **kw)
     assert not report["meta"]["errors"]
-    rows = _rows(report)
-    want = ["bp_highs", "bp_jax_f32", "net_deepem5_bf16", "net_deepem5_f32"]
-    assert set(rows) == {*want, "net_deepem5_consistent"}
-    assert {r["scene"] for r in rows.values()} == {SYNOPTIC}
-    assert rows["bp_highs"]["pixels"] == 6 and rows["bp_jax_f32"]["pixels"] == 32 * 32
-    assert rows["bp_jax_f32"]["status_counts"]["SOLVED"] >= 0.99 * 32 * 32
-    assert rows["net_deepem5_consistent"]["status_counts"] == rows["bp_jax_f32"]["status_counts"]
-    assert "shipped five-channel weights" in report["methods"]["net_deepem5_consistent"]
-    q = {q["ratio"]: q for q in report["ratios"]}["net_deepem5_consistent / bp_highs"]
-    assert q["reference"].endswith(f"same {SYNOPTIC} 32² scene, same run")
-    assert f"| net_deepem5_consistent | 32² ({SYNOPTIC}) |" in to_markdown(report)
+    rows = {(r["scene"], r["method"]): r for r in report["results"]}
+    methods = ["bp_highs", "bp_jax_f32", "net_{}_bf16", "net_{}_f32", "net_{}_consistent"]
+    for scene, net in ((SYNOPTIC, "deepem5"), (FLARE, "deepem")):
+        assert {m for s, m in rows if s == scene} == {m.format(net) for m in methods}
+        assert rows[scene, "bp_highs"]["pixels"] == 6
+        bp, shipped = rows[scene, "bp_jax_f32"], rows[scene, f"net_{net}_consistent"]
+        assert shipped["status_counts"]["SOLVED"] == bp["status_counts"]["SOLVED"]
+        assert "the shipped model" in report["methods"][f"net_{net}_consistent"]
+        q = {(q["scene"], q["ratio"]): q for q in report["ratios"]}
+        q = q[scene, f"net_{net}_consistent / bp_highs"]
+        assert q["reference"].endswith(f"same {scene} {q['size']}² scene, same run")
+    assert rows[SYNOPTIC, "bp_jax_f32"]["pixels"] == 32 * 32
+    assert rows[SYNOPTIC, "bp_jax_f32"]["status_counts"]["SOLVED"] >= 0.99 * 32 * 32
+    # the ten 67^2 cutout times hold 18,344 pixels below load_aia's saturation level
+    assert rows[FLARE, "bp_jax_f32"]["pixels"] == 18_344
+    assert "five-channel" in report["methods"]["net_deepem5_consistent"]
+    md = to_markdown(report)
+    assert f"| net_deepem5_consistent | 32² ({SYNOPTIC}) |" in md
+    assert f"| net_deepem_consistent | 67² ({FLARE}) |" in md
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DEEPEM_JAX_DATA", "/nonexistent")
         report = run_suite([], None, real=32, **kw)
-    assert (
-        report["results"] == []
-        and "FileNotFoundError" in report["meta"]["errors"][f"real {SYNOPTIC}"]
-    )
+    assert report["results"] == []
+    errors = report["meta"]["errors"]
+    assert set(errors) == {f"real {SYNOPTIC}", f"real {FLARE}"}
+    assert all("FileNotFoundError" in e for e in errors.values())
 
 
 def test_write_report(bench_report, tmp_path):
