@@ -422,3 +422,6 @@ def test_inputs_streamed_per_block_and_coeffs_opt_out(monkeypatch):
     for sl in (slice(0, 120), slice(120, 200)):
         bp.solve(y[sl], sig[sl], resp, BASIS, progress=bar, coeffs=False)
     assert bar.n == 200 and not bar.closed
+    bar = Bar()  # pixels starting at different bands: each still counted once
+    bp.solve(y[:200], sig[:200], resp, BASIS, progress=bar, start=np.arange(200) % 3)
+    assert bar.n == 200

@@ -228,7 +228,8 @@ def test_head_size_follows_the_spread_of_the_counts():
 
 def test_ray_proven_pixels_can_start_at_a_retry(response, D, table):
     """The bands DualSimplex proves infeasible by a ray are infeasible for HiGHS; solved from
-    the first retry (``start=1``) they get the answers of the whole schedule."""
+    the first retry (``start=1``, for all of them or per pixel among the others) they get the
+    answers of the whole schedule."""
     y, sig = _observations(response, 2000, seed=6)
     with jax.enable_x64(True):
         lower, upper = (np.asarray(a) for a in bp.bounds(y, sig, 1.0))
@@ -241,8 +242,13 @@ def test_ray_proven_pixels_can_start_at_a_retry(response, D, table):
     for name in ("status", "tolfac", "em"):
         np.testing.assert_array_equal(getattr(late, name), getattr(full, name)[proven])
     assert np.all(late.tolfac > 1.0)
-    with pytest.raises(ValueError, match="start must be"):
-        bp.solve(y[:4], sig[:4], response, BASIS, solver=solver, start=3)
+    start = proven.astype(np.int64)
+    mixed = bp.solve(y, sig, response, BASIS, tolfac=1.0, solver=solver, start=start)
+    for name in ("status", "tolfac", "em"):
+        np.testing.assert_array_equal(getattr(mixed, name), getattr(full, name))
+    for bad in (3, True, start[:-1], start + 3, start.astype(float)):
+        with pytest.raises(ValueError, match="start must be"):
+            bp.solve(y, sig, response, BASIS, solver=solver, start=bad)
 
 
 def test_a_reordered_table_serves_the_reordered_rows(response, D, table, x64):

@@ -154,7 +154,7 @@ def solve(
     schedule: ToleranceSchedule = ToleranceSchedule(),
     progress: Any = False,
     coeffs: bool = True,
-    start: int = 0,
+    start: int | np.ndarray = 0,
 ) -> BPResult:
     """Basis Pursuit DEM of every pixel (SolarSoft ``aia_sparse_em_solve`` semantics).
 
@@ -186,7 +186,9 @@ def solve(
         and saves ``n_basis`` numbers per pixel (the other fields are the same).
     start : index into ``(1, *schedule.retry_factors)`` of the first band tried, for pixels
         already known to be infeasible in the narrower ones (e.g. proven by a Farkas ray):
-        their answers are then those of the whole schedule, without its first passes.
+        their answers are then those of the whole schedule, without its first passes. One
+        index for every pixel, or an integer array of them with the pixels' shape
+        (``intensities.shape[:-1]``), so pixels with different starts share the passes.
 
     Memory: pixels are solved in blocks of ``2**18``; besides the outputs, only one block's
     float64 temporaries are held (the inputs are converted to float64 block by block).
@@ -204,16 +206,8 @@ def solve(
     ``astropy.units.UnitConversionError`` on Quantities in the wrong units.
     """
     tolfac = _options(tolfac, solver, schedule)
-    if (
-        isinstance(start, bool)
-        or not isinstance(start, int)
-        or not 0 <= start < len(schedule.factors)
-    ):
-        raise ValueError(
-            f"start must be an integer index into the {len(schedule.factors)} tolerance "
-            f"factors, got {start!r}"
-        )
     y, sig = _inputs(intensities, sigma, response)
+    start = _start(start, y.shape[:-1], len(schedule.factors))
     with jax.enable_x64(True):
         D = np.asarray(dictionary(response, basis), dtype=np.float64)
     solver = solver._for(D, tuple(response.channels))
@@ -223,6 +217,24 @@ def solve(
     with _progress_bar(progress, len(yf)) as bar:
         res = _solve_flat(yf, sf, D, basis, tolfac, solver, schedule, bar, bool(coeffs), start)
     return jax.tree.map(lambda a: a.reshape((*shape, *a.shape[1:])), res)
+
+
+def _start(start, shape: tuple[int, ...], n_factors: int) -> int | np.ndarray:
+    """``start`` checked: an int, or a flat int array of the pixels (``shape``); each an index
+    into the ``n_factors`` tolerance factors."""
+    if isinstance(start, int) and not isinstance(start, bool) and 0 <= start < n_factors:
+        return start
+    a = np.asarray(start)
+    if (
+        a.shape == shape
+        and a.dtype.kind in "iu"
+        and (a.size == 0 or (a.min() >= 0 and a.max() < n_factors))
+    ):
+        return a.reshape(-1).astype(np.intp)
+    raise ValueError(
+        f"start must be an integer index into the {n_factors} tolerance factors, or an array "
+        f"of them with the pixels' shape {shape}; got {start!r}"
+    )
 
 
 def _solve_flat(yf, sf, D, basis, tolfac, solver, schedule, bar, keep_coeffs, start=0):
@@ -245,8 +257,9 @@ def _solve_flat(yf, sf, D, basis, tolfac, solver, schedule, bar, keep_coeffs, st
         sl = slice(b0, min(b0 + _BLOCK, N))
         yb = np.asarray(yf[sl], np.float64)
         sb = np.sqrt(np.maximum(yb, 0.0)) if sf is None else np.asarray(sf[sl], np.float64)
+        first = start if isinstance(start, int) else start[sl]
         x, res.status[sl], res.tolfac[sl], res.iterations[sl] = _solve_block(
-            yb, sb, D, tolfac, solver, schedule, sf is None, bar, start
+            yb, sb, D, tolfac, solver, schedule, sf is None, bar, first
         )
         del yb, sb
         if res.coeffs is not None:
@@ -293,9 +306,11 @@ def _flags(yf, sf, sqrt_sigma: bool, min_signal: float):
 
 
 def _solve_block(yf, sf, D, tolfac, solver, schedule, sqrt_sigma, bar, start=0):
-    """BP of (N, C) pixels with the tolerance schedule; returns float64 coefficients (N, n),
-    status, the tolerance factor used and pivot counts. The bar advances once per pixel:
-    flagged pixels at once, the others during the first pass; retries only set its postfix."""
+    """BP of (N, C) pixels with the tolerance schedule, each starting at the factor ``start``
+    (an int, or (N,) ints); returns float64 coefficients (N, n), status, the tolerance factor
+    used and pivot counts. The bar advances once per pixel: flagged pixels at once, the others
+    during their first pass (with one start) or after it (with several); retries only set its
+    postfix."""
     yc, sc, invalid, low = _flags(yf, sf, sqrt_sigma, schedule.min_signal)
     N, n = yf.shape[0], D.shape[1]
     x = np.zeros((N, n))
@@ -306,19 +321,24 @@ def _solve_block(yf, sf, D, tolfac, solver, schedule, sqrt_sigma, bar, start=0):
     its = np.zeros(N, np.int32)
     if bar is not None:
         bar.update(int((low | invalid).sum()))
+    first = np.broadcast_to(start, (N,))
+    one = isinstance(start, int) or first.size == 0 or first.min() == first.max()
+    k0 = int(first.min()) if first.size else 0
     for k, f in enumerate(schedule.factors):
-        if k < start:
+        if k < k0:
             continue
-        todo = np.flatnonzero(status == BPStatus.INFEASIBLE)
+        todo = np.flatnonzero((status == BPStatus.INFEASIBLE) & (first <= k))
         if todo.size == 0:
-            break
-        if bar is not None and k > start:
+            if k >= first.max(initial=0):
+                break
+            continue
+        if bar is not None and k > k0:
             bar.set_postfix_str(f"retrying {todo.size} px at tolfac {tolfac * f:g}")
         with jax.enable_x64(True):
             lo, hi = (
                 np.asarray(a) for a in bounds(yc[todo], sc[todo], tolfac * f, schedule.symmbuff)
             )
-        tick = bar.update if bar is not None and k == start else None
+        tick = bar.update if bar is not None and one and k == k0 else None
         if todo.size == N:  # every pixel: take the solver's arrays without copying them
             x, status, its = solver._lp(D, lo, hi, tick)
             status, its = status.astype(np.int32, copy=False), its.astype(np.int32, copy=False)
@@ -326,5 +346,7 @@ def _solve_block(yf, sf, D, tolfac, solver, schedule, sqrt_sigma, bar, start=0):
             x[todo], status[todo], it = solver._lp(D, lo, hi, tick)
             its[todo] += it
         used[todo] = tolfac * f
+        if bar is not None and not one:
+            bar.update(int(np.count_nonzero(first[todo] == k)))
     x[invalid] = np.nan
     return x, status, used, its
