@@ -692,20 +692,18 @@ def _bp_fallback(y, s, resp, tolfac, em, status, used, progress, unreachable) ->
     whose band is ``unreachable`` (N,) (proven by a ray, as BP's first pass would) start at
     BP's first retry. Returns the number of pixels BP solved."""
     has = np.all(np.isfinite(em.reshape(-1, em.shape[-1])), -1)
-    redo = np.flatnonzero((status.reshape(-1) == DEMStatus.OUTSIDE_BAND) & has)
+    idx = np.flatnonzero((status.reshape(-1) == DEMStatus.OUTSIDE_BAND) & has)
+    if idx.size == 0:
+        return 0
     C = y.shape[-1]
-    solved = 0
-    for idx, start in ((redo[~unreachable[redo]], 0), (redo[unreachable[redo]], 1)):
-        if idx.size == 0:
-            continue
-        yr, sr = y.reshape(-1, C)[idx], s.reshape(-1, C)[idx]
-        res = _bp_solve(yr, sr, resp, tolfac, None, progress, start)
-        ok = res.status == DEMStatus.SOLVED
-        em.reshape(-1, em.shape[-1])[idx[ok]] = res.em[ok]
-        status.reshape(-1)[idx[ok]] = int(DEMStatus.SOLVED)
-        used.reshape(-1)[idx[ok]] = res.tolfac[ok]
-        solved += int(ok.sum())
-    return solved
+    yr, sr = y.reshape(-1, C)[idx], s.reshape(-1, C)[idx]
+    start = unreachable[idx].astype(np.intp)  # one call: the pixels share BP's passes
+    res = _bp_solve(yr, sr, resp, tolfac, None, progress, start)
+    ok = res.status == DEMStatus.SOLVED
+    em.reshape(-1, em.shape[-1])[idx[ok]] = res.em[ok]
+    status.reshape(-1)[idx[ok]] = int(DEMStatus.SOLVED)
+    used.reshape(-1)[idx[ok]] = res.tolfac[ok]
+    return int(ok.sum())
 
 
 def _run_fit(obs, factors, response, fitter, init, predictor, tolfac, solver, progress):
