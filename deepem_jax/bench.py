@@ -337,18 +337,12 @@ def run_suite(
 def _real_scene(size: int, highs_pixels: int, rng: np.random.Generator) -> _Scene:
     """The central ``size`` x ``size`` crop (at most the whole 1024^2 image) of the real
     2024-10-04 synoptic set (:mod:`deepem_jax.bench_disk`'s five channels), calibrated as
-    :func:`deepem_jax.invert` calibrates files by default: sigma from the AIA error model with
-    the file's ``n_sample``, intensities and sigma divided by each channel's degradation factor
-    at its observation time, invalid and saturated pixels NaN. The methods get these arrays
-    with ``degradation=False``, so none of them times the calibration; ``highs_pixels`` random
-    pixels of the crop form the HiGHS subset."""
+    :func:`deepem_jax.invert` calibrates files by default (:func:`_calibrated`). The methods
+    get these arrays with ``degradation=False``, so none of them times the calibration;
+    ``highs_pixels`` random pixels of the crop form the HiGHS subset."""
     from .bench_disk import CHANNELS, _default_data_dir, _tiled
-    from .io import load_aia
-    from .pipeline import _corrected, _degradation, _stack_observation
 
-    stack = load_aia(_default_data_dir(), np.array(CHANNELS) * u.AA)
-    obs = _stack_observation(stack, None, False)
-    y, s = _corrected(obs, _degradation(obs, True)[0])
+    y, s = _calibrated(_default_data_dir(), CHANNELS)
     size = min(size, *y.shape[:2])
     n_highs = min(highs_pixels, size * size)
     return _Scene(
@@ -362,6 +356,18 @@ def _real_scene(size: int, highs_pixels: int, rng: np.random.Generator) -> _Scen
     )
 
 
+def _calibrated(files, channels: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Intensities and sigma (ny, nx, C) of AIA ``files`` (anything ``load_aia`` takes) in
+    ``channels`` (Å), as :func:`deepem_jax.invert` calibrates files: sigma from the error
+    model with the file's ``n_sample``, both divided by each channel's degradation at its
+    observation time, invalid and saturated pixels NaN."""
+    from .io import load_aia
+    from .pipeline import _corrected, _degradation, _stack_observation
+
+    obs = _stack_observation(load_aia(files, np.array(channels) * u.AA), None, False)
+    return _corrected(obs, _degradation(obs, True)[0])
+
+
 def _flare_scene(highs_pixels: int, rng: np.random.Generator) -> _Scene:
     """Every valid, unsaturated pixel of the ten 2011-02-15 cutout times under
     ``$DEEPEM_JAX_DATA/aia/flare_2011-02-15`` (six channels, 67^2 each), each time calibrated as
@@ -369,8 +375,6 @@ def _flare_scene(highs_pixels: int, rng: np.random.Generator) -> _Scene:
     its own observation time), as one row of pixels (1, n, 6); ``highs_pixels`` random ones
     form the HiGHS subset."""
     from .data import data_dir
-    from .io import load_aia
-    from .pipeline import _corrected, _degradation, _stack_observation
 
     folder = data_dir() / "aia" / "flare_2011-02-15"
     files = sorted(folder.glob("aia_flare_*.fits"))
@@ -381,15 +385,13 @@ def _flare_scene(highs_pixels: int, rng: np.random.Generator) -> _Scene:
         times.setdefault(f.name.split("T")[1][:5], []).append(f)
     ys, ss = [], []
     for t in sorted(times):
-        stack = load_aia(times[t], np.array(SIX_CHANNELS) * u.AA)
-        obs = _stack_observation(stack, None, False)
-        y, s = _corrected(obs, _degradation(obs, True)[0])
+        y, s = _calibrated(times[t], SIX_CHANNELS)
         ok = np.all(np.isfinite(y), -1)
         ys.append(y[ok])
         ss.append(s[ok])
+    side = y.shape[0]
     y, s = np.concatenate(ys)[None], np.concatenate(ss)[None]
     n_highs = min(highs_pixels, y.shape[1])
-    side = stack.data.shape[0]
     return _Scene(side, y, s, rng.permutation(y.shape[1])[:n_highs], n_highs, 0, name=FLARE)
 
 
