@@ -33,6 +33,9 @@ __all__ = ["DualSimplex", "HiGHS", "ToleranceSchedule"]
 # certificates is padded to a power of two of at least _SECOND_PASS_MIN pixels only.
 _SECOND_PASS_CHUNK = 1024
 _SECOND_PASS_MIN = 64
+#: Fewest pixels per jitted call of the first pass: a smaller input is padded to it (a
+#: consistency step's few hundred pixels then cost a quarter of a PIVOT_BLOCK call).
+MIN_CHUNK = 1024
 
 _certify_infeasible = jax.jit(jax.vmap(certify_infeasible, (None, 0, 0, 0, 0)))
 
@@ -69,8 +72,9 @@ class DualSimplex:
         ``"float64"`` (float64 pivots). The arrays of :class:`BPResult` have this dtype.
     max_pivots : pivot cap per pixel; MAX_ITER beyond it.
     chunk_size : largest number of pixels per jitted call. Each call, the last one of a large
-        input included, is padded to a power of two, at least ``PIVOT_BLOCK`` (4096) and at
-        most ``chunk_size``, so few shapes compile and little work goes to padding; inside a
+        input included, is padded to a power of two, at least ``MIN_CHUNK`` (1024; the last
+        one of several chunks at least ``PIVOT_BLOCK``, 4096) and at most ``chunk_size``, so
+        few shapes compile and little work goes to padding; inside a
         call the pivots from the all-slack basis run on blocks of ``PIVOT_BLOCK`` pixels (a
         warm start gathers the pixels it has to pivot from the whole call).
     warm_start : where each pixel's dual simplex starts. ``"auto"`` (default): from the best
@@ -144,7 +148,7 @@ class DualSimplex:
         def lp(lo, hi):
             return solve_certified(D, lo, hi, self.max_pivots, FIRST_PIVOTS, prep)
 
-        size = bucket(len(lower), self.chunk_size, min(PIVOT_BLOCK, self.chunk_size))
+        size = bucket(len(lower), self.chunk_size, min(MIN_CHUNK, self.chunk_size))
         with jax.enable_x64(True):
             x, status, its, basis, at_upper = map_rows(
                 lp, [lower, upper], size, on_chunk=on_chunk, tail_min=PIVOT_BLOCK
@@ -169,7 +173,7 @@ class DualSimplex:
         table = self._table()
         if table is None or table.rays is None:
             return np.zeros(len(lower), bool)
-        size = bucket(len(lower), self.chunk_size, min(PIVOT_BLOCK, self.chunk_size))
+        size = bucket(len(lower), self.chunk_size, min(MIN_CHUNK, self.chunk_size))
         f32 = [np.asarray(a, np.float32) for a in (lower, upper)]
         proven = table.proves_infeasible(D, *f32, chunk_size=size)
         idx = np.flatnonzero(proven)
@@ -185,7 +189,7 @@ class DualSimplex:
         def lp(lo, hi):
             return solve_lp(D, lo, hi, max_pivots=self.max_pivots, dtype=dtype, warm_start=table)
 
-        size = bucket(len(lower), self.chunk_size, min(PIVOT_BLOCK, self.chunk_size))
+        size = bucket(len(lower), self.chunk_size, min(MIN_CHUNK, self.chunk_size))
         with jax.enable_x64(dtype == np.float64):
             return map_rows(lp, [lower, upper], size, on_chunk=on_chunk, tail_min=PIVOT_BLOCK)
 
