@@ -22,7 +22,9 @@ Parametrisations keep EM >= 0: ``"log"`` (EM per bin ``= 1e26 exp(theta)`` cm^-5
 
 The optimiser is any optax transformation (default :func:`optax.lbfgs` with its zoom line
 search), run in a ``lax.while_loop`` until ``max |dF/dtheta| <= gtol (1 + |F|)`` or
-``max_steps``;
+``max_steps``; a step whose EM (in the working dtype), objective or gradient is not finite
+(e.g. an overflowing ``exp``) is not taken: the problem stops at its last finite iterate
+(MAX_STEPS);
 without spatial coupling each pixel is its own problem (vmapped, every pixel stops on its own).
 A vmapped loop still runs as long as the slowest pixel of its batch, so on concrete inputs the
 pixels are run in rounds of a few steps over the pixels still running (``compact``, see
@@ -119,11 +121,12 @@ class FitResult:
     em : (..., n_T) EM per log T bin, cm^-5 (NaN for INVALID_INPUT and NONFINITE_OUTPUT).
     params : (..., n_params) the fitted ``theta``.
     status : (...) int8 :class:`~deepem_jax.DEMStatus`: SOLVED (converged), MAX_STEPS (EM of
-        the last step), NONFINITE_OUTPUT, INVALID_INPUT (NaN/Inf intensity, sigma not > 0).
+        the last finite step: at ``max_steps``, or where a further step was not finite),
+        NONFINITE_OUTPUT (no finite start), INVALID_INPUT (NaN/Inf intensity, sigma not > 0).
     chi2 : (...) mean over channels of ``((K em - y) / sigma)**2``.
     objective : (...) ``F`` at the fit (for a spatially coupled map: each pixel's own terms).
     grad_norm : (...) ``max |dF/dtheta| / (1 + |F|)`` at the fit (converged if <= gtol).
-    steps : (...) int32 optimiser steps taken.
+    steps : (...) int32 optimiser steps taken (a rejected non-finite step not counted).
     """
 
     em: jax.Array
@@ -210,9 +213,11 @@ def objective(
 
 def _loop(fitter: Fitter, data) -> tuple:
     """``(start, running, body, scaled)`` of the optimiser loop of one problem: ``start(theta0)``
-    is the loop carry ``(theta, opt_state, F, dF/dtheta, steps)``, ``running(carry)`` whether it
-    goes on (steps left, gradient above ``gtol``, all finite), ``body(carry)`` one step, and
-    ``scaled(theta, g)`` the per-pixel ``max |g| / (1 + |F_pixel|)``."""
+    is the loop carry ``(theta, opt_state, F, dF/dtheta, halted, steps)``, ``running(carry)``
+    whether it goes on (steps left, gradient above ``gtol``, all finite, not halted),
+    ``body(carry)`` one step (rejected, the carry kept and ``halted`` set, when the new EM,
+    objective or gradient is not finite), and ``scaled(theta, g)`` the per-pixel
+    ``max |g| / (1 + |F_pixel|)``."""
     fun = partial(_total, fitter, data=data)
     vg = jax.value_and_grad(fun)
     opt = fitter.transform
@@ -223,21 +228,26 @@ def _loop(fitter: Fitter, data) -> tuple:
         return jnp.max(jnp.abs(g), -1) / (1.0 + jnp.abs(f))
 
     def running(c):
-        theta, _, f, g, k = c
-        ok = jnp.isfinite(f) & jnp.all(jnp.isfinite(g))
+        theta, _, f, g, halted, k = c
+        ok = jnp.isfinite(f) & jnp.all(jnp.isfinite(g)) & ~halted
         return (k < fitter.max_steps) & (jnp.max(scaled(theta, g)) > fitter.gtol) & ok
 
     def body(c):
-        theta, state, f, g, k = c
+        theta, state, f, g, _, k = c
         with jax.numpy_dtype_promotion("standard"):  # optax mixes int32 and int64 under x64
-            upd, state = opt.update(g, state, theta, value=f, grad=g, value_fn=fun)
-        theta = optax.apply_updates(theta, upd)
-        f, g = vg(theta)
-        return theta, state, f, g, k + 1
+            upd, new_state = opt.update(g, state, theta, value=f, grad=g, value_fn=fun)
+        new = optax.apply_updates(theta, upd)
+        new_f, new_g = vg(new)
+        em = EM_SCALE * _em_units(fitter, new, data[3])  # the EM the fit would return
+        ok = jnp.isfinite(new_f) & jnp.all(jnp.isfinite(new_g)) & jnp.all(jnp.isfinite(em))
+        kept = jax.tree.map(
+            lambda a, b: jnp.where(ok, a, b), (new, new_state, new_f, new_g), (theta, state, f, g)
+        )
+        return (*kept, ~ok, k + ok.astype(k.dtype))
 
     def start(theta0):
         f0, g0 = vg(theta0)
-        return theta0, opt.init(theta0), f0, g0, jnp.int32(0)
+        return theta0, opt.init(theta0), f0, g0, jnp.bool_(False), jnp.int32(0)
 
     return start, running, body, scaled
 
@@ -246,7 +256,7 @@ def _minimise(fitter: Fitter, theta0: jax.Array, data) -> tuple:
     """(theta, F, per-pixel max |dF/dtheta| / (1 + |F_pixel|), steps) of one problem: a pixel
     (n_params,) or a spatially coupled map (ny, nx, n_params)."""
     start, running, body, scaled = _loop(fitter, data)
-    theta, _, f, g, k = jax.lax.while_loop(running, body, start(theta0))
+    theta, _, f, g, _, k = jax.lax.while_loop(running, body, start(theta0))
     return theta, f, scaled(theta, g), k
 
 
@@ -416,7 +426,7 @@ def _advance_rows(fitter: Fitter, carry, y, sigma, Ks, B, k_stop):
 
     def one(c, yy, ss, ks):
         _, running, body, scaled = _loop(fitter, (yy, ss, Ks, B))
-        c = jax.lax.while_loop(lambda c: running(c) & (c[4] < ks), body, c)
+        c = jax.lax.while_loop(lambda c: running(c) & (c[-1] < ks), body, c)
         return c, running(c), scaled(c[0], c[3])
 
     return jax.vmap(one)(carry, y, sigma, k_stop)

@@ -154,6 +154,24 @@ def test_intensities_beyond_float_range_are_not_solved(K):
     assert np.all(np.isnan(res.em[1])) and np.all(np.isfinite(res.em[0]))
 
 
+def test_a_step_to_a_non_finite_point_is_not_taken(K):
+    """A step whose EM overflows (SGD with a huge learning rate from an EM too faint in every
+    channel: every bin's first step goes beyond float32) is not taken: the fit stops at its
+    last finite iterate, here the start, MAX_STEPS after 0 steps, with the start's EM and its
+    chi^2 (as numpy computes it). Before, such a pixel ended NONFINITE_OUTPUT with NaN EM."""
+    import optax
+
+    y, s = (a.astype(np.float32) for a in _pixels(K, 2))
+    em0 = np.full((2, 18), 1e25, np.float32)
+    fitter = F.Fitter(optimizer=optax.sgd(1e30), floor=1e-9)
+    res = F.fit(y, s, K.astype(np.float32), fitter, em0=em0)
+    assert list(np.asarray(res.status)) == [int(dj.DEMStatus.MAX_STEPS)] * 2
+    assert np.all(np.asarray(res.steps) == 0)
+    np.testing.assert_allclose(res.em, em0, rtol=1e-5)
+    chi2 = np.mean(((em0.astype(np.float64) @ K.T - y) / s) ** 2, -1)
+    np.testing.assert_allclose(res.chi2, chi2, rtol=1e-4)
+
+
 def test_a_non_finite_pixel_does_not_poison_the_batch_gradient(K):
     """float32, one pixel with sigma 1e-30 (chi^2 overflows): it ends NONFINITE_OUTPUT with NaN
     EM, chi^2 and objective, and gradients of the other pixels' EM with respect to K and the
