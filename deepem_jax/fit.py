@@ -24,8 +24,8 @@ The optimiser is any optax transformation (default :func:`optax.lbfgs` with its 
 search), run in a ``lax.while_loop`` until ``max |dF/dtheta| <= gtol (1 + |F|)`` or
 ``max_steps``; a step whose EM (in the working dtype), objective or gradient is not finite
 (e.g. an overflowing ``exp``) is not taken: the problem stops at its last finite iterate
-(MAX_STEPS);
-without spatial coupling each pixel is its own problem (vmapped, every pixel stops on its own).
+(MAX_STEPS). Without spatial coupling each pixel is its own problem (vmapped, every pixel
+stops on its own).
 A vmapped loop still runs as long as the slowest pixel of its batch, so on concrete inputs the
 pixels are run in rounds of a few steps over the pixels still running (``compact``, see
 :func:`fit`): on real AIA pixels most fits converge in tens of steps and a few in 2000.

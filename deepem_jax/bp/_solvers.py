@@ -72,11 +72,11 @@ class DualSimplex:
         ``"float64"`` (float64 pivots). The arrays of :class:`BPResult` have this dtype.
     max_pivots : pivot cap per pixel; MAX_ITER beyond it.
     chunk_size : largest number of pixels per jitted call. Each call, the last one of a large
-        input included, is padded to a power of two, at least ``MIN_CHUNK`` (1024; the last
-        one of several chunks at least ``PIVOT_BLOCK``, 4096) and at most ``chunk_size``, so
-        few shapes compile and little work goes to padding; inside a
-        call the pivots from the all-slack basis run on blocks of ``PIVOT_BLOCK`` pixels (a
-        warm start gathers the pixels it has to pivot from the whole call).
+        input included, is padded to a power of two, at least 1024 (the last one of several
+        chunks: at least ``PIVOT_BLOCK``, 4096) and at most ``chunk_size``, so few shapes
+        compile and little work goes to padding; inside a call the pivots from the all-slack
+        basis run on blocks of ``PIVOT_BLOCK`` pixels (a warm start gathers the pixels it has
+        to pivot from the whole call).
     warm_start : where each pixel's dual simplex starts. ``"auto"`` (default): from the best
         basis of the shipped :class:`BasisTable` for the response's channels
         (:func:`default_table`) when there is one for that dictionary, else from the all-slack
