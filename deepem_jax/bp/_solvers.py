@@ -148,7 +148,7 @@ class DualSimplex:
         def lp(lo, hi):
             return solve_certified(D, lo, hi, self.max_pivots, FIRST_PIVOTS, prep)
 
-        size = bucket(len(lower), self.chunk_size, min(MIN_CHUNK, self.chunk_size))
+        size = self._call_size(len(lower))
         with jax.enable_x64(True):
             x, status, its, basis, at_upper = map_rows(
                 lp, [lower, upper], size, on_chunk=on_chunk, tail_min=PIVOT_BLOCK
@@ -162,6 +162,11 @@ class DualSimplex:
             its[redo] += r64.iterations
         return x, status, its
 
+    def _call_size(self, n: int) -> int:
+        """Pixels per jitted call for ``n`` pixels: a power of two from ``MIN_CHUNK`` (or
+        ``chunk_size`` if smaller) up to ``chunk_size``."""
+        return bucket(n, self.chunk_size, min(MIN_CHUNK, self.chunk_size))
+
     def _table(self) -> BasisTable | None:
         return self.warm_start if isinstance(self.warm_start, BasisTable) else None
 
@@ -173,7 +178,7 @@ class DualSimplex:
         table = self._table()
         if table is None or table.rays is None:
             return np.zeros(len(lower), bool)
-        size = bucket(len(lower), self.chunk_size, min(MIN_CHUNK, self.chunk_size))
+        size = self._call_size(len(lower))
         f32 = [np.asarray(a, np.float32) for a in (lower, upper)]
         proven = table.proves_infeasible(D, *f32, chunk_size=size)
         idx = np.flatnonzero(proven)
@@ -189,7 +194,7 @@ class DualSimplex:
         def lp(lo, hi):
             return solve_lp(D, lo, hi, max_pivots=self.max_pivots, dtype=dtype, warm_start=table)
 
-        size = bucket(len(lower), self.chunk_size, min(MIN_CHUNK, self.chunk_size))
+        size = self._call_size(len(lower))
         with jax.enable_x64(dtype == np.float64):
             return map_rows(lp, [lower, upper], size, on_chunk=on_chunk, tail_min=PIVOT_BLOCK)
 
