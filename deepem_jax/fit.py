@@ -24,8 +24,13 @@ The optimiser is any optax transformation (default :func:`optax.lbfgs` with its 
 search), run in a ``lax.while_loop`` until ``max |dF/dtheta| <= gtol (1 + |F|)`` or
 ``max_steps``; a step whose EM (in the working dtype), objective or gradient is not finite
 (e.g. an overflowing ``exp``) is not taken: the problem stops at its last finite iterate
-(MAX_STEPS). Without spatial coupling each pixel is its own problem (vmapped, every pixel
-stops on its own).
+(MAX_STEPS). Without spatial coupling a pixel has also to pass a test the gradient in
+``theta`` cannot: F is a convex quadratic in the coefficients ``c``, and neither changing one
+coefficient to its best positive value nor multiplying all of them by the best factor may lower
+F by more than ``gtol (1 + |F|)``. Where the gradient has converged but such a move would lower
+F more (coefficients far too small: the gradient of ``log c`` is ``c dF/dc``), the fit takes
+that move and restarts the optimiser there. Without spatial coupling each pixel is its own
+problem (vmapped, every pixel stops on its own).
 A vmapped loop still runs as long as the slowest pixel of its batch, so on concrete inputs the
 pixels are run in rounds of a few steps over the pixels still running (``compact``, see
 :func:`fit`): on real AIA pixels most fits converge in tens of steps and a few in 2000.
@@ -73,7 +78,8 @@ class Fitter:
     optimizer : an optax ``GradientTransformation``; None means ``optax.lbfgs()``.
     max_steps : optimiser steps per problem (> 0).
     gtol : a pixel has converged when ``max |dF/dtheta| <= gtol * (1 + |F|)`` (F of the pixel,
-        in units of chi^2 / 2).
+        in units of chi^2 / 2) and, without spatial coupling, no single closed-form move of its
+        coefficients lowers F by more than that (see the module docstring).
     floor : initial EM of empty bins, as a fraction of ``e_ref`` (log and basis
         parametrisations cannot start at EM = 0).
     """
@@ -125,8 +131,11 @@ class FitResult:
         NONFINITE_OUTPUT (no finite start), INVALID_INPUT (NaN/Inf intensity, sigma not > 0).
     chi2 : (...) mean over channels of ``((K em - y) / sigma)**2``.
     objective : (...) ``F`` at the fit (for a spatially coupled map: each pixel's own terms).
-    grad_norm : (...) ``max |dF/dtheta| / (1 + |F|)`` at the fit (converged if <= gtol).
-    steps : (...) int32 optimiser steps taken (a rejected non-finite step not counted).
+    grad_norm : (...) ``max |dF/dtheta| / (1 + |F|)`` at the fit, or, without spatial
+        coupling, the drop of F by the best closed-form move over ``1 + |F|`` if larger
+        (converged if <= gtol).
+    steps : (...) int32 steps taken (closed-form moves included; a rejected non-finite step
+        not counted).
     """
 
     em: jax.Array
@@ -162,20 +171,81 @@ def _eref(y: jax.Array, sigma: jax.Array, Ks: jax.Array) -> jax.Array:
     return jnp.maximum(a, _EREF_FLOOR / EM_SCALE)
 
 
-def _pixel_terms(fitter, theta, y, sigma, Ks, B):
-    """(F, chi2) of one pixel (or a batch with leading axes); ``Ks`` = K * EM_SCALE."""
-    e = _em_units(fitter, theta, B)
-    r = (e @ Ks.T - y) / sigma
-    f = 0.5 * jnp.sum(r * r, -1)
-    eref = _eref(y, sigma, Ks)[..., None]
+def _regularisers(fitter, c, e, eref):
+    """The regularisers of F, for coefficients ``c`` and EM ``e`` (units of EM_SCALE), as
+    ``(linear, quadratic)``: the terms that scale as ``t`` and as ``t^2`` when ``c`` is
+    multiplied by ``t`` (l1; Tikhonov)."""
+    lin = quad = jnp.zeros(e.shape[:-1], e.dtype)
     if fitter.l1:
-        f = f + fitter.l1 * jnp.sum(_coeffs(fitter, theta) / eref, -1)
+        lin = fitter.l1 * jnp.sum(c / eref, -1)
     if fitter.tikhonov0:
-        f = f + 0.5 * fitter.tikhonov0 * jnp.sum(jnp.square(e / eref), -1)
+        quad = quad + 0.5 * fitter.tikhonov0 * jnp.sum(jnp.square(e / eref), -1)
     if fitter.tikhonov2:
         d2 = e[..., :-2] - 2.0 * e[..., 1:-1] + e[..., 2:]
-        f = f + 0.5 * fitter.tikhonov2 * jnp.sum(jnp.square(d2 / eref), -1)
-    return f, jnp.mean(r * r, -1)
+        quad = quad + 0.5 * fitter.tikhonov2 * jnp.sum(jnp.square(d2 / eref), -1)
+    return lin, quad
+
+
+def _coeff_terms(fitter, c, y, sigma, Ks, B):
+    """(F, chi2) of coefficients ``c`` (see :func:`_coeffs`); ``Ks`` = K * EM_SCALE."""
+    e = c @ B if fitter.parametrisation == "basis" else c
+    r = (e @ Ks.T - y) / sigma
+    lin, quad = _regularisers(fitter, c, e, _eref(y, sigma, Ks)[..., None])
+    return 0.5 * jnp.sum(r * r, -1) + lin + quad, jnp.mean(r * r, -1)
+
+
+def _pixel_terms(fitter, theta, y, sigma, Ks, B):
+    """(F, chi2) of one pixel (or a batch with leading axes); ``Ks`` = K * EM_SCALE."""
+    return _coeff_terms(fitter, _coeffs(fitter, theta), y, sigma, Ks, B)
+
+
+def _theta_of(fitter: Fitter, c: jax.Array) -> jax.Array:
+    """The parameters ``theta`` of coefficients ``c > 0`` (inverse of :func:`_coeffs`)."""
+    if fitter.parametrisation == "softplus":
+        return c + jnp.log(-jnp.expm1(-c))
+    return jnp.log(c)
+
+
+def _moves(fitter, theta, y, sigma, Ks, B):
+    """Two closed-form moves of one pixel's coefficients ``c`` (F without the spatial term is a
+    convex quadratic in ``c``), as ``(drop, theta_after)``: the larger of the drops of F from
+    changing one coefficient to its best positive value (slope ``h``, curvature ``q``: to
+    ``c - h/q``, a drop of ``h^2 / 2q``) and from multiplying every coefficient by the best
+    factor ``t > 0`` (F = ``a t^2 + b t + F(0)``, a drop of ``(2a + b)^2 / 4a``, ``2a + b =
+    dF/dt`` at ``t = 1``), and the parameters after that move. Both drops vanish at the
+    minimum; unlike the gradient in ``theta`` (``c dF/dc`` for the log parametrisation), they
+    are not small where a coefficient, or all of them, are far too small. Moves towards ``c = 0``
+    are left to the gradient (log and softplus cannot reach it)."""
+    c = _coeffs(fitter, theta)
+    h = jax.grad(lambda c: jnp.sum(_coeff_terms(fitter, c, y, sigma, Ks, B)[0]))(c)
+    basis = B if fitter.parametrisation == "basis" else jnp.eye(c.shape[-1], dtype=c.dtype)
+    eref = _eref(y, sigma, Ks)[..., None]
+    q = (jnp.square(basis @ Ks.T) @ jnp.square(1.0 / sigma)[..., None])[..., 0]
+    if fitter.tikhonov0:
+        q = q + fitter.tikhonov0 * jnp.sum(jnp.square(basis), -1) / jnp.square(eref)
+    if fitter.tikhonov2:
+        d2 = basis[:, :-2] - 2.0 * basis[:, 1:-1] + basis[:, 2:]
+        q = q + fitter.tikhonov2 * jnp.sum(jnp.square(d2), -1) / jnp.square(eref)
+    inner = (q > 0) & (c * q > h)
+    safe_q = jnp.where(inner, q, 1.0)
+    coord = jnp.where(inner, h * h / (2.0 * safe_q), 0.0)
+    j = jnp.argmax(coord, -1)
+    e = c @ B if fitter.parametrisation == "basis" else c
+    p = (e @ Ks.T) / sigma
+    lin, quad = _regularisers(fitter, c, e, eref)
+    a = 0.5 * jnp.sum(p * p, -1) + quad
+    b = lin - jnp.sum(p * y / sigma, -1)
+    inner_t = (a > 0) & (b < 0)
+    safe_a = jnp.where(inner_t, a, 1.0)
+    slope = jnp.sum(c * h, -1)
+    scale = jnp.where(inner_t, slope * slope / (4.0 * safe_a), 0.0)
+    best = jnp.take_along_axis(coord, j[..., None], -1)[..., 0]
+    one = jax.nn.one_hot(j, c.shape[-1], dtype=bool)
+    # parameters after each move (an underflowed c = 0 keeps its theta, or is shifted by log t)
+    t = jnp.where(inner_t, -b / (2.0 * safe_a), 1.0)[..., None]
+    th_coord = jnp.where(one & inner, _theta_of(fitter, c - h / safe_q), theta)
+    th_scale = jnp.where(c > 0, _theta_of(fitter, c * t), theta + jnp.log(t))
+    return jnp.maximum(best, scale), jnp.where((scale >= best)[..., None], th_scale, th_coord)
 
 
 def _spatial(fitter: Fitter, theta: jax.Array) -> jax.Array:
@@ -214,10 +284,10 @@ def objective(
 def _loop(fitter: Fitter, data) -> tuple:
     """``(start, running, body, scaled)`` of the optimiser loop of one problem: ``start(theta0)``
     is the loop carry ``(theta, opt_state, F, dF/dtheta, halted, steps)``, ``running(carry)``
-    whether it goes on (steps left, gradient above ``gtol``, all finite, not halted),
-    ``body(carry)`` one step (rejected, the carry kept and ``halted`` set, when the new EM,
-    objective or gradient is not finite), and ``scaled(theta, g)`` the per-pixel
-    ``max |g| / (1 + |F_pixel|)``."""
+    whether it goes on (steps left, not converged, all finite, not halted), ``body(carry)``
+    one step (the optimiser's, or :func:`_moves`'s where only that test fails; rejected, the
+    carry kept and ``halted`` set, when the new EM, objective or gradient is not finite), and
+    ``scaled(theta, g)`` the per-pixel convergence measure (``FitResult.grad_norm``)."""
     fun = partial(_total, fitter, data=data)
     vg = jax.value_and_grad(fun)
     opt = fitter.transform
@@ -225,7 +295,10 @@ def _loop(fitter: Fitter, data) -> tuple:
     def scaled(theta, g):
         y, sigma, Ks, B = data
         f = _pixel_terms(fitter, theta, y, sigma, Ks, B)[0]
-        return jnp.max(jnp.abs(g), -1) / (1.0 + jnp.abs(f))
+        m = jnp.max(jnp.abs(g), -1)
+        if not fitter.spatial:  # moving one pixel of a coupled map changes the coupling
+            m = jnp.maximum(m, _moves(fitter, theta, y, sigma, Ks, B)[0])
+        return m / (1.0 + jnp.abs(f))
 
     def running(c):
         theta, _, f, g, halted, k = c
@@ -237,6 +310,16 @@ def _loop(fitter: Fitter, data) -> tuple:
         with jax.numpy_dtype_promotion("standard"):  # optax mixes int32 and int64 under x64
             upd, new_state = opt.update(g, state, theta, value=f, grad=g, value_fn=fun)
         new = optax.apply_updates(theta, upd)
+        if not fitter.spatial:
+            # where the gradient has converged but a closed-form move still lowers F (a
+            # coefficient, or all, far too small), take that move and restart the optimiser
+            y, sigma, Ks, B = data
+            stalled = jnp.max(jnp.abs(g), -1) <= fitter.gtol * (1.0 + jnp.abs(f))
+            moved = _moves(fitter, theta, y, sigma, Ks, B)[1]
+            new = jnp.where(stalled, moved, new)
+            new_state = jax.tree.map(
+                lambda a, b: jnp.where(stalled, a, b), opt.init(moved), new_state
+            )
         new_f, new_g = vg(new)
         em = EM_SCALE * _em_units(fitter, new, data[3])  # the EM the fit would return
         ok = jnp.isfinite(new_f) & jnp.all(jnp.isfinite(new_g)) & jnp.all(jnp.isfinite(em))

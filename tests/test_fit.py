@@ -172,6 +172,30 @@ def test_a_step_to_a_non_finite_point_is_not_taken(K):
     np.testing.assert_allclose(res.chi2, chi2, rtol=1e-4)
 
 
+@pytest.mark.parametrize("faint", ["every bin", "peak bins"])
+def test_a_start_far_too_faint_is_not_called_converged(K, faint):
+    """Started from the pixel's own EM times 1e-12 in every bin, or in the bins of log T
+    6.0-6.6 that hold its peaks (there a log-EM gradient, EM * dF/dEM, is tiny although F falls
+    steeply with more EM), the fit ends SOLVED within 2 % of the minimum of F (scipy's NNLS,
+    float64, on the same data term). Before, the first ended SOLVED after 0 steps and the second
+    SOLVED at F ~ 200-300."""
+    from scipy.optimize import nnls
+
+    y, s = _pixels(K, 2)
+    em0 = gaussian_dem(dj.DEEPEM_LOGT, [3e27, 1e28], [6.2, 6.4], 0.2)
+    logt = np.asarray(dj.DEEPEM_LOGT)
+    em0[:, ((logt > 6.0) & (logt < 6.6)) if faint == "peak bins" else slice(None)] *= 1e-12
+    fitter = F.Fitter(floor=1e-12)
+    res = F.fit(y.astype(np.float32), s.astype(np.float32), K.astype(np.float32), fitter, em0=em0)
+    assert np.all(np.asarray(res.status) == dj.DEMStatus.SOLVED)
+    assert np.all(np.asarray(res.steps) > 0)
+    for i in range(len(y)):
+        x, _ = nnls(K * 1e26 / s[i, :, None], y[i] / s[i])
+        best = _numpy_objective(x * 1e26, y[i], s[i], K, 0.0, 0.0, 0.0)
+        ours = _numpy_objective(np.asarray(res.em[i], np.float64), y[i], s[i], K, 0.0, 0.0, 0.0)
+        assert ours <= best + 0.02 * (1 + best), (ours, best)
+
+
 def test_a_non_finite_pixel_does_not_poison_the_batch_gradient(K):
     """float32, one pixel with sigma 1e-30 (chi^2 overflows): it ends NONFINITE_OUTPUT with NaN
     EM, chi^2 and objective, and gradients of the other pixels' EM with respect to K and the
