@@ -914,11 +914,18 @@ def _ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "value": a["pixels_per_s"] / b["pixels_per_s"],
                     "reference": (
                         f"px/s of {num} on {_pixels(a)} / px/s of {den}: {_describe(den)}, on "
-                        f"{_pixels(b)}; same {scene} {size}² scene, same run"
+                        f"{_pixels(b)}; same {_scene_words(scene, size)}, same run"
                     ),
                 }
             )
     return out
+
+
+def _scene_words(scene: str, size: int) -> str:
+    """The scene of a ratio's reference: the flare's pixel set comes from cutouts of ``size``."""
+    if scene == FLARE:
+        return f"{scene} pixel set ({size}² cutouts)"
+    return f"{scene} {size}² scene"
 
 
 def _where(row: dict[str, Any]) -> str:

@@ -134,7 +134,8 @@ def test_real_scene_rows():
         assert "the shipped model" in report["methods"][f"net_{net}_consistent"]
         q = {(q["scene"], q["ratio"]): q for q in report["ratios"]}
         q = q[scene, f"net_{net}_consistent / bp_highs"]
-        assert q["reference"].endswith(f"same {scene} {q['size']}² scene, same run")
+        where = "pixel set (67² cutouts)" if scene == FLARE else f"{q['size']}² scene"
+        assert q["reference"].endswith(f"same {scene} {where}, same run")
     assert rows[SYNOPTIC, "bp_jax_f32"]["pixels"] == 32 * 32
     assert rows[SYNOPTIC, "bp_jax_f32"]["status_counts"]["SOLVED"] >= 0.99 * 32 * 32
     # the ten 67^2 cutout times hold 18,344 pixels below load_aia's saturation level
