@@ -282,65 +282,69 @@ def objective(
 
 
 def _loop(fitter: Fitter, data) -> tuple:
-    """``(start, running, body, scaled)`` of the optimiser loop of one problem: ``start(theta0)``
-    is the loop carry ``(theta, opt_state, F, dF/dtheta, halted, steps)``, ``running(carry)``
-    whether it goes on (steps left, not converged, all finite, not halted), ``body(carry)``
-    one step (the optimiser's, or :func:`_moves`'s where only that test fails; rejected, the
-    carry kept and ``halted`` set, when the new EM, objective or gradient is not finite), and
-    ``scaled(theta, g)`` the per-pixel convergence measure (``FitResult.grad_norm``)."""
+    """``(start, running, body)`` of the optimiser loop of one problem: ``start(theta0)`` is the
+    loop carry ``(theta, opt_state, F, dF/dtheta, measure, moved, halted, steps)``, with the
+    per-pixel convergence measure (``FitResult.grad_norm``) and the parameters after the best
+    closed-form move (:func:`_moves`; ``theta`` itself with spatial coupling);
+    ``running(carry)`` whether it goes on (steps left, not converged, all finite, not halted);
+    ``body(carry)`` one step (the optimiser's, or that move where only the move's test fails;
+    rejected, the carry kept and ``halted`` set, when the new EM, objective or gradient is not
+    finite)."""
     fun = partial(_total, fitter, data=data)
     vg = jax.value_and_grad(fun)
     opt = fitter.transform
+    y, sigma, Ks, B = data
 
-    def scaled(theta, g):
-        y, sigma, Ks, B = data
+    def assess(theta, g):
         f = _pixel_terms(fitter, theta, y, sigma, Ks, B)[0]
         m = jnp.max(jnp.abs(g), -1)
+        moved = theta
         if not fitter.spatial:  # moving one pixel of a coupled map changes the coupling
-            m = jnp.maximum(m, _moves(fitter, theta, y, sigma, Ks, B)[0])
-        return m / (1.0 + jnp.abs(f))
+            drop, moved = _moves(fitter, theta, y, sigma, Ks, B)
+            m = jnp.maximum(m, drop)
+        return m / (1.0 + jnp.abs(f)), moved
 
     def running(c):
-        theta, _, f, g, halted, k = c
+        _, _, f, g, measure, _, halted, k = c
         ok = jnp.isfinite(f) & jnp.all(jnp.isfinite(g)) & ~halted
-        return (k < fitter.max_steps) & (jnp.max(scaled(theta, g)) > fitter.gtol) & ok
+        return (k < fitter.max_steps) & (jnp.max(measure) > fitter.gtol) & ok
 
     def body(c):
-        theta, state, f, g, _, k = c
+        theta, state, f, g, measure, moved, _, k = c
         with jax.numpy_dtype_promotion("standard"):  # optax mixes int32 and int64 under x64
             upd, new_state = opt.update(g, state, theta, value=f, grad=g, value_fn=fun)
         new = optax.apply_updates(theta, upd)
         if not fitter.spatial:
             # where the gradient has converged but a closed-form move still lowers F (a
             # coefficient, or all, far too small), take that move and restart the optimiser
-            y, sigma, Ks, B = data
             stalled = jnp.max(jnp.abs(g), -1) <= fitter.gtol * (1.0 + jnp.abs(f))
-            moved = _moves(fitter, theta, y, sigma, Ks, B)[1]
             new = jnp.where(stalled, moved, new)
             new_state = jax.tree.map(
                 lambda a, b: jnp.where(stalled, a, b), opt.init(moved), new_state
             )
         new_f, new_g = vg(new)
-        em = EM_SCALE * _em_units(fitter, new, data[3])  # the EM the fit would return
+        em = EM_SCALE * _em_units(fitter, new, B)  # the EM the fit would return
         ok = jnp.isfinite(new_f) & jnp.all(jnp.isfinite(new_g)) & jnp.all(jnp.isfinite(em))
         kept = jax.tree.map(
-            lambda a, b: jnp.where(ok, a, b), (new, new_state, new_f, new_g), (theta, state, f, g)
+            lambda a, b: jnp.where(ok, a, b),
+            (new, new_state, new_f, new_g, *assess(new, new_g)),
+            (theta, state, f, g, measure, moved),
         )
         return (*kept, ~ok, k + ok.astype(k.dtype))
 
     def start(theta0):
         f0, g0 = vg(theta0)
-        return theta0, opt.init(theta0), f0, g0, jnp.bool_(False), jnp.int32(0)
+        return theta0, opt.init(theta0), f0, g0, *assess(theta0, g0), jnp.bool_(False), jnp.int32(0)
 
-    return start, running, body, scaled
+    return start, running, body
 
 
 def _minimise(fitter: Fitter, theta0: jax.Array, data) -> tuple:
-    """(theta, F, per-pixel max |dF/dtheta| / (1 + |F_pixel|), steps) of one problem: a pixel
-    (n_params,) or a spatially coupled map (ny, nx, n_params)."""
-    start, running, body, scaled = _loop(fitter, data)
-    theta, _, f, g, _, k = jax.lax.while_loop(running, body, start(theta0))
-    return theta, f, scaled(theta, g), k
+    """(theta, F, per-pixel convergence measure, steps) of one problem: a pixel (n_params,) or
+    a spatially coupled map (ny, nx, n_params)."""
+    start, running, body = _loop(fitter, data)
+    theta, _, f, _, measure, _, _, k = jax.lax.while_loop(running, body, start(theta0))
+    return theta, f, measure, k
 
 
 def _hessian_solve(fitter: Fitter, theta: jax.Array, data, b: jax.Array) -> jax.Array:
@@ -491,13 +495,13 @@ def _fit(fitter: Fitter, y, sigma, K, B, theta0) -> FitResult:
 
 @partial(jax.jit, static_argnums=(0,))
 def _start_rows(fitter: Fitter, theta0, y, sigma, Ks, B):
-    """Loop carries of rows of pixels (rows, ...), whether each would go on, and its scaled
-    gradient."""
+    """Loop carries of rows of pixels (rows, ...), whether each would go on, and its
+    convergence measure."""
 
     def one(th, yy, ss):
-        start, running, _, scaled = _loop(fitter, (yy, ss, Ks, B))
+        start, running, _ = _loop(fitter, (yy, ss, Ks, B))
         c = start(th)
-        return c, running(c), scaled(c[0], c[3])
+        return c, running(c), c[4]
 
     return jax.vmap(one)(theta0, y, sigma)
 
@@ -505,12 +509,12 @@ def _start_rows(fitter: Fitter, theta0, y, sigma, Ks, B):
 @partial(jax.jit, static_argnums=(0,))
 def _advance_rows(fitter: Fitter, carry, y, sigma, Ks, B, k_stop):
     """Rows of pixels run on until each has converged, failed, or taken ``k_stop`` (rows,)
-    steps in all; the carries, whether each would go on, and its scaled gradient."""
+    steps in all; the carries, whether each would go on, and its convergence measure."""
 
     def one(c, yy, ss, ks):
-        _, running, body, scaled = _loop(fitter, (yy, ss, Ks, B))
+        _, running, body = _loop(fitter, (yy, ss, Ks, B))
         c = jax.lax.while_loop(lambda c: running(c) & (c[-1] < ks), body, c)
-        return c, running(c), scaled(c[0], c[3])
+        return c, running(c), c[4]
 
     return jax.vmap(one)(carry, y, sigma, k_stop)
 
