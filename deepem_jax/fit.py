@@ -226,8 +226,9 @@ def _moves(fitter, theta, y, sigma, Ks, B):
     if fitter.tikhonov2:
         d2 = basis[:, :-2] - 2.0 * basis[:, 1:-1] + basis[:, 2:]
         q = q + fitter.tikhonov2 * jnp.sum(jnp.square(d2), -1) / jnp.square(eref)
-    inner = (q > 0) & (c * q > h)
-    safe_q = jnp.where(inner, q, 1.0)
+    safe_q = jnp.where(q > 0, q, 1.0)
+    th_target = _theta_of(fitter, c - h / safe_q)
+    inner = (q > 0) & (c * q > h) & jnp.isfinite(th_target)  # a target rounded to 0 is no move
     coord = jnp.where(inner, h * h / (2.0 * safe_q), 0.0)
     j = jnp.argmax(coord, -1)
     e = c @ B if fitter.parametrisation == "basis" else c
@@ -241,10 +242,11 @@ def _moves(fitter, theta, y, sigma, Ks, B):
     scale = jnp.where(inner_t, slope * slope / (4.0 * safe_a), 0.0)
     best = jnp.take_along_axis(coord, j[..., None], -1)[..., 0]
     one = jax.nn.one_hot(j, c.shape[-1], dtype=bool)
-    # parameters after each move (an underflowed c = 0 keeps its theta, or is shifted by log t)
+    # parameters after each move (a c t that underflows to 0 is shifted by log t instead)
     t = jnp.where(inner_t, -b / (2.0 * safe_a), 1.0)[..., None]
-    th_coord = jnp.where(one & inner, _theta_of(fitter, c - h / safe_q), theta)
-    th_scale = jnp.where(c > 0, _theta_of(fitter, c * t), theta + jnp.log(t))
+    th_coord = jnp.where(one & inner, th_target, theta)
+    th_scaled = _theta_of(fitter, c * t)
+    th_scale = jnp.where(jnp.isfinite(th_scaled), th_scaled, theta + jnp.log(t))
     return jnp.maximum(best, scale), jnp.where((scale >= best)[..., None], th_scale, th_coord)
 
 
