@@ -172,21 +172,24 @@ def test_a_step_to_a_non_finite_point_is_not_taken(K):
     np.testing.assert_allclose(res.chi2, chi2, rtol=1e-4)
 
 
+@pytest.mark.parametrize("parametrisation", ["log", "softplus", "basis"])
 @pytest.mark.parametrize("faint", ["every bin", "peak bins"])
-def test_a_start_far_too_faint_is_not_called_converged(K, faint):
+def test_a_start_far_too_faint_is_not_called_converged(K, faint, parametrisation):
     """Started from the pixel's own EM times 1e-12 in every bin, or in the bins of log T
     6.0-6.6 that hold its peaks (there a log-EM gradient, EM * dF/dEM, is tiny although F falls
     steeply with more EM), the fit ends SOLVED within 2 % of the minimum of F (scipy's NNLS,
-    float64, on the same data term). Before, the first ended SOLVED after 0 steps and the second
-    SOLVED at F ~ 200-300."""
+    float64, on the same data term), in each parametrisation. Before, every case failed (log:
+    the first SOLVED after 0 steps, the second SOLVED at F ~ 200-300)."""
     from scipy.optimize import nnls
 
     y, s = _pixels(K, 2)
     em0 = gaussian_dem(dj.DEEPEM_LOGT, [3e27, 1e28], [6.2, 6.4], 0.2)
     logt = np.asarray(dj.DEEPEM_LOGT)
     em0[:, ((logt > 6.0) & (logt < 6.6)) if faint == "peak bins" else slice(None)] *= 1e-12
-    fitter = F.Fitter(floor=1e-12)
-    res = F.fit(y.astype(np.float32), s.astype(np.float32), K.astype(np.float32), fitter, em0=em0)
+    fitter = F.Fitter(parametrisation, floor=1e-12)
+    basis = dj.cheung_basis(dj.DEEPEM_LOGT) if parametrisation == "basis" else None
+    y32, s32, K32 = (a.astype(np.float32) for a in (y, s, K))
+    res = F.fit(y32, s32, K32, fitter, em0=em0, basis=basis)
     assert np.all(np.asarray(res.status) == dj.DEMStatus.SOLVED)
     assert np.all(np.asarray(res.steps) > 0)
     for i in range(len(y)):
