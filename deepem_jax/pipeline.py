@@ -41,9 +41,6 @@ _TILE = 65536
 #: Pixels per jit-compiled network tile: small enough that a tile's hidden activations stay in
 #: the CPU's caches (README, "Benchmarks").
 _NET_TILE = 4096
-#: Smallest padded size of the last, partial network tile of a multi-tile call (see
-#: ``map_rows``'s ``tail_min``).
-_NET_TAIL = 1024
 #: Pixels per host block of BP and of the synthetic intensities and chi^2 (bounds the float64
 #: temporaries of a full-disk inversion).
 _ROWS = 1 << 18
@@ -634,7 +631,6 @@ def _run_net(obs, factors, response, predictor, tolfac, consistency, progress):
         bucket(yf.shape[0], _NET_TILE, min_size=1),
         fills=(0.0, 1.0),
         on_chunk=None if bar is None else bar.update,
-        tail_min=_NET_TAIL,
     )
     if bar is not None:
         bar.close()
