@@ -157,10 +157,14 @@ def _coeffs(fitter: Fitter, theta: jax.Array) -> jax.Array:
     return jnp.exp(theta)
 
 
+def _em_of(fitter: Fitter, c: jax.Array, B: jax.Array | None) -> jax.Array:
+    """EM per bin in units of EM_SCALE cm^-5 of coefficients ``c``."""
+    return c @ B if fitter.parametrisation == "basis" else c
+
+
 def _em_units(fitter: Fitter, theta: jax.Array, B: jax.Array | None) -> jax.Array:
     """EM per bin in units of EM_SCALE cm^-5."""
-    c = _coeffs(fitter, theta)
-    return c @ B if fitter.parametrisation == "basis" else c
+    return _em_of(fitter, _coeffs(fitter, theta), B)
 
 
 def _eref(y: jax.Array, sigma: jax.Array, Ks: jax.Array) -> jax.Array:
@@ -188,7 +192,7 @@ def _regularisers(fitter, c, e, eref):
 
 def _coeff_terms(fitter, c, y, sigma, Ks, B):
     """(F, chi2) of coefficients ``c`` (see :func:`_coeffs`); ``Ks`` = K * EM_SCALE."""
-    e = c @ B if fitter.parametrisation == "basis" else c
+    e = _em_of(fitter, c, B)
     r = (e @ Ks.T - y) / sigma
     lin, quad = _regularisers(fitter, c, e, _eref(y, sigma, Ks)[..., None])
     return 0.5 * jnp.sum(r * r, -1) + lin + quad, jnp.mean(r * r, -1)
@@ -231,7 +235,7 @@ def _moves(fitter, theta, y, sigma, Ks, B):
     inner = (q > 0) & (c * q > h) & jnp.isfinite(th_target)  # a target rounded to 0 is no move
     coord = jnp.where(inner, h * h / (2.0 * safe_q), 0.0)
     j = jnp.argmax(coord, -1)
-    e = c @ B if fitter.parametrisation == "basis" else c
+    e = _em_of(fitter, c, B)
     p = (e @ Ks.T) / sigma
     lin, quad = _regularisers(fitter, c, e, eref)
     a = 0.5 * jnp.sum(p * p, -1) + quad
@@ -297,11 +301,12 @@ def _loop(fitter: Fitter, data) -> tuple:
     opt = fitter.transform
     y, sigma, Ks, B = data
 
-    def assess(theta, g):
-        f = _pixel_terms(fitter, theta, y, sigma, Ks, B)[0]
+    def assess(theta, f, g):
         m = jnp.max(jnp.abs(g), -1)
         moved = theta
-        if not fitter.spatial:  # moving one pixel of a coupled map changes the coupling
+        if fitter.spatial:  # each pixel's own F; moving one pixel changes the coupling
+            f = _pixel_terms(fitter, theta, y, sigma, Ks, B)[0]
+        else:  # f is the pixel's F
             drop, moved = _moves(fitter, theta, y, sigma, Ks, B)
             m = jnp.maximum(m, drop)
         return m / (1.0 + jnp.abs(f)), moved
@@ -329,14 +334,15 @@ def _loop(fitter: Fitter, data) -> tuple:
         ok = jnp.isfinite(new_f) & jnp.all(jnp.isfinite(new_g)) & jnp.all(jnp.isfinite(em))
         kept = jax.tree.map(
             lambda a, b: jnp.where(ok, a, b),
-            (new, new_state, new_f, new_g, *assess(new, new_g)),
+            (new, new_state, new_f, new_g, *assess(new, new_f, new_g)),
             (theta, state, f, g, measure, moved),
         )
         return (*kept, ~ok, k + ok.astype(k.dtype))
 
     def start(theta0):
         f0, g0 = vg(theta0)
-        return theta0, opt.init(theta0), f0, g0, *assess(theta0, g0), jnp.bool_(False), jnp.int32(0)
+        measure, moved = assess(theta0, f0, g0)
+        return theta0, opt.init(theta0), f0, g0, measure, moved, jnp.bool_(False), jnp.int32(0)
 
     return start, running, body
 
@@ -423,8 +429,6 @@ def initial_params(
         e = jnp.nan_to_num(jnp.asarray(em0, dt) / EM_SCALE, nan=0.0, posinf=0.0, neginf=0.0)
         e = jnp.where(jnp.any(e > 0, -1, keepdims=True), e, flat)
     e = jnp.maximum(e, fitter.floor * eref)
-    if fitter.parametrisation == "softplus":
-        return e + jnp.log(-jnp.expm1(-e))
     if fitter.parametrisation == "basis":
         if basis is None:
             raise ValueError('parametrisation="basis" needs basis= (a deepem_jax.Basis)')
@@ -432,8 +436,8 @@ def initial_params(
         if n_b < n_T or not np.array_equal(np.asarray(basis.B)[:n_T], np.eye(n_T)):
             raise ValueError("the basis's first n_T functions must be Dirac deltas")
         rest = jnp.broadcast_to(fitter.floor * eref, (*e.shape[:-1], n_b - n_T))
-        return jnp.log(jnp.concatenate([e, rest], -1))
-    return jnp.log(e)
+        e = jnp.concatenate([e, rest], -1)
+    return _theta_of(fitter, e)
 
 
 def _prepare(y, sigma, theta0) -> tuple:

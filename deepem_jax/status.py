@@ -79,7 +79,7 @@ _MESSAGES = {
     DEMStatus.SATURATED: "a channel is saturated (or bloomed) at this pixel",
     DEMStatus.NONFINITE_OUTPUT: "the method returned a non-finite EM",
     DEMStatus.MAX_STEPS: (
-        "EM kept (the fit's last finite step), but the fit stopped before its gradient "
-        "tolerance: at its step limit, or where a further step was not finite"
+        "EM kept (the fit's last finite step), but the fit stopped before converging: at its "
+        "step limit, or where a further step was not finite"
     ),
 }
