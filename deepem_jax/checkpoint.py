@@ -296,8 +296,8 @@ def _checkpoint_of(payload: dict[str, Any]) -> Checkpoint:
 
 
 def _check_params(path: Path, ckpt: Checkpoint) -> None:
-    """CheckpointError unless the params have the structure and shapes of the checkpoint's
-    architecture and are all finite."""
+    """CheckpointError unless the params have the structure, shapes and dtypes of the
+    checkpoint's architecture and are all finite."""
     params, config = ckpt.predictor().params, ckpt.config
     template = jax.eval_shape(
         lambda: Predictor.init(jax.random.key(0), config, ckpt.logt, ckpt.channels).params
@@ -307,6 +307,14 @@ def _check_params(path: Path, ckpt: Checkpoint) -> None:
         a.shape != np.shape(b) for a, b in zip(leaves, got, strict=True)
     ):
         raise CheckpointError(f"{path}: params do not match the architecture {config}")
+    wrong = {str(np.asarray(b).dtype) for a, b in zip(leaves, got, strict=True)} - {
+        str(a.dtype) for a in leaves
+    }
+    if wrong:
+        raise CheckpointError(
+            f"{path}: params hold {', '.join(sorted(wrong))} values; the architecture's are "
+            f"{', '.join(sorted({str(a.dtype) for a in leaves}))}"
+        )
     if not all(bool(np.isfinite(np.asarray(leaf)).all()) for leaf in got):
         raise CheckpointError(f"{path}: params hold NaN or Inf values (a diverged network)")
 

@@ -24,6 +24,7 @@ import astropy.units as u
 import jax
 import jax.numpy as jnp
 import numpy as np
+from astropy.utils.masked import Masked
 
 from ._units import INTENSITY_UNIT, channel_list, to_value
 from .result import DEMResult
@@ -105,8 +106,9 @@ def _stack_observation(stack, channels: list[int] | None, given: bool) -> _Obser
 
 def _intensity_values(a, name: str) -> np.ndarray:
     """``a`` in DN s^-1 pix^-1 as an ndarray: a plain float array as it is (not copied; the
-    methods convert block by block), anything else as float64."""
-    if not isinstance(a, u.Quantity):
+    methods convert block by block), anything else as float64 (masked elements NaN, so their
+    pixels are INVALID_INPUT; TypeError unless it holds real numbers)."""
+    if not isinstance(a, u.Quantity | np.ma.MaskedArray | Masked):
         arr = np.asarray(a)
         if np.issubdtype(arr.dtype, np.floating):
             return arr
@@ -154,6 +156,12 @@ def _array_observation(y, sigma, channels, obstime) -> _Observation:
 def _observation(observation, sigma, channels, obstime, rebin) -> _Observation:
     from .io import AIAStack, load_aia
 
+    if isinstance(observation, AIAStack | u.Quantity | np.ndarray | jax.Array | np.generic):
+        if rebin != 1:
+            raise ValueError(
+                f"rebin={rebin!r} applies to files and Maps; an AIAStack or array is inverted as "
+                "given (deepem_jax.load_aia(files, rebin=...) rebins with the right sigma)"
+            )
     if isinstance(observation, AIAStack):
         if sigma is not None:
             raise ValueError("sigma= is computed from an AIAStack's error model; do not pass it")
@@ -170,7 +178,9 @@ def _observation(observation, sigma, channels, obstime, rebin) -> _Observation:
 
 
 def _check(obs: _Observation, tolfac: float) -> None:
-    if not (isinstance(tolfac, int | float | np.floating) and np.isfinite(tolfac) and tolfac > 0):
+    if isinstance(tolfac, bool) or not (
+        isinstance(tolfac, int | float | np.floating) and np.isfinite(tolfac) and tolfac > 0
+    ):
         raise ValueError(f"tolfac must be a finite number > 0, got {tolfac!r}")
     if len(obs.channels) < MIN_CHANNELS:
         raise ValueError(

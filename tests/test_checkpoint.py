@@ -189,6 +189,17 @@ def test_pth_file_is_not_a_checkpoint():
         load_checkpoint(pth)
 
 
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_, jnp.float16, jnp.complex64])
+def test_params_of_another_dtype_are_refused(tmp_path, predictor, dtype):
+    """Parameters that are not the architecture's float32 (a file written by other code) are
+    refused on load, not run."""
+    params = jax.tree.map(lambda a: a.astype(dtype), predictor.params)
+    other = Checkpoint(**{**Checkpoint.from_predictor(predictor).__dict__, "params": params})
+    path = save_checkpoint(tmp_path / "dtype.msgpack", other)
+    with pytest.raises(CheckpointError, match=f"params hold {jnp.dtype(dtype)} values"):
+        load_checkpoint(path)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "nothing.msgpack")

@@ -212,6 +212,8 @@ def test_network_dtype_is_recorded_and_float32_on_request():
         (dict(degradation=True), "observation time"),
         (dict(uncertainties=2.7), "whole number of replicates"),
         (dict(uncertainties=-1), "whole number of replicates"),
+        (dict(tolfac=True), "tolfac"),
+        (dict(rebin=4), "rebin=4 applies to files and Maps"),
     ],
 )
 def test_bad_requests(five_channel_pixels, kwargs, match):
@@ -233,6 +235,43 @@ def test_negative_intensities_are_counted(five_channel_pixels):
     stack = load_aia(sample_observation("01:44"))
     res = invert(stack, "bp")
     assert res.provenance["NEGCLIP"] == np.sum(stack.negative_count)
+
+
+@pytest.mark.parametrize("method", ["bp", "net"])
+def test_masked_intensities_are_invalid_pixels(five_channel_pixels, method):
+    """Masked elements (numpy or astropy masked arrays) are not data: their pixels are
+    INVALID_INPUT with NaN EM, whatever value sits under the mask; the others are untouched."""
+    from astropy.utils.masked import Masked
+
+    y, sig, _, _ = five_channel_pixels
+    y, sig = y[:12], sig[:12]
+    mask = np.zeros(y.shape, bool)
+    mask[:3, 0] = True
+    mask[5, 4] = True
+    under = np.where(mask, 0.0, y)  # a plausible fill value: zero signal
+    kw = dict(sigma=sig, channels=FIVE, degradation=False)
+    plain = invert(y, method, **kw)
+    for given in (np.ma.MaskedArray(under, mask=mask), Masked(under * u.DN / (u.s * u.pix), mask)):
+        res = invert(given, method, **kw)
+        bad = mask.any(-1)
+        assert np.all(res.status[bad] == DEMStatus.INVALID_INPUT)
+        assert np.all(np.isnan(res.em[bad]))
+        np.testing.assert_array_equal(res.status[~bad], plain.status[~bad])
+        np.testing.assert_allclose(res.em[~bad], plain.em[~bad], rtol=1e-6)
+    masked_sigma = np.ma.MaskedArray(sig, mask=mask)
+    res = invert(y, method, sigma=masked_sigma, channels=FIVE, degradation=False)
+    assert np.all(res.status[mask.any(-1)] == DEMStatus.INVALID_INPUT)
+
+
+@pytest.mark.parametrize(
+    "values", [lambda y: y + 1j * y, lambda y: y > 1.0, lambda y: y.astype(str)]
+)
+def test_intensities_that_are_not_real_numbers_are_refused(five_channel_pixels, values):
+    y, sig, _, _ = five_channel_pixels
+    with pytest.raises(TypeError, match="intensities must hold real numbers"):
+        invert(values(y[:4]), "bp", sigma=sig[:4], channels=FIVE, degradation=False)
+    with pytest.raises(TypeError, match="sigma must hold real numbers"):
+        invert(y[:4], "bp", sigma=values(sig[:4]), channels=FIVE, degradation=False)
 
 
 def test_scalar_and_empty_intensities_are_errors():

@@ -257,6 +257,22 @@ def test_nan_and_inf_pixels_are_flagged(tmp_path):
     assert np.isnan(binned.data[2, 3, c]) and binned.nonfinite_count[c] == 2
 
 
+def test_masked_map_pixels_are_flagged(tmp_path):
+    """A Map's mask marks pixels that are not data: they are flagged NONFINITE and NaN, like
+    NaN pixels in a file, never inverted as the values under the mask."""
+    paths, truth = write_aia_set(tmp_path)
+    maps = [sunpy.map.Map(p) for p in paths]
+    c = SIX.index(193)
+    mask = np.zeros(maps[c].data.shape, bool)
+    mask[3:5, 6] = True
+    maps[c] = sunpy.map.Map(maps[c].data, maps[c].meta, mask=mask)
+    stack = load_aia(maps)
+    assert np.all(np.isnan(stack.data[3:5, 6, c]))
+    assert np.all(stack.flags[3:5, 6, c] & PixelFlag.NONFINITE)
+    assert stack.mask.sum() == 2 and list(stack.nonfinite_count) == [0, 0, 0, 2, 0, 0]
+    np.testing.assert_allclose(stack.data[0, 0], truth[0, 0], rtol=1e-12)
+
+
 def test_negative_pixels_are_clipped_and_counted(tmp_path):
     def negative(header, counts):
         counts[:3, :4] = -2.5

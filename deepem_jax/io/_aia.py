@@ -59,8 +59,8 @@ class AIAFileError(ValueError):
 class PixelFlag(enum.IntFlag):
     """Per-pixel, per-channel quality bits in :attr:`AIAStack.flags`."""
 
-    #: A NaN or Inf input pixel contributes to this pixel (through resampling or rebinning);
-    #: the pixel is NaN.
+    #: A NaN or Inf input pixel, or one masked in its Map, contributes to this pixel (through
+    #: resampling or rebinning); the pixel is NaN.
     NONFINITE = 1
     #: Negative intensity, clipped to zero (as SolarSoft does before a DEM solve).
     NEGATIVE = 2
@@ -284,6 +284,16 @@ class _Source:
         return self.data
 
 
+def _map_data(smap) -> np.ndarray:
+    """A Map's data, with the pixels its mask covers set to NaN (so they are flagged
+    NONFINITE, never inverted as data)."""
+    data = np.asarray(smap.data)
+    mask = None if smap.mask is None else np.broadcast_to(np.asarray(smap.mask, bool), data.shape)
+    if mask is None or not mask.any():
+        return data
+    return np.where(mask, np.nan, data.astype(np.result_type(data.dtype, np.float32)))
+
+
 def _is_fits_name(name: str) -> bool:
     return name.lower().endswith(_FITS_SUFFIXES)
 
@@ -297,7 +307,7 @@ def _sources(inputs) -> list[_Source]:
     out: list[_Source] = []
     for i, item in enumerate(inputs):
         if isinstance(item, GenericMap):
-            out.append(_Source(f"map #{i}", item.meta, data=np.asarray(item.data)))
+            out.append(_Source(f"map #{i}", item.meta, data=_map_data(item)))
             continue
         if not isinstance(item, str | os.PathLike):
             raise TypeError(f"expected FITS paths, a directory or sunpy Maps, got {type(item)}")
