@@ -50,7 +50,7 @@ class DEMResult:
     channels : tuple of int
         AIA channels (Å), order of the last axis of the intensities.
     method : str
-        ``"bp"`` or ``"net"``.
+        ``"bp"``, ``"net"`` or ``"fit"``.
     response : TemperatureResponse
         The undegraded response the EM was computed with (channels in order, on ``logt``).
     degradation : (C,) float64

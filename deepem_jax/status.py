@@ -65,7 +65,10 @@ class DEMStatus(enum.IntEnum):
 _WITH_EM = (DEMStatus.SOLVED, DEMStatus.OUTSIDE_BAND, DEMStatus.MAX_STEPS)
 
 _MESSAGES = {
-    DEMStatus.SOLVED: "EM found; its resynthesis lies inside the tolerance band",
+    DEMStatus.SOLVED: (
+        "EM found; BP and the network: its resynthesis lies inside the tolerance band; fit: "
+        "the fit converged (its chi2 says how well it matches the data)"
+    ),
     DEMStatus.INFEASIBLE: (
         "no non-negative EM reproduces the data within the tolerance (after all retries)"
     ),
