@@ -21,6 +21,7 @@ address; inputs and output directory must then be paths every worker can read an
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -235,12 +236,15 @@ def group_files(
 ) -> list[list[Path]]:
     """Loose AIA files grouped into co-temporal sets, one per observation, in time order.
 
-    Files are sorted by their header time (``T_OBS``, else ``DATE-OBS``); a set takes files
-    while their channel is new to it and their time is within ``tolerance`` of its first file,
-    so AIA's 12 s cadence, where the channels of one set are a few seconds apart, gives one set
-    per cadence step. Which channels a set must hold is checked when it is loaded (a set
-    lacking one fails alone). A file whose header cannot be read forms a set of its own, which
-    then fails with the reason naming the file.
+    Each file has its header time (``T_OBS``, else ``DATE-OBS``). Every file of the channel
+    seen most often starts a set, and each other file joins the set whose starting file is
+    nearest to it in time, if within ``tolerance``, unless that set already has a file of its
+    channel nearer to its start. So AIA's 12 s cadence, where the channels of one set are a few
+    seconds apart, gives one set per cadence step, and a file missing at one step leaves that
+    set without its channel (it fails alone when loaded) rather than taking the next step's
+    file. Files left over (no set within ``tolerance``, or a nearer file of their channel)
+    are grouped among themselves the same way. A file whose header cannot be read forms a set
+    of its own, which then fails with the reason naming the file.
     """
     from .io._aia import _channel_of, _obstime, _sources
 
@@ -248,20 +252,42 @@ def group_files(
     for f in files:
         try:
             (src,) = _sources([f])
-            dated.append((_obstime(src), _channel_of(src), Path(f)))
+            dated.append((_obstime(src).jd, _channel_of(src), Path(f)))
         except (OSError, ValueError):  # AIAFileError is a ValueError; load_aia will say why
             unreadable.append(Path(f))
-    dated.sort(key=lambda t: (t[0].jd, str(t[2])))
-    tol_days = float(tolerance.to_value(u.day))
-    sets: list[list[Path]] = []
-    first, chans = None, set()
-    for t, chan, path in dated:
-        if first is None or chan in chans or t.jd - first > tol_days:
-            sets.append([])
-            first, chans = t.jd, set()
-        sets[-1].append(path)
-        chans.add(chan)
-    return sets + [[p] for p in unreadable]
+    sets = _cotemporal(sorted(dated, key=lambda d: (d[0], str(d[2]))), tolerance.to_value(u.day))
+    sets.sort(key=lambda group: min(d[0] for d in group))
+    return [[d[2] for d in group] for group in sets] + [[p] for p in unreadable]
+
+
+def _cotemporal(dated: list, tol_days: float) -> list[list]:
+    """Sets of (julian date, channel, path) as :func:`group_files` describes them."""
+    if not dated:
+        return []
+    counts = collections.Counter(d[1] for d in dated)
+    anchor = max(sorted(counts), key=counts.__getitem__)
+    sets = [[d] for d in dated if d[1] == anchor]
+    starts = np.array([group[0][0] for group in sets])
+    nearest: dict[tuple[int, int], tuple[float, Any]] = {}
+    left = []
+    for d in dated:
+        if d[1] == anchor:
+            continue
+        i = int(np.argmin(np.abs(starts - d[0])))
+        dt = abs(starts[i] - d[0])
+        if dt > tol_days:
+            left.append(d)
+            continue
+        held = nearest.get((i, d[1]))
+        if held is not None and held[0] <= dt:
+            left.append(d)
+            continue
+        if held is not None:
+            left.append(held[1])
+        nearest[i, d[1]] = (dt, d)
+    for (i, _), (_, d) in nearest.items():
+        sets[i].append(d)
+    return sets + _cotemporal(sorted(left, key=lambda d: (d[0], str(d[2]))), tol_days)
 
 
 def _label(inputs: str | tuple[str, ...]) -> str:

@@ -267,6 +267,29 @@ def test_loose_files_are_grouped_into_observations_by_time(tmp_path):
         _assert_same(path, ref)
 
 
+def test_a_file_missing_at_one_cadence_step_is_not_taken_from_the_next(tmp_path):
+    """12 s cadence, 211 Å observed first in each step and missing at the first: the first set
+    lacks 211 Å (and fails alone when loaded); the second keeps its own 211 Å file."""
+    offset = {211: 0, 94: 2, 131: 3, 171: 4, 193: 5, 335: 6}  # seconds into the step
+
+    def step(start):
+        def edit(chan, header, counts):
+            t = Time("2011-02-15T01:44:00") + (start + offset[chan]) * u.s
+            header["T_OBS"], header["DATE-OBS"] = t.isot + "Z", t.isot
+            return counts
+
+        return edit
+
+    sets = []
+    for k, start in enumerate((0, 12)):
+        d = tmp_path / f"step{k}"
+        d.mkdir()
+        sets.append(write_aia_set(d, edit=step(start))[0])
+    first = [p for p in sets[0] if "_211a" not in p.name]
+    groups = group_files([*first, *sets[1]])
+    assert [sorted(g) for g in groups] == [sorted(first), sorted(sets[1])]
+
+
 def _bp_run(directory: str):
     """BP of the observation in ``directory`` in chunks of 4096 pixels."""
     import deepem_jax as dj
