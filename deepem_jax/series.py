@@ -568,7 +568,7 @@ def _executor(client, workers: int | None) -> Iterator[Callable]:
     elif isinstance(client, str):
         try:
             connected = Client(client, timeout="10s")
-        except (OSError, TimeoutError) as err:
+        except (OSError, TimeoutError, ValueError) as err:  # ValueError: not an address
             raise ConnectionError(f"cannot reach the Dask scheduler at {client}: {err}") from err
         with connected:
             yield partial(_run_on_client, connected)

@@ -175,6 +175,12 @@ def test_cli_series_on_embedded_cluster_matches_single_runs(series_dirs, referen
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
+def test_a_scheduler_that_is_not_an_address_is_a_usage_error(series_dirs, tmp_path):
+    args = ["invert", *map(str, series_dirs[:2]), "--out", str(tmp_path / "out")]
+    r = CliRunner().invoke(main, [*args, "--scheduler", "not an address"])
+    assert r.exit_code == 2 and "--scheduler" in r.output, r.output
+
+
 def ref_time(d: Path) -> Time:
     """Earliest channel time of the observation in ``d``."""
     return dj.load_aia(d).obstime.min()
