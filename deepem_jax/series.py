@@ -633,8 +633,8 @@ def invert_series(
     -------
     SeriesResult
         One :class:`ObservationOutcome` per observation; the FITS table and PNG of the series
-        (``series_<method>_<id>.fits``/``.png``, ``<id>`` from the inputs; rewritten
-        atomically on every run).
+        (``series_<method>_<id>.fits``/``.png``, ``<id>`` from the inputs and the settings;
+        rewritten atomically on every run).
 
     Raises
     ------
@@ -701,7 +701,7 @@ def invert_series(
         if bar is not None:
             bar.close()
     done = tuple(o for o in outcomes if o is not None)
-    name = _series_name(method, items)
+    name = _series_name(method, items, cfg.settings)
     table, plot = out / f"{name}.fits", out / f"{name}.png"
     write_series_table(done, table)
     plot_series(done, plot, title=f"{method.upper()} DEM series, {len(done)} observations")
@@ -716,8 +716,11 @@ def _bar(progress: bool, total: int):
     return tqdm(total=total, unit="obs", desc="observations")
 
 
-def _series_name(method: str, items) -> str:
+def _series_name(method: str, items, settings: str) -> str:
+    """``series_<method>_<hash>``, the hash of the inputs and the run's settings (a run with
+    other settings, whose cubes are refused, never replaces this run's table)."""
     text = "\n".join(sorted(i if isinstance(i, str) else "\t".join(i) for i in items))
+    text += "\n" + settings
     return f"series_{method}_{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 

@@ -157,6 +157,10 @@ def test_cli_series_on_embedded_cluster_matches_single_runs(series_dirs, referen
     assert "0 ok, 0 skipped, 4 failed" in r.output
     assert r.stdout.count("made with other settings") == 4
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    # ... and writes its table beside the first run's, which still says what that run made
+    assert len(list(out.glob("series_net_*.fits"))) == 2
+    kept = Table.read(table_path, hdu="SERIES", mask_invalid=False)
+    assert set(kept["STATE"]) == {"skipped"}  # the last run with the first run's settings
 
     # a truncated product and one with altered data are redone; the others are kept
     cut, altered = products[0], products[1]
