@@ -42,7 +42,9 @@ def atomic_write(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Bina
         raise
 
 
-def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> None:
-    """Save a matplotlib figure as PNG atomically."""
+def save_figure(
+    fig, path: str | os.PathLike, dpi: int = 100, metadata: dict[str, str] | None = None
+) -> None:
+    """Save a matplotlib figure as PNG atomically, with ``metadata`` as its text chunks."""
     with atomic_write(path, suffix=".png") as fh:
-        fig.savefig(fh, format="png", dpi=dpi)
+        fig.savefig(fh, format="png", dpi=dpi, metadata=metadata)

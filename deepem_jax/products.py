@@ -157,11 +157,11 @@ def _legend(fig, entries: list[tuple[object, str]], ncols: int) -> None:
     fig.legend(handles=handles, loc="outside lower center", ncols=ncols, frameon=False)
 
 
-def _finish(fig, title: str | None, path: str | None):
+def _finish(fig, title: str | None, path: str | None, metadata: dict[str, str] | None = None):
     if title:
         fig.suptitle(title, wrap=True)
     if path is not None:
-        save_figure(fig, path)
+        save_figure(fig, path, metadata=metadata)
     return fig
 
 
@@ -269,6 +269,7 @@ def dem_maps(
     wcs=None,
     path: str | None = None,
     title: str | None = None,
+    metadata: dict[str, str] | None = None,
 ):
     """Summary maps of a DEM cube: total EM (cm^-5) | EM-weighted mean log10(T / K).
 
@@ -277,7 +278,7 @@ def dem_maps(
     zero total EM is the dark bottom of the EM scale, and its undefined log T is drawn in
     :data:`NO_EM_COLOR` (all named in a legend with their share). ``wcs``, ``path`` and
     ``title`` as in :func:`figure1`. Returns a matplotlib ``Figure`` (not registered with
-    pyplot); saves a PNG atomically if ``path``.
+    pyplot); saves a PNG atomically if ``path``, with ``metadata`` as its text chunks.
     """
     from matplotlib.colors import Normalize
 
@@ -309,4 +310,4 @@ def dem_maps(
         ],
         ncols=2,
     )
-    return _finish(fig, title, path)
+    return _finish(fig, title, path, metadata)

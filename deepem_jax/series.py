@@ -339,7 +339,7 @@ def write_product(
     atomically, with the sha256 of its data in the header card ``DATASHA`` (what
     :func:`verify_product` checks) and ``settings`` (if given; the run's
     :func:`settings_sha256`, shortened) in ``RUNSHA``, and, if ``png_path``, its total EM and
-    log T maps."""
+    log T maps (PNG, with the same ``DATASHA`` in a text chunk: :func:`png_matches`)."""
     from .products import dem_maps
 
     cards = {CHECKSUM_CARD: data_sha256(result.em, result.status, result.chi2)}
@@ -355,7 +355,21 @@ def write_product(
             wcs=result.wcs,
             path=str(png_path),
             title=f"{result.method.upper()} DEM, {Path(fits_path).stem}",
+            metadata={CHECKSUM_CARD: cards[CHECKSUM_CARD]},
         )
+
+
+def png_matches(path: str | os.PathLike, datasha: str) -> bool:
+    """True if the PNG at ``path`` reads completely and was drawn from the cube whose
+    ``DATASHA`` is ``datasha`` (:func:`write_product`)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.text.get(CHECKSUM_CARD) == datasha
+    except (OSError, SyntaxError, ValueError):
+        return False
 
 
 def verify_product(path: str | os.PathLike):
@@ -459,7 +473,7 @@ def _invert_one(inputs: str | tuple[str, ...], cfg: _Config) -> ObservationOutco
                         "rebin or invert options differ); pass overwrite or another output "
                         "directory"
                     )
-                if not cfg.png or png_path.exists():
+                if not cfg.png or png_matches(png_path, cube.header[CHECKSUM_CARD]):
                     stats, dem = summarise(cube.em.value, cube.logt, cube.extras["status"])
                     return ObservationOutcome(
                         label,
@@ -473,7 +487,7 @@ def _invert_one(inputs: str | tuple[str, ...], cfg: _Config) -> ObservationOutco
                         dem,
                         time.perf_counter() - t0,
                     )
-                note = f"redone: {png_path.name} is missing"
+                note = f"redone: {png_path.name} is missing, incomplete or of another cube"
         _remove_stale(out, [fits_path.name, png_path.name])
         stack = load_aia(sources, np.array(cfg.channels) * u.AA, rebin=cfg.rebin)
         result = invert(stack, cfg.method, **cfg.options)
@@ -484,6 +498,8 @@ def _invert_one(inputs: str | tuple[str, ...], cfg: _Config) -> ObservationOutco
             overwrite=True,
             settings=cfg.settings,
         )
+        if not cfg.png:  # a map of the cube just replaced
+            png_path.unlink(missing_ok=True)
         stats, dem = summarise(result.em, result.logt, result.status)
         return ObservationOutcome(
             label,

@@ -179,6 +179,28 @@ def test_cli_series_on_embedded_cluster_matches_single_runs(series_dirs, referen
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
+def test_a_map_is_reused_only_with_its_cube(series_dirs, tmp_path):
+    """With --png a rerun reuses a map only if it reads completely and was drawn from the
+    cube beside it; a cube recomputed without --png removes its stale map."""
+    out, runner = tmp_path / "out", CliRunner()
+    args = ["invert", str(series_dirs[0]), str(series_dirs[1]), "--out", str(out)]
+    args += ["--method", "bp", "--scheduler", "synchronous"]
+    r = runner.invoke(main, [*args, "--png"])
+    assert r.exit_code == 0 and _states(r.stdout) == ["ok"] * 2, r.output
+    maps = sorted(out.glob("dem_bp_*.png"))
+    assert len(maps) == 2
+    for spoil in (
+        lambda: maps[0].write_bytes(maps[0].read_bytes()[:200]),  # truncated
+        lambda: maps[0].write_bytes(maps[1].read_bytes()),  # complete, of the other cube
+    ):
+        spoil()
+        r = runner.invoke(main, [*args, "--png"])
+        assert r.exit_code == 0 and sorted(_states(r.stdout)) == ["ok", "skipped"], r.output
+        assert "incomplete or of another cube" in r.output
+    r = runner.invoke(main, [*args, "--overwrite"])
+    assert r.exit_code == 0 and not list(out.glob("dem_bp_*.png")), r.output
+
+
 def test_a_scheduler_that_is_not_an_address_is_a_usage_error(series_dirs, tmp_path):
     args = ["invert", *map(str, series_dirs[:2]), "--out", str(tmp_path / "out")]
     r = CliRunner().invoke(main, [*args, "--scheduler", "not an address"])
