@@ -154,16 +154,23 @@ def laplace(
     at the fit; directions of negligible curvature dropped), pushed to the EM with its
     Jacobian ``J``: ``Cov(em) = J H^+ J^T``; total EM and mean log T by the delta method. The
     horizontal error comes from the resolution matrix ``R = (d em/d y) K`` with
-    ``d theta/d y = -H^+ d^2F/(d theta d y)``. Inputs as given to ``fit``."""
+    ``d theta/d y = -H^+ d^2F/(d theta d y)``. Inputs as given to ``fit``; computed in float64
+    whatever their dtype (the Hessian's eigenvalues span more than float32 resolves, so
+    float32 would drop directions that carry much of the error); float64 arrays out."""
     if fitter.spatial:
         raise ValueError("the Laplace estimate is per pixel: fit without spatial coupling")
-    y = jnp.asarray(intensities)
-    dt = y.dtype
-    s = jnp.broadcast_to(jnp.asarray(sigma, dt), y.shape)
-    Ks = jnp.asarray(K, dt) * EM_SCALE
-    B = None if basis is None else jnp.asarray(basis.B, dt)
-    lt = jnp.asarray(logt, dt)
-    theta = jnp.nan_to_num(jnp.asarray(result.params, dt))
+    with jax.enable_x64(True):
+        return _laplace(result, intensities, sigma, K, fitter, logt, basis)
+
+
+def _laplace(result, intensities, sigma, K, fitter, logt, basis) -> DEMErrors:
+    dt = jnp.float64
+    y = jnp.asarray(np.asarray(intensities, np.float64))
+    s = jnp.broadcast_to(jnp.asarray(np.asarray(sigma, np.float64)), y.shape)
+    Ks = jnp.asarray(np.asarray(K, np.float64)) * EM_SCALE
+    B = None if basis is None else jnp.asarray(np.asarray(basis.B, np.float64))
+    lt = jnp.asarray(np.asarray(logt, np.float64))
+    theta = jnp.nan_to_num(jnp.asarray(np.asarray(result.params, np.float64)))
     C, p = y.shape[-1], theta.shape[-1]
 
     def pixel(th, yy, ss):
@@ -172,16 +179,18 @@ def laplace(
         cut = jnp.max(jnp.abs(w)) * p * jnp.finfo(dt).eps * 10
         winv = jnp.where(w > cut, 1.0 / jnp.where(w > cut, w, 1.0), 0.0)
         cov_th = (V * winv) @ V.T
-        J = EM_SCALE * jax.jacfwd(lambda t: _em_units(fitter, t, B))(th)  # (n_T, p)
+        # EM in units of EM_SCALE until the square roots: Cov(em) in cm^-10 (~1e52)
+        # is beyond float32
+        J = jax.jacfwd(lambda t: _em_units(fitter, t, B))(th)  # (n_T, p)
         cov = J @ cov_th @ J.T
-        em = EM_SCALE * _em_units(fitter, th, B)
+        em = _em_units(fitter, th, B)
         tot = jnp.sum(em)
         g_lt = (lt - jnp.sum(em * lt) / tot) / tot
         mixed = jax.jacfwd(jax.grad(f), argnums=1)(th, yy)  # (p, C)
-        R = (J @ (-cov_th @ mixed)) @ (Ks / EM_SCALE)
+        R = (J @ (-cov_th @ mixed)) @ Ks
         return (
-            jnp.sqrt(jnp.maximum(jnp.diag(cov), 0.0)),
-            jnp.sqrt(jnp.maximum(jnp.sum(cov), 0.0)),
+            EM_SCALE * jnp.sqrt(jnp.maximum(jnp.diag(cov), 0.0)),
+            EM_SCALE * jnp.sqrt(jnp.maximum(jnp.sum(cov), 0.0)),
             jnp.sqrt(jnp.maximum(g_lt @ cov @ g_lt, 0.0)),
             _half_width(R, lt),
         )

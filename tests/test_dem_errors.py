@@ -4,7 +4,10 @@ invert(..., uncertainties=N)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import astropy.units as u
+import jax
 import numpy as np
 import pytest
 
@@ -58,6 +61,55 @@ def test_laplace_interval_covers_the_truth(x64):
     assert 0.63 <= cover_lt <= 0.78
     # demregpy's horizontal error: at least one bin (0.1), finite where there is an EM
     assert np.all(err.logt_resolution >= 0.1 - 1e-9) and np.all(np.isfinite(err.em))
+
+
+@pytest.mark.parametrize("parametrisation", ["log", "softplus"])
+def test_laplace_in_float32_equals_float64(parametrisation):
+    """The Laplace estimate of a float32 fit (EM covariance ~1e52 cm^-10, beyond float32;
+    Hessian eigenvalues spanning more than float32 resolves) equals float64's at the same
+    fitted parameters."""
+    _, y, s, K, lt = _gaussian_dems(24, np.random.default_rng(4))
+    fitter = F.Fitter(parametrisation, tikhonov2=1.0)
+    with jax.enable_x64(True):
+        res = F.fit(y, s, K, fitter)
+        ref = E.laplace(res, y, s, K, fitter, lt)
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    res32 = dataclasses.replace(res, params=f32(res.params))
+    err = E.laplace(res32, f32(y), f32(s), f32(K), fitter, lt)
+    ok = np.asarray(res.status) == 0
+    assert ok.mean() > 0.9
+    for got, want in ((err.total_em, ref.total_em), (err.logt, ref.logt)):
+        assert np.all(np.isfinite(got[ok]))
+        np.testing.assert_allclose(got[ok], want[ok], rtol=1e-3)
+    tol = 1e-3 * ref.em[ok] + 1e-6 * ref.em[ok].max(-1, keepdims=True)
+    assert np.all(np.abs(err.em[ok] - ref.em[ok]) <= tol)
+
+
+def test_monte_carlo_counts_replicates_with_zero_em():
+    """A replicate whose EM is zero (e.g. BP's answer to a faint draw) is a finite answer: it
+    enters the EM and total-EM statistics; only the mean log T, undefined there, skips it.
+    Against numpy over the same replicates."""
+    A = np.abs(np.random.default_rng(0).normal(size=(3, 4))) * 1e26
+    lt = np.linspace(6.0, 6.3, 4)
+    y, s = np.array([[0.2, 0.5, 1.0], [4.0, 5.0, 6.0]]), np.array([0.3, 0.2, 0.3])
+
+    def solve(yy):  # zero EM where the first channel's draw is negative
+        return np.where(yy[..., :1] < 0, 0.0, yy @ A)
+
+    err = E.monte_carlo(solve, y, s, lt, 60, np.random.default_rng(5))
+    rng = np.random.default_rng(5)
+    reps = np.stack([solve(y + s * rng.standard_normal(y.shape)) for _ in range(60)])
+    zero = reps.sum(-1) == 0
+    assert zero[:, 0].sum() >= 10 and not zero[:, 1].any()
+    assert list(err.n) == [60, 60]
+    np.testing.assert_allclose(err.em, reps.std(0, ddof=1), rtol=1e-10)
+    np.testing.assert_allclose(err.total_em, reps.sum(-1).std(0, ddof=1), rtol=1e-10)
+    np.testing.assert_allclose(err.total_em_mean, reps.sum(-1).mean(0), rtol=1e-10)
+    for i in range(2):
+        r = reps[~zero[:, i], i]
+        mlt = (r * lt).sum(-1) / r.sum(-1)
+        np.testing.assert_allclose(err.logt[i], mlt.std(ddof=1), rtol=1e-8)
+        np.testing.assert_allclose(err.logt_mean[i], mlt.mean(), rtol=1e-10)
 
 
 def test_monte_carlo_statistics_match_numpy():
