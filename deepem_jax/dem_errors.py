@@ -37,7 +37,7 @@ class DEMErrors:
     logt_resolution : (..., n_T) temperature resolution per bin in log T (horizontal error),
         or None (Monte Carlo).
     n : (...) replicates with an EM (Monte Carlo) or 1 (Laplace); errors are NaN where < 2
-        replicates had an EM.
+        replicates had an EM (the mean log T's: where < 2 had a positive total EM).
     total_em_mean, logt_mean : (...) Monte Carlo only (None for Laplace): the mean over the
         replicates of the total EM (cm^-5) and of the mean log T, the centres of the intervals
         Monte Carlo states: ``total_em_mean +- total_em`` and ``logt_mean +- logt``. (The
@@ -100,24 +100,26 @@ def monte_carlo(
     stats = None
     for em in replicates:
         x = np.concatenate([em, np.stack(_summaries(em, lt), -1)], -1)
-        ok = np.all(np.isfinite(x), -1)
+        # a replicate counts where its EM is finite; its mean log T only where also defined
+        # (a zero EM has none): per-column counts
+        ok = np.isfinite(x) & np.all(np.isfinite(em), -1, keepdims=True)
         if stats is None:
-            stats = [np.zeros(ok.shape), np.zeros(x.shape), np.zeros(x.shape)]
+            stats = [np.zeros(x.shape), np.zeros(x.shape), np.zeros(x.shape)]
         k, mean, m2 = stats
         k += ok
-        d = np.where(ok[..., None], x - mean, 0.0)
-        mean += d / np.maximum(k, 1)[..., None]
-        m2 += d * np.where(ok[..., None], x - mean, 0.0)
+        d = np.where(ok, x - mean, 0.0)
+        mean += d / np.maximum(k, 1)
+        m2 += d * np.where(ok, x - mean, 0.0)
     k, mean, m2 = stats
     with np.errstate(invalid="ignore", divide="ignore"):
-        sd = np.where(k[..., None] >= 2, np.sqrt(m2 / (k[..., None] - 1)), np.nan)
-    mean = np.where(k[..., None] >= 2, mean, np.nan)
+        sd = np.where(k >= 2, np.sqrt(m2 / (k - 1)), np.nan)
+    mean = np.where(k >= 2, mean, np.nan)
     return DEMErrors(
         sd[..., :-2],
         sd[..., -2],
         sd[..., -1],
         None,
-        k.astype(np.int32),
+        k[..., -2].astype(np.int32),
         mean[..., -2],
         mean[..., -1],
     )
