@@ -34,8 +34,11 @@ class DEMErrors:
     em : (..., n_T) error of the EM per bin, cm^-5 (vertical error).
     total_em : (...) error of the total EM, cm^-5.
     logt : (...) error of the EM-weighted mean log10(T / K).
-    logt_resolution : (..., n_T) temperature resolution per bin in log T (horizontal error),
-        or None (Monte Carlo).
+    logt_resolution : (..., n_T) temperature resolution per bin in log T (horizontal error):
+        half the width at half maximum of the bin's column of the resolution matrix, at least
+        the bin width (the value demregpy's ``demmap`` computes, which floors at the bin width
+        only where no point reaches half maximum; its ``dn2dem`` returns that divided by
+        2 sqrt(2 ln 2)); None (Monte Carlo).
     n : (...) replicates with an EM (Monte Carlo) or 1 (Laplace); errors are NaN where < 2
         replicates had an EM (the mean log T's: where < 2 had a positive total EM).
     total_em_mean, logt_mean : (...) Monte Carlo only (None for Laplace): the mean over the
@@ -126,9 +129,9 @@ def monte_carlo(
 
 
 def _half_width(R: jax.Array, logt: jax.Array) -> jax.Array:
-    """demregpy's horizontal error: per column of ``R`` (n_T, n_T), half the extent of log T
-    (on 51 points spanning the grid, linear interpolation) where the column is at least half
-    its maximum; at least the bin width."""
+    """Horizontal error as demregpy's ``demmap`` computes it: per column of ``R`` (n_T, n_T),
+    half the extent of log T (on 51 points spanning the grid, linear interpolation) where the
+    column is at least half its maximum; here at least the bin width (:class:`DEMErrors`)."""
     fine = logt[0] + 1e-8 + (logt[-1] - logt[0]) * jnp.arange(51, dtype=logt.dtype) / 51.0
     dlogt = jnp.gradient(logt)
 
