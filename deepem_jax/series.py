@@ -367,7 +367,7 @@ def png_matches(path: str | os.PathLike, datasha: str) -> bool:
     try:
         with Image.open(path) as im:
             im.load()
-            return im.text.get(CHECKSUM_CARD) == datasha
+            return getattr(im, "text", {}).get(CHECKSUM_CARD) == datasha  # PNG text chunks
     except (OSError, SyntaxError, ValueError):
         return False
 
