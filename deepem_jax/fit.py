@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ._linalg import cholesky_solve
 from ._units import INTENSITY_UNIT, to_value
 from .basis import EM_SCALE, Basis
 from .response import RESPONSE_UNIT
@@ -67,8 +68,8 @@ _NEWTON_DAMPING = 1e-5
 #: for a coefficient it takes to 0.
 _NEWTON_ROUNDS = 3
 _NEWTON_FLOOR = 1e-6
-#: Most coefficients the Newton move is made for (the EM bins of the log and softplus
-#: parametrisations, not a basis's functions: its Cholesky costs their cube per step).
+#: Most coefficients the Newton move is made for (an unrolled Cholesky: the EM bins of the log
+#: and softplus parametrisations, not a basis's functions).
 _NEWTON_MAX = 24
 #: Largest number of pixels per compiled call of a compacted fit (see :func:`fit`).
 _CHUNK = 4096
@@ -296,9 +297,9 @@ def _newton(fitter, c, h, H, safe_q, y, sigma, Ks, B, eref):
         Hf = jnp.where(free[..., :, None] & free[..., None, :], H, 0.0) + jnp.where(
             eye, jnp.where(free, _NEWTON_DAMPING * safe_q, 1.0)[..., None], 0.0
         )
-        step = jax.scipy.linalg.cho_solve(
-            jax.scipy.linalg.cho_factor(Hf, lower=True), jnp.where(free, -grad, 0.0)
-        )
+        rhs = jnp.where(free, -grad, 0.0)
+        rows = [[Hf[..., i, j] for j in range(n)] for i in range(n)]
+        step = jnp.stack(cholesky_solve(rows, [rhs[..., i] for i in range(n)]), -1)
         down = free & (step < 0)
         reach = jnp.where(down, cc / jnp.where(down, -step, 1.0), jnp.inf)
         along = jnp.minimum(jnp.min(reach, -1, keepdims=True), 1.0)
