@@ -1,5 +1,4 @@
-"""Small dense linear solves (C x C: the channels, about 6, or the EM bins of a fit's Newton
-move, about 18), unrolled over C in plain XLA operations.
+"""Small dense linear solves (C x C, C about 6), unrolled over C in plain XLA operations.
 
 Both solvers run in the dtype of their inputs and are jit-able and differentiable.
 """

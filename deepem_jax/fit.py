@@ -51,7 +51,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._linalg import cholesky_solve
 from ._units import INTENSITY_UNIT, to_value
 from .basis import EM_SCALE, Basis
 from .response import RESPONSE_UNIT
@@ -62,15 +61,6 @@ __all__ = ["PARAMETRISATIONS", "FitResult", "Fitter", "fit", "initial_params", "
 PARAMETRISATIONS = ("log", "softplus", "basis")
 #: Smallest e_ref, cm^-5 per bin (pixels with no positive signal).
 _EREF_FLOOR = 1e20
-#: Relative damping (of the curvature ``H_ii``) of the Newton move in :func:`_moves`.
-_NEWTON_DAMPING = 1e-5
-#: Active-set rounds of the Newton move, and the value (a fraction of ``e_ref``) that stands
-#: for a coefficient it takes to 0.
-_NEWTON_ROUNDS = 3
-_NEWTON_FLOOR = 1e-6
-#: Most coefficients the Newton move is made for (an unrolled Cholesky: the EM bins of the log
-#: and softplus parametrisations, not a basis's functions).
-_NEWTON_MAX = 24
 #: Largest number of pixels per compiled call of a compacted fit (see :func:`fit`).
 _CHUNK = 4096
 
@@ -221,35 +211,25 @@ def _theta_of(fitter: Fitter, c: jax.Array) -> jax.Array:
 
 
 def _moves(fitter, theta, y, sigma, Ks, B):
-    """Three closed-form moves of one pixel's coefficients ``c`` (F without the spatial term is
-    a convex quadratic in ``c``, Hessian ``H``), as ``(drop, theta_after)``: the largest of the
-    drops of F from changing one coefficient to its best positive value (slope ``h``,
-    curvature ``q = H_ii``: to ``c - h/q``, a drop of ``h^2 / 2q``), from multiplying every
-    coefficient by the best factor ``t > 0`` (F = ``a t^2 + b t + F(0)``, a drop of
-    ``(2a + b)^2 / 4a``, ``2a + b = dF/dt`` at ``t = 1``) and from Newton steps on the free
-    coefficients (F evaluated where they end; for at most ``_NEWTON_MAX`` coefficients, so not
-    for a basis's), and the parameters after that move. Free are
-    the support (coefficients whose own best move would neither take them past 0 nor
-    multiply them many times: ``c q >= |h|``) and, as in Lawson-Hanson, the one of the others
-    with ``h < 0`` whose own move gains most; each of ``_NEWTON_ROUNDS`` rounds goes along the
-    Newton step on the free set until a free coefficient reaches 0, which is then held there
-    (and ends at ``_NEWTON_FLOOR e_ref``, as log and softplus cannot reach 0). The drops vanish
-    at the minimum; unlike the gradient in ``theta`` (``c dF/dc`` for the log
-    parametrisation), they are not small where coefficients are far too small, and the Newton
-    drop is F's distance to the minimum once the free set is the minimum's support."""
+    """Two closed-form moves of one pixel's coefficients ``c`` (F without the spatial term is a
+    convex quadratic in ``c``), as ``(drop, theta_after)``: the larger of the drops of F from
+    changing one coefficient to its best positive value (slope ``h``, curvature ``q``: to
+    ``c - h/q``, a drop of ``h^2 / 2q``) and from multiplying every coefficient by the best
+    factor ``t > 0`` (F = ``a t^2 + b t + F(0)``, a drop of ``(2a + b)^2 / 4a``, ``2a + b =
+    dF/dt`` at ``t = 1``), and the parameters after that move. Both drops vanish at the
+    minimum; unlike the gradient in ``theta`` (``c dF/dc`` for the log parametrisation), they
+    are not small where a coefficient, or all of them, are far too small. Moves towards ``c = 0``
+    are left to the gradient (log and softplus cannot reach it)."""
     c = _coeffs(fitter, theta)
     h = jax.grad(lambda c: jnp.sum(_coeff_terms(fitter, c, y, sigma, Ks, B)[0]))(c)
-    n = c.shape[-1]
-    basis = B if fitter.parametrisation == "basis" else jnp.eye(n, dtype=c.dtype)
+    basis = B if fitter.parametrisation == "basis" else jnp.eye(c.shape[-1], dtype=c.dtype)
     eref = _eref(y, sigma, Ks)[..., None]
-    P = (basis @ Ks.T) / sigma[..., None, :]  # (..., n, C)
-    H = P @ jnp.swapaxes(P, -1, -2)
+    q = (jnp.square(basis @ Ks.T) @ jnp.square(1.0 / sigma)[..., None])[..., 0]
     if fitter.tikhonov0:
-        H = H + fitter.tikhonov0 * (basis @ basis.T) / jnp.square(eref)[..., None]
+        q = q + fitter.tikhonov0 * jnp.sum(jnp.square(basis), -1) / jnp.square(eref)
     if fitter.tikhonov2:
         d2 = basis[:, :-2] - 2.0 * basis[:, 1:-1] + basis[:, 2:]
-        H = H + fitter.tikhonov2 * (d2 @ d2.T) / jnp.square(eref)[..., None]
-    q = jnp.diagonal(H, axis1=-2, axis2=-1)
+        q = q + fitter.tikhonov2 * jnp.sum(jnp.square(d2), -1) / jnp.square(eref)
     safe_q = jnp.where(q > 0, q, 1.0)
     th_target = _theta_of(fitter, c - h / safe_q)
     inner = (q > 0) & (c * q > h) & jnp.isfinite(th_target)  # a target rounded to 0 is no move
@@ -265,54 +245,13 @@ def _moves(fitter, theta, y, sigma, Ks, B):
     slope = jnp.sum(c * h, -1)
     scale = jnp.where(inner_t, slope * slope / (4.0 * safe_a), 0.0)
     best = jnp.take_along_axis(coord, j[..., None], -1)[..., 0]
-    one = jax.nn.one_hot(j, n, dtype=bool)
-    newton, th_newton = _newton(fitter, c, h, H, safe_q, y, sigma, Ks, B, eref)
+    one = jax.nn.one_hot(j, c.shape[-1], dtype=bool)
     # parameters after each move (a c t that underflows to 0 is shifted by log t instead)
     t = jnp.where(inner_t, -b / (2.0 * safe_a), 1.0)[..., None]
     th_coord = jnp.where(one & inner, th_target, theta)
     th_scaled = _theta_of(fitter, c * t)
     th_scale = jnp.where(jnp.isfinite(th_scaled), th_scaled, theta + jnp.log(t))
-    th_best = jnp.where((scale >= best)[..., None], th_scale, th_coord)
-    best = jnp.maximum(best, scale)
-    return jnp.maximum(best, newton), jnp.where((newton > best)[..., None], th_newton, th_best)
-
-
-def _newton(fitter, c, h, H, safe_q, y, sigma, Ks, B, eref):
-    """``(drop, theta_after)`` of the Newton move of :func:`_moves` (coefficients ``c``, their
-    gradient ``h``, Hessian ``H`` and its diagonal ``safe_q``); no move (a drop of 0) with more
-    than ``_NEWTON_MAX`` coefficients."""
-    n = c.shape[-1]
-    if n > _NEWTON_MAX:
-        return jnp.zeros(c.shape[:-1], c.dtype), jnp.zeros_like(c)
-    interior = c * safe_q >= jnp.abs(h)
-    entering = (h < 0) & ~interior
-    gain = jnp.where(entering, h * h / (2.0 * safe_q), -1.0)
-    free = interior | (jax.nn.one_hot(jnp.argmax(gain, -1), n, dtype=bool) & entering)
-    eye = jnp.eye(n, dtype=bool)
-
-    def round_(_, carry):
-        cc, free = carry
-        grad = h + (H @ (cc - c)[..., None])[..., 0]  # F is quadratic in c
-        # damped: H is singular on more free coefficients than channels (without Tikhonov)
-        Hf = jnp.where(free[..., :, None] & free[..., None, :], H, 0.0) + jnp.where(
-            eye, jnp.where(free, _NEWTON_DAMPING * safe_q, 1.0)[..., None], 0.0
-        )
-        rhs = jnp.where(free, -grad, 0.0)
-        rows = [[Hf[..., i, j] for j in range(n)] for i in range(n)]
-        step = jnp.stack(cholesky_solve(rows, [rhs[..., i] for i in range(n)]), -1)
-        down = free & (step < 0)
-        reach = jnp.where(down, cc / jnp.where(down, -step, 1.0), jnp.inf)
-        along = jnp.minimum(jnp.min(reach, -1, keepdims=True), 1.0)
-        hit = down & (reach <= along)
-        return jnp.where(hit, 0.0, cc + along * step), free & ~hit
-
-    cc, _ = jax.lax.fori_loop(0, _NEWTON_ROUNDS, round_, (c, free))
-    c_newton = jnp.maximum(cc, _NEWTON_FLOOR * eref)
-    th_newton = _theta_of(fitter, c_newton)
-    f0 = _coeff_terms(fitter, c, y, sigma, Ks, B)[0]
-    f_newton = _coeff_terms(fitter, c_newton, y, sigma, Ks, B)[0]
-    good = jnp.isfinite(f_newton) & jnp.all(jnp.isfinite(th_newton), -1)
-    return jnp.where(good & (f_newton < f0), f0 - f_newton, 0.0), th_newton
+    return jnp.maximum(best, scale), jnp.where((scale >= best)[..., None], th_scale, th_coord)
 
 
 def _spatial(fitter: Fitter, theta: jax.Array) -> jax.Array:
