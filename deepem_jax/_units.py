@@ -4,7 +4,7 @@ import astropy.units as u
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["INTENSITY_UNIT", "SCALED_EM", "to_value"]
+__all__ = ["INTENSITY_UNIT", "SCALED_EM", "to_value", "unmasked"]
 
 #: Exposure-normalised AIA intensity, DN s^-1 pix^-1.
 INTENSITY_UNIT = u.DN / (u.s * u.pix)
@@ -20,7 +20,7 @@ def to_value(q, unit: u.UnitBase, name: str, allow_plain: bool = False) -> np.nd
     plain array is taken to be in ``unit`` already) and ``astropy.units.UnitConversionError``
     naming the argument if its unit does not convert.
     """
-    q, mask = _unmasked(q)
+    q, mask = unmasked(q)
     if not isinstance(q, u.Quantity):
         if not allow_plain:
             raise TypeError(f"{name} must be an astropy Quantity in {unit}, got {type(q).__name__}")
@@ -36,7 +36,7 @@ def to_value(q, unit: u.UnitBase, name: str, allow_plain: bool = False) -> np.nd
     return out if mask is None else np.where(mask, np.nan, out)
 
 
-def _unmasked(a) -> tuple[object, np.ndarray | None]:
+def unmasked(a) -> tuple[object, np.ndarray | None]:
     """``a`` without its mask, and the mask (None if nothing is masked): numpy masked arrays
     and astropy ``Masked`` arrays and Quantities."""
     from astropy.utils.masked import Masked

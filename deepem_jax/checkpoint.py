@@ -307,13 +307,12 @@ def _check_params(path: Path, ckpt: Checkpoint) -> None:
         a.shape != np.shape(b) for a, b in zip(leaves, got, strict=True)
     ):
         raise CheckpointError(f"{path}: params do not match the architecture {config}")
-    wrong = {str(np.asarray(b).dtype) for a, b in zip(leaves, got, strict=True)} - {
-        str(a.dtype) for a in leaves
-    }
+    want = {str(a.dtype) for a in leaves}
+    wrong = {str(np.asarray(b).dtype) for b in got} - want
     if wrong:
         raise CheckpointError(
             f"{path}: params hold {', '.join(sorted(wrong))} values; the architecture's are "
-            f"{', '.join(sorted({str(a.dtype) for a in leaves}))}"
+            f"{', '.join(sorted(want))}"
         )
     if not all(bool(np.isfinite(np.asarray(leaf)).all()) for leaf in got):
         raise CheckpointError(f"{path}: params hold NaN or Inf values (a diverged network)")

@@ -24,9 +24,8 @@ import astropy.units as u
 import jax
 import jax.numpy as jnp
 import numpy as np
-from astropy.utils.masked import Masked
 
-from ._units import INTENSITY_UNIT, channel_list, to_value
+from ._units import INTENSITY_UNIT, channel_list, to_value, unmasked
 from .result import DEMResult
 from .status import DEMStatus
 
@@ -108,8 +107,9 @@ def _intensity_values(a, name: str) -> np.ndarray:
     """``a`` in DN s^-1 pix^-1 as an ndarray: a plain float array as it is (not copied; the
     methods convert block by block), anything else as float64 (masked elements NaN, so their
     pixels are INVALID_INPUT; TypeError unless it holds real numbers)."""
-    if not isinstance(a, u.Quantity | np.ma.MaskedArray | Masked):
-        arr = np.asarray(a)
+    values, mask = unmasked(a)
+    if mask is None and not isinstance(values, u.Quantity):
+        arr = np.asarray(values)
         if np.issubdtype(arr.dtype, np.floating):
             return arr
     return to_value(a, INTENSITY_UNIT, name, allow_plain=True)
@@ -153,20 +153,23 @@ def _array_observation(y, sigma, channels, obstime) -> _Observation:
     )
 
 
+#: Inputs taken as intensities themselves (with ``sigma=`` and ``channels=``), not files or Maps.
+_ARRAYS = u.Quantity | np.ndarray | jax.Array | np.generic | float | int
+
+
 def _observation(observation, sigma, channels, obstime, rebin) -> _Observation:
     from .io import AIAStack, load_aia
 
-    if isinstance(observation, AIAStack | u.Quantity | np.ndarray | jax.Array | np.generic):
-        if rebin != 1:
-            raise ValueError(
-                f"rebin={rebin!r} applies to files and Maps; an AIAStack or array is inverted as "
-                "given (deepem_jax.load_aia(files, rebin=...) rebins with the right sigma)"
-            )
+    if isinstance(observation, AIAStack | _ARRAYS) and rebin != 1:
+        raise ValueError(
+            f"rebin={rebin!r} applies to files and Maps; an AIAStack or array is inverted as "
+            "given (deepem_jax.load_aia(files, rebin=...) rebins with the right sigma)"
+        )
     if isinstance(observation, AIAStack):
         if sigma is not None:
             raise ValueError("sigma= is computed from an AIAStack's error model; do not pass it")
         return _stack_observation(observation, channels, True)
-    if isinstance(observation, u.Quantity | np.ndarray | jax.Array | np.generic | float | int):
+    if isinstance(observation, _ARRAYS):
         return _array_observation(observation, sigma, channels, obstime)
     wanted = None if channels is None else np.array(channels) * u.AA
     stack = (
